@@ -1,0 +1,311 @@
+"""The reversible backward against plain autograd on the same weights."""
+
+import copy
+
+import pytest
+import torch
+from conftest import rel_err
+from torch import nn
+
+import revnet
+from revnet.autograd import _ReversibleFunction
+
+
+def make_seq(blocks: int = 3, c: int = 4, *, bn: bool = True, dropout: float = 0.0,
+             dtype=torch.float64, **kw) -> revnet.ReversibleSequence:
+    def branch():
+        layers = [nn.BatchNorm2d(c)] if bn else []
+        layers += [nn.Conv2d(c, c, 3, padding=1), nn.Tanh()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Conv2d(c, c, 3, padding=1))
+        return nn.Sequential(*layers)
+
+    seq = revnet.ReversibleSequence(
+        [revnet.AdditiveCoupling(branch(), branch()) for _ in range(blocks)], **kw)
+    return seq.to(dtype)
+
+
+def run(seq, x, reversible: bool, seed: int | None = None):
+    """One forward/backward; returns output, input grad, param grads (fresh copies)."""
+    seq.reversible = reversible
+    seq.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    if seed is not None:
+        torch.manual_seed(seed)
+    y = seq(x)
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    return y.detach(), x.grad, [p.grad.clone() for p in seq.parameters()]
+
+
+def assert_same(a, b, tol):
+    ya, xa, pa = a
+    yb, xb, pb = b
+    assert rel_err(ya, yb) < tol
+    assert rel_err(xa, xb) < tol
+    assert len(pa) == len(pb)
+    for ga, gb in zip(pa, pb, strict=True):
+        assert rel_err(ga, gb) < tol
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_reversible_equals_plain_autograd(dtype, tol):
+    seq = make_seq(4, dtype=dtype)
+    x = torch.randn(4, 8, 6, 6, dtype=dtype)
+    ref = run(copy.deepcopy(seq), x, reversible=False)
+    got = run(seq, x, reversible=True)
+    assert_same(got, ref, tol)
+
+
+def test_grad_fn_is_the_reversible_function_and_only_output_is_saved():
+    seq = make_seq(16)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    y = seq(x)
+    assert type(y.grad_fn).__name__ == _ReversibleFunction.__name__ + "Backward"
+
+
+def saved_bytes(seq, x) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = seq(x)  # what the forward keeps for backward
+    y.sum().backward()
+    return total
+
+
+def test_saved_bytes_do_not_grow_with_length():
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True)
+    rev1, rev16 = saved_bytes(make_seq(1), x), saved_bytes(make_seq(16), x)
+    plain1 = saved_bytes(make_seq(1, reversible=False), x)
+    plain16 = saved_bytes(make_seq(16, reversible=False), x)
+    assert rev1 == rev16 == x.numel() * x.element_size()  # the output alone
+    assert plain16 > 12 * plain1  # linear in depth
+    assert plain1 > rev1
+
+
+def test_gradcheck_small_sequence():
+    seq = make_seq(2, c=2, bn=False)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    params = list(seq.parameters())
+
+    def fn(x, *ps):
+        with torch.nn.utils.stateless._reparametrize_module(
+            seq, {n: p for (n, _), p in zip(seq.named_parameters(), ps, strict=True)}
+        ):
+            return seq(x)
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
+
+
+def test_gradcheck_affine_coupling():
+    def br():
+        return nn.Sequential(nn.Conv2d(2, 4, 1), nn.Tanh())
+
+    seq = revnet.ReversibleSequence([revnet.AffineCoupling(br(), br()) for _ in range(2)]).double()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(seq, (x,), eps=1e-6, atol=1e-5)
+    ref = run(copy.deepcopy(seq), x, reversible=False)
+    assert_same(run(seq, x, reversible=True), ref, 1e-10)
+
+
+def test_batchnorm_stats_updated_exactly_once():
+    seq = make_seq(3)
+    plain = copy.deepcopy(seq)
+    x = torch.randn(4, 8, 5, 5, dtype=torch.float64)
+    run(seq, x, reversible=True)
+    run(plain, x, reversible=False)
+    for (name, a), (_, b) in zip(seq.named_buffers(), plain.named_buffers(), strict=True):
+        assert torch.equal(a, b), name
+        if name.endswith("num_batches_tracked"):
+            assert a.item() == 1
+
+
+def test_dropout_masks_replayed():
+    seq = make_seq(3, dropout=0.5)
+    x = torch.randn(4, 8, 5, 5, dtype=torch.float64)
+    ref = run(copy.deepcopy(seq), x, reversible=False, seed=123)
+    got = run(seq, x, reversible=True, seed=123)
+    assert_same(got, ref, 1e-10)
+    # Without the replay, the masks of the recomputation differ and so do the gradients.
+    seq.preserve_rng_state = False
+    bad = run(seq, x, reversible=True, seed=123)
+    assert rel_err(bad[2][0], ref[2][0]) > 1e-3
+
+
+def test_backward_leaves_the_callers_rng_untouched():
+    seq = make_seq(2, dropout=0.5)
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    y = seq(x)
+    before = torch.get_rng_state()
+    y.sum().backward()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_bf16_autocast_on_cpu():
+    seq = make_seq(4, dtype=torch.float32)
+    x = torch.randn(4, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(seq, x, reversible=True)
+        ref = run(copy.deepcopy(seq), x, reversible=False)
+    assert got[0].dtype == torch.float32  # the residual stream stays in the input's dtype
+    # Tolerance: bf16 keeps 8 mantissa bits (relative step 2^-8 = 3.9e-3); the rebuilt
+    # inputs differ from the stored ones by fp32 rounding, amplified through bf16 convs.
+    assert_same(got, ref, 2e-2)
+
+
+def test_autograd_grad_and_hooks():
+    seq = make_seq(3)
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    params = list(seq.parameters())
+    fired = []
+    handle = params[0].register_hook(lambda g: fired.append(g.shape))
+    grads = torch.autograd.grad(seq(x).square().sum(), [x, *params])
+    handle.remove()
+    assert fired == [params[0].shape]
+    assert all(p.grad is None for p in params)  # nothing written as a side effect
+    ref = copy.deepcopy(seq)
+    ref.reversible = False
+    x2 = x.detach().requires_grad_()
+    ref_grads = torch.autograd.grad(ref(x2).square().sum(), [x2, *ref.parameters()])
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_gradient_accumulation_over_two_steps():
+    seq = make_seq(3)
+    ref = copy.deepcopy(seq)
+    ref.reversible = False
+    xs = [torch.randn(2, 8, 4, 4, dtype=torch.float64) for _ in range(2)]
+    for m in (seq, ref):
+        for x in xs:
+            m(x).square().sum().backward()
+    for a, b in zip(seq.parameters(), ref.parameters(), strict=True):
+        assert rel_err(a.grad, b.grad) < 1e-10
+
+
+def test_second_backward():
+    seq = make_seq(2)
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    loss = seq(x).sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+    # With retain_graph=True a second backward works and adds the same gradients again.
+    seq.zero_grad()
+    loss = seq(x).sum()
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in seq.parameters()]
+    loss.backward()
+    for g, p in zip(first, seq.parameters(), strict=True):
+        assert rel_err(p.grad, 2 * g) < 1e-12
+
+
+def test_double_backward_is_refused_clearly():
+    seq = make_seq(1, bn=False)
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(seq(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|twice"):
+        g.sum().backward()
+
+
+def test_no_grad_runs_plain_forward():
+    seq = make_seq(3)
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        y = seq(x)
+    assert y.grad_fn is None
+    seq.reversible = False
+    with torch.no_grad():
+        assert torch.equal(y, seq(x))
+
+
+def test_frozen_params_and_input_without_grad():
+    seq = make_seq(3)
+    for p in seq[0].f.parameters():
+        p.requires_grad_(False)
+    ref = copy.deepcopy(seq)
+    ref.reversible = False
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)  # does not require grad
+    for m in (seq, ref):
+        m(x).square().sum().backward()
+    for a, b in zip(seq.parameters(), ref.parameters(), strict=True):
+        if not a.requires_grad:
+            assert a.grad is None and b.grad is None
+        else:
+            assert rel_err(a.grad, b.grad) < 1e-10
+
+
+def test_shared_weights_accumulate():
+    f = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Tanh())
+    g = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Tanh())
+    seq = revnet.ReversibleSequence([revnet.AdditiveCoupling(f, g) for _ in range(3)]).double()
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    ref = run(copy.deepcopy(seq), x, reversible=False)
+    assert_same(run(seq, x, reversible=True), ref, 1e-10)
+
+
+def test_eval_mode_with_grad():
+    seq = make_seq(3)
+    seq.train()
+    seq(torch.randn(4, 8, 4, 4, dtype=torch.float64))  # give BN running stats
+    seq.eval()
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    ref = run(copy.deepcopy(seq), x, reversible=False)
+    assert_same(run(seq, x, reversible=True), ref, 1e-10)
+
+
+def test_inverse_rebuilds_input():
+    seq = make_seq(5, bn=False)
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert (seq.inverse(seq(x)) - x).abs().max().item() < 1e-12
+
+
+def test_inplace_change_of_output_is_caught():
+    seq = make_seq(2)
+    y = seq(torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True))
+    y.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_set_reversible_flips_every_sequence():
+    model = nn.Sequential(make_seq(1), nn.Identity(), make_seq(2))
+    assert revnet.set_reversible(model, False) == 2
+    assert not any(m.reversible for m in model if isinstance(m, revnet.ReversibleSequence))
+    assert revnet.set_reversible(model, True) == 2
+    assert all(m.reversible for m in model if isinstance(m, revnet.ReversibleSequence))
+
+
+# --- bad input ------------------------------------------------------------------------
+
+def test_non_coupling_rejected():
+    with pytest.raises(TypeError, match=r"item 1 is a Conv2d, not a coupling.*AdditiveCoupling"):
+        revnet.ReversibleSequence([make_seq(1)[0], nn.Conv2d(2, 2, 1)])
+
+
+def test_empty_and_mixed_dims_rejected():
+    with pytest.raises(ValueError, match="at least one coupling"):
+        revnet.ReversibleSequence([])
+    a = revnet.AdditiveCoupling(nn.Identity(), nn.Identity(), dim=1)
+    b = revnet.AdditiveCoupling(nn.Identity(), nn.Identity(), dim=2)
+    with pytest.raises(ValueError, match="different dims"):
+        revnet.ReversibleSequence([a, b])
+
+
+def test_coupling_parameters_outside_branches_rejected():
+    c = revnet.AdditiveCoupling(nn.Identity(), nn.Identity())
+    c.extra = nn.Parameter(torch.zeros(1))
+    with pytest.raises(ValueError, match="outside its F and G"):
+        revnet.ReversibleSequence([c])
+
+
+def test_odd_channels_in_sequence():
+    seq = make_seq(1)
+    with pytest.raises(ValueError, match=r"ReversibleSequence.*\(2, 7, 4, 4\).*odd"):
+        seq(torch.randn(2, 7, 4, 4, dtype=torch.float64, requires_grad=True))
