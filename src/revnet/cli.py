@@ -1,0 +1,186 @@
+"""Command line: ``revnet train | eval | plot | bench | models``. Parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import cli_bench
+
+__all__ = ["main"]
+
+# flag -> TrainConfig field; every flag defaults to None so that only what the user
+# typed overrides the recipe (or, with --resume, the saved configuration).
+_TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--model", "model", {"help": "model name (see `revnet models`); default revnet38"}),
+    ("--dataset", "dataset", {"help": "fashion-mnist (default), cifar10, cifar100 or synthetic"}),
+    ("--data-dir", "data_dir", {"help": "data folder (default: $REVNET_DATA or the system location)"}),
+    ("--epochs", "epochs", {"type": int, "help": "passes over the training set"}),
+    ("--steps", "steps", {"type": int, "help": "total optimiser steps (overrides --epochs)"}),
+    ("--batch-size", "batch_size", {"type": int}),
+    ("--lr", "lr", {"type": float, "help": "peak learning rate"}),
+    ("--momentum", "momentum", {"type": float}),
+    ("--weight-decay", "weight_decay", {"type": float}),
+    ("--schedule", "schedule", {"choices": ["onecycle", "step"]}),
+    ("--crop-pad", "crop_pad", {"type": int, "help": "random-crop padding in pixels (0: none)"}),
+    ("--label-smoothing", "label_smoothing", {"type": float}),
+    ("--seed", "seed", {"type": int}),
+    ("--device", "device", {"help": "auto (cuda if present), cpu, cuda, cuda:N"}),
+    ("--amp", "amp", {"choices": ["none", "bf16", "fp16"], "help": "mixed precision"}),
+    ("--eval-every", "eval_every", {"type": int, "help": "steps between evaluations (default: each epoch)"}),
+    ("--log-every", "log_every", {"type": int}),
+    ("--ckpt-every", "ckpt_every", {"type": int}),
+    ("--out", "out", {"help": "run directory (default runs/MODEL-DATASET-TIME)"}),
+]
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .train import RECIPES
+
+    p = sub.add_parser("train", help="train a model (default: RevNet-38 on Fashion-MNIST)",
+                       description="Train a model; every run writes config, metrics, checkpoints, "
+                                   "a summary and curves into its run directory.")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="starting values: fashion-mnist (default), paper-cifar, paper-imagenet")
+    for flag, dest, kw in _TRAIN_FLAGS:
+        p.add_argument(flag, dest=dest, default=None, **kw)
+    p.add_argument("--no-reversible", dest="reversible", action="store_false", default=None,
+                   help="plain backprop on the same model (the baseline)")
+    p.add_argument("--no-flip", dest="flip", action="store_false", default=None)
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--no-memory-report", dest="memory_report", action="store_false",
+                   help="skip the reversible-vs-plain activation memory comparison at the end")
+    p.set_defaults(func=_cmd_train)
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from .train import RECIPES, TrainConfig
+
+    given = {dest: getattr(args, dest) for _, dest, _ in _TRAIN_FLAGS}
+    given.update(reversible=args.reversible, flip=args.flip, channels_last=args.channels_last)
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.resume:
+        if "out" not in given:
+            raise SystemExit("revnet train: --resume needs --out RUN_DIR (the run to continue).")
+        saved = Path(given["out"]) / "config.json"
+        if not saved.is_file():
+            raise SystemExit(f"revnet train: --resume: no {saved}; is --out a run directory?")
+        base = json.loads(saved.read_text())
+        base["milestones"] = tuple(base.get("milestones", ()))
+    else:
+        recipe = args.recipe or "fashion-mnist"
+        base = {**dataclasses.asdict(TrainConfig()), **RECIPES[recipe], "recipe": recipe}
+    fields = {**base, **given}
+    if "out" not in given and not args.resume:
+        fields["out"] = f"runs/{fields['model']}-{fields['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        return TrainConfig(**fields)
+    except ValueError as e:
+        raise SystemExit(f"revnet train: {e}") from None
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainingDivergedError, fit
+
+    config = _train_config(args)
+    print(f"training {config.model} on {config.dataset} "
+          f"({'reversible' if config.reversible else 'plain backprop'}) -> {config.out}")
+    try:
+        summary = fit(config, resume=args.resume, progress=sys.stderr.isatty())
+    except (TrainingDivergedError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"revnet train: {e}", file=sys.stderr)
+        return 1
+    if summary["interrupted"]:
+        print(f"interrupted at step {summary['step']}/{summary['total_steps']}; checkpoint saved. "
+              f"Continue with: revnet train --resume --out {config.out}")
+        return 130
+    print(f"test accuracy {summary['test_accuracy']:.4f}  (best {summary['best_test_accuracy']:.4f})  "
+          f"in {summary['wall_seconds']:.0f} s, {summary['images_per_s']:.0f} img/s, "
+          f"peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB")
+    print(f"run directory: {config.out} (curves.png, metrics.jsonl, summary.json, best.pt)")
+    if args.memory_report:
+        _memory_report(config)
+    return 0
+
+
+def _memory_report(config: Any) -> None:
+    """What reversibility saved: activation memory of one step, reversible vs plain."""
+    from .bench import activation_memory
+
+    rows = {rev: activation_memory(config, reversible=rev) for rev in (True, False)}
+    rev, plain = rows[True]["bytes"], rows[False]["bytes"]
+    print(f"activation memory of one training step ({rows[True]['method']}, batch {config.batch_size}): "
+          f"reversible {rev / 2**20:.1f} MiB vs plain backprop {plain / 2**20:.1f} MiB "
+          f"-> {plain / max(rev, 1):.1f}x less, {(plain - rev) / 2**20:.1f} MiB saved")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .train import evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"revnet eval: {e}", file=sys.stderr)
+        return 1
+    print(f"{result['checkpoint']} (step {result['step']}): test accuracy {result['test_accuracy']:.4f}, "
+          f"test loss {result['test_loss']:.4f}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .train import plot_run
+
+    try:
+        print(plot_run(args.run_dir))
+    except FileNotFoundError as e:
+        print(f"revnet plot: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .models import create_model, list_models
+
+    print(f"{'model':<11} {'params':>10}   (CIFAR models at 10 classes, ImageNet models at 1000)")
+    for name in list_models():
+        imagenet = name in ("revnet104", "resnet101")
+        model = create_model(name, num_classes=1000 if imagenet else 10)
+        count = sum(p.numel() for p in model.parameters())
+        print(f"{name:<11} {count / 1e6:>9.3f}M")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="revnet", description="Reversible residual networks: memory-free backpropagation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    p = sub.add_parser("eval", help="test accuracy of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_eval)
+    p = sub.add_parser("plot", help="redraw a run's curves into RUN_DIR/curves.png")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_plot)
+    p = sub.add_parser("models", help="list the registered models and their parameter counts")
+    p.set_defaults(func=_cmd_models)
+    cli_bench.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,516 @@
+"""Training: ``fit(config) -> metrics``, with checkpoints that survive interruption.
+
+A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON object per log line),
+``last.pt`` and ``best.pt`` (written atomically), ``summary.json`` and ``curves.png``.
+The learning rate is a pure function of the step, the data order and augmentation are
+pure functions of ``(seed, epoch, step)``, and the RNG states are checkpointed, so a
+resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as data_mod
+from .models import create_model, list_models
+
+__all__ = [
+    "RECIPES",
+    "TrainConfig",
+    "TrainingDivergedError",
+    "evaluate_checkpoint",
+    "fit",
+    "lr_at",
+    "plot_run",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Saved as ``config.json`` and inside every checkpoint."""
+
+    model: str = "revnet38"  # registry name (revnet.list_models())
+    dataset: str = "fashion-mnist"  # one of revnet.data.DATASETS
+    data_dir: str | None = None  # folder of the data set; None: revnet.data.default_data_dir
+    epochs: int = 2  # passes over the training set (ignored when steps is set)
+    steps: int | None = None  # total optimiser steps; overrides epochs
+    batch_size: int = 128  # per process
+    lr: float = 0.1  # peak learning rate
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = True  # Nesterov momentum
+    weight_decay: float = 5e-4  # L2 on every parameter (as the paper's code)
+    schedule: str = "onecycle"  # "onecycle" (linear warm-up, cosine to 0) or "step" (x0.1 at milestones)
+    warmup: float = 0.15  # onecycle: fraction of steps spent warming up
+    milestones: tuple[int, ...] = ()  # step schedule: steps at which lr is multiplied by 0.1
+    crop_pad: int = 2  # random-crop zero padding in pixels (0: no crop)
+    flip: bool = True  # random horizontal flip
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    seed: int = 0  # model init, data order and augmentation
+    device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
+    amp: str = "none"  # "none", "bf16" or "fp16" (fp16 uses a GradScaler)
+    reversible: bool = True  # False: the same model with plain backprop (the baseline)
+    channels_last: bool = True  # memory layout of activations (faster convolutions on CPU)
+    eval_every: int | None = None  # evaluate every N steps; None: at each epoch's end
+    log_every: int = 50  # steps between metrics.jsonl lines
+    ckpt_every: int = 200  # steps between last.pt checkpoints (also at each eval)
+    out: str = "runs/default"  # run directory
+    recipe: str = "fashion-mnist"  # the recipe these values started from (informational)
+    synthetic: dict[str, int] = field(default_factory=dict)  # options of the synthetic data set
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.model in list_models(), f"unknown model {self.model!r}; known: {list_models()}"),
+            (self.dataset in data_mod.DATASETS,
+             f"unknown dataset {self.dataset!r}; known: {data_mod.DATASETS}"),
+            (self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}"),
+            (self.epochs > 0 or (self.steps or 0) > 0, "need epochs > 0 or steps > 0"),
+            (self.steps is None or self.steps > 0, f"steps must be > 0, got {self.steps}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}"),
+            (self.schedule in ("onecycle", "step"),
+             f"schedule must be 'onecycle' or 'step', got {self.schedule!r}"),
+            (self.amp in ("none", "bf16", "fp16"), f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}"),
+            (0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), got {self.warmup}"),
+            (self.log_every > 0 and self.ckpt_every > 0, "log_every and ckpt_every must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig: {msg}.")
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # Sized for a 2-core laptop CPU: RevNet-38 on Fashion-MNIST in a few minutes.
+    "fashion-mnist": {},
+    # Gomez et al. 2017, Sec. 5 / official CIFAR config: batch 100, lr 0.1 -> 0.01 at 40k
+    # -> 0.001 at 60k, 80k iterations, momentum 0.9, weight decay 2e-4, crop (pad 4) + flip.
+    "paper-cifar": dict(
+        dataset="cifar10", batch_size=100, lr=0.1, momentum=0.9, nesterov=False, weight_decay=2e-4,
+        schedule="step", milestones=(40_000, 60_000), steps=80_000, crop_pad=4, flip=True,
+        eval_every=2_000, ckpt_every=1_000, channels_last=True),
+    # ImageNet schedule of the paper (documented; this package ships no ImageNet loader):
+    # batch 256, lr 0.1 x0.1 at 160k, 320k, 480k of 600k iterations, weight decay 1e-4.
+    "paper-imagenet": dict(
+        model="revnet104", batch_size=256, lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
+        schedule="step", milestones=(160_000, 320_000, 480_000), steps=600_000, crop_pad=4, flip=True,
+        eval_every=10_000, ckpt_every=2_000),
+}
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------------------
+# Pieces of the loop
+# --------------------------------------------------------------------------------------
+
+def lr_at(step: int, total: int, config: TrainConfig) -> float:
+    """Learning rate for optimiser step ``step`` (0-based) of ``total``."""
+    if config.schedule == "step":
+        return config.lr * 0.1 ** sum(step >= m for m in config.milestones)
+    warm = int(config.warmup * total)
+    if step < warm:
+        return config.lr * (step + 1) / warm
+    progress = (step - warm) / max(total - warm, 1)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu.")
+    return device
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: CUDA allocator peak, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource  # fallback off Linux: ru_maxrss is KiB on Linux, bytes on macOS
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _to_layout(x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if config.channels_last else x
+
+
+def evaluate(model: nn.Module, loader: data_mod.Loader, config: TrainConfig, device: torch.device) -> dict:
+    """Test loss and accuracy over the whole loader (no grad: reversibility costs nothing)."""
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    with torch.no_grad(), _autocast(device, config.amp):
+        for x, y in loader.epoch(0):
+            logits = model(_to_layout(x, config)).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            count += y.numel()
+    model.train()
+    return {"test_loss": loss_sum / max(count, 1), "test_accuracy": correct / max(count, 1)}
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    """Writes to a temporary file beside ``path``, then renames: never a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[dict[str, int]]:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step and stops."""
+    flag: dict[str, int] = {}
+
+    def handler(signum: int, _frame: Any) -> None:
+        if flag:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        flag["signal"] = signum
+        log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class _Run:
+    """Everything the loop mutates, in one place (saved to and restored from last.pt)."""
+
+    config: TrainConfig
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    train: data_mod.Loader
+    test: data_mod.Loader
+    total: int
+    out: Path
+    step: int = 0
+    best: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _setup(config: TrainConfig) -> _Run:
+    from .autograd import set_reversible
+
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    extra = dict(config.synthetic) if config.dataset == "synthetic" else {}
+    train_ds = data_mod.load_dataset(config.dataset, "train", config.data_dir, **extra)
+    test_ds = data_mod.load_dataset(config.dataset, "test", config.data_dir, **extra)
+    model = create_model(config.model, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans)
+    set_reversible(model, config.reversible)
+    model.to(device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                nesterov=config.nesterov, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
+    train = data_mod.Loader(train_ds, config.batch_size, train=True, device=device, seed=config.seed,
+                            pad=config.crop_pad, flip=config.flip, augment=config.crop_pad > 0 or config.flip)
+    test = data_mod.Loader(test_ds, max(config.batch_size, 256), train=False, device=device)
+    total = config.steps or config.epochs * len(train)
+    return _Run(config, device, model, optimizer, scaler, train, test, total, Path(config.out))
+
+
+def _checkpoint(run: _Run) -> dict[str, Any]:
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler else None,
+        "step": run.step,
+        "best": run.best,
+        "rng": _rng_state(run.device),
+        "config": asdict(run.config),
+        "torch": torch.__version__,
+    }
+
+
+_RESUME_MAY_DIFFER = {"out", "device", "data_dir"}
+
+
+def _restore(run: _Run, path: Path) -> None:
+    state = torch.load(path, map_location=run.device, weights_only=False)
+    saved = TrainConfig(**_config_fields(state["config"]))
+    diff = {k: (getattr(saved, k), getattr(run.config, k)) for k in asdict(saved)
+            if k not in _RESUME_MAY_DIFFER and getattr(saved, k) != getattr(run.config, k)}
+    if diff:
+        lines = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"resume: {path} was written with a different configuration ({lines}); "
+                         f"resume with the same settings or start a new --out.")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None and state["scaler"] is not None:
+        run.scaler.load_state_dict(state["scaler"])
+    run.step, run.best = state["step"], state["best"]
+    _set_rng_state(state["rng"], run.device)
+
+
+def _config_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict back to TrainConfig arguments (JSON turns tuples into lists)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {k: v for k, v in d.items() if k in names}
+    if "milestones" in out:
+        out["milestones"] = tuple(out["milestones"])
+    return out
+
+
+def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    run.optimizer.zero_grad(set_to_none=True)
+    with _autocast(run.device, run.config.amp):
+        logits = run.model(_to_layout(x, run.config))
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=run.config.label_smoothing)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        loss.backward()
+        run.optimizer.step()
+    return loss.detach(), (logits.detach().argmax(1) == y).sum()
+
+
+class _Window:
+    """Running sums between two log lines (kept on the device: no sync per step)."""
+
+    def __init__(self) -> None:
+        self.loss, self.correct, self.seen, self.steps, self.start = 0.0, 0, 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+        self.loss, self.correct = loss + self.loss, correct + self.correct
+        self.seen, self.steps = self.seen + n, self.steps + 1
+
+    def row(self, run: _Run) -> dict[str, Any]:
+        loss = float(self.loss) / max(self.steps, 1)
+        if not math.isfinite(loss):
+            raise TrainingDivergedError(
+                f"loss became {loss} by step {run.step}; the last good checkpoint is "
+                f"{run.out / 'last.pt'}. Try a lower --lr, --amp none, or a different --seed.")
+        elapsed = time.perf_counter() - self.start
+        return {"step": run.step, "epoch": run.step / len(run.train), "loss": loss,
+                "accuracy": int(self.correct) / max(self.seen, 1),
+                "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": self.seen / max(elapsed, 1e-9),
+                "peak_memory_bytes": peak_memory_bytes(run.device)}
+
+
+def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Trains ``config.model`` on ``config.dataset``; returns the run's summary.
+
+    Args:
+        config: the run.
+        resume: continue from ``config.out/last.pt`` (same configuration required).
+        progress: show a tqdm bar (else log lines through ``logging``).
+
+    Returns:
+        The summary also written to ``summary.json`` (``interrupted`` is True when a
+        signal stopped the run early).
+
+    Raises:
+        TrainingDivergedError: the loss became non-finite; ``last.pt`` is the last good state.
+    """
+    run = _setup(config)
+    if resume:
+        if not (run.out / "last.pt").exists():
+            raise FileNotFoundError(f"resume: no checkpoint {run.out / 'last.pt'}; check --out.")
+        _restore(run, run.out / "last.pt")
+        log.info("resumed from %s at step %d", run.out / "last.pt", run.step)
+    elif (run.out / "last.pt").exists():
+        raise FileExistsError(f"{run.out} already holds a run (last.pt); pass --resume to continue "
+                              f"it or choose another --out.")
+    run.out.mkdir(parents=True, exist_ok=True)
+    _write_json(asdict(config), run.out / "config.json")
+    t0 = time.perf_counter()
+    with _stop_on_signals() as stop, open(run.out / "metrics.jsonl", "a") as metrics:
+        interrupted = _loop(run, metrics, stop, progress)
+    summary = _summarize(run, time.perf_counter() - t0, interrupted)
+    _write_json(summary, run.out / "summary.json")
+    with contextlib.suppress(Exception):  # a plot is a convenience; never lose a run to it
+        plot_run(run.out)
+    return summary
+
+
+def _loop(run: _Run, metrics: Any, stop: dict[str, int], progress: bool) -> bool:
+    from tqdm.auto import tqdm
+
+    cfg, per_epoch = run.config, len(run.train)
+    bar = tqdm(total=run.total, initial=run.step, disable=not progress, unit="step", dynamic_ncols=True)
+    window = _Window()
+    with bar:
+        while run.step < run.total:
+            epoch, start = divmod(run.step, per_epoch)
+            for x, y in run.train.epoch(epoch, start):
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr_at(run.step, run.total, cfg)
+                window.add(*_train_step(run, x, y), y.numel())
+                run.step += 1
+                bar.update(1)
+                done = run.step >= run.total
+                if run.step % cfg.log_every == 0 or done:
+                    row = window.row(run)
+                    _emit(metrics, row, run)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}",
+                                    img_s=f"{row['images_per_s']:.0f}")
+                    if not progress:
+                        log.info("step %d/%d loss %.4f acc %.4f lr %.4g %.0f img/s", run.step, run.total,
+                                 row["loss"], row["accuracy"], row["lr"], row["images_per_s"])
+                    window = _Window()
+                eval_due = (run.step % cfg.eval_every == 0) if cfg.eval_every else (run.step % per_epoch == 0)
+                paused = time.perf_counter()
+                if eval_due or done:
+                    window.row(run)  # raises on a non-finite loss before anything is saved
+                    _evaluate_and_keep_best(run, metrics)
+                if eval_due or done or run.step % cfg.ckpt_every == 0 or stop:
+                    window.row(run)
+                    _save_atomic(_checkpoint(run), run.out / "last.pt")
+                window.start += time.perf_counter() - paused  # images/s counts training alone
+                if stop:
+                    return True
+                if done:
+                    break
+    return False
+
+
+def _emit(metrics: Any, row: dict[str, Any], run: _Run) -> None:
+    run.history.append(row)
+    metrics.write(json.dumps(row) + "\n")
+    metrics.flush()
+
+
+def _evaluate_and_keep_best(run: _Run, metrics: Any) -> None:
+    result = evaluate(run.model, run.test, run.config, run.device)
+    _emit(metrics, {"step": run.step, "epoch": run.step / len(run.train), **result}, run)
+    log.info("step %d: test accuracy %.4f, test loss %.4f", run.step, result["test_accuracy"],
+             result["test_loss"])
+    if result["test_accuracy"] > run.best:
+        run.best = result["test_accuracy"]
+        _save_atomic(_checkpoint(run), run.out / "best.pt")
+
+
+def _summarize(run: _Run, wall: float, interrupted: bool) -> dict[str, Any]:
+    tests = [r for r in run.history if "test_accuracy" in r]
+    trains = [r for r in run.history if "images_per_s" in r]
+    last = tests[-1] if tests else {}
+    return {
+        "model": run.config.model, "dataset": run.config.dataset, "reversible": run.config.reversible,
+        "step": run.step, "total_steps": run.total, "interrupted": interrupted,
+        "test_accuracy": last.get("test_accuracy"), "test_loss": last.get("test_loss"),
+        "best_test_accuracy": run.best if run.best >= 0 else None,
+        "wall_seconds": wall, "peak_memory_bytes": peak_memory_bytes(run.device),
+        "images_per_s": (sum(r["images_per_s"] for r in trains) / len(trains)) if trains else None,
+        "device": str(run.device), "torch": torch.__version__, "config": asdict(run.config),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# After training: evaluation of a checkpoint, curves
+# --------------------------------------------------------------------------------------
+
+def evaluate_checkpoint(path: str | os.PathLike, *, data_dir: str | None = None,
+                        device: str = "auto") -> dict[str, Any]:
+    """Test accuracy of a checkpoint written by :func:`fit` (``last.pt`` or ``best.pt``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval: no checkpoint at {path}.")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"eval: {path} is not a revnet training checkpoint (no 'model'/'config').")
+    fields = _config_fields(state["config"])
+    fields.update(device=device, **({"data_dir": data_dir} if data_dir else {}))
+    run = _setup(TrainConfig(**fields))
+    run.model.load_state_dict(state["model"])
+    return {"checkpoint": str(path), "step": state["step"],
+            **evaluate(run.model, run.test, run.config, run.device)}
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"plot: no metrics.jsonl in {run_dir}; is it a run directory?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir: str | os.PathLike) -> Path:
+    """Draws loss, accuracy and learning rate against step into ``RUN_DIR/curves.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    train = [r for r in rows if "loss" in r]
+    test = [r for r in rows if "test_accuracy" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    axes[0].plot([r["step"] for r in test], [r["test_loss"] for r in test], "o-", label="test")
+    axes[0].set(title="loss", xlabel="step", yscale="log")
+    axes[1].plot([r["step"] for r in train], [r["accuracy"] for r in train], label="train")
+    axes[1].plot([r["step"] for r in test], [r["test_accuracy"] for r in test], "o-", label="test")
+    axes[1].set(title="accuracy", xlabel="step")
+    axes[2].plot([r["step"] for r in train], [r["lr"] for r in train])
+    axes[2].set(title="learning rate", xlabel="step")
+    for ax in axes[:2]:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(str(run_dir))
+    fig.tight_layout()
+    out = Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,105 @@
+"""Every registered model: the paper's parameter counts, reversible == plain autograd."""
+
+import copy
+
+import pytest
+import torch
+from conftest import rel_err
+from torch import nn
+
+import revnet
+from revnet.models import register_model
+
+PAPER_PARAMS_M = {  # Gomez et al. 2017, Table 1 (CIFAR at 10 classes, ImageNet at 1000)
+    "resnet32": 0.46, "revnet38": 0.46, "resnet110": 1.73, "revnet110": 1.73,
+    "resnet164": 1.70, "revnet164": 1.75, "resnet101": 44.5, "revnet104": 45.2,
+}
+IMAGENET = {"resnet101", "revnet104"}
+
+
+def test_registry_has_the_papers_models():
+    assert set(PAPER_PARAMS_M) <= set(revnet.list_models())
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS_M))
+def test_parameter_count_matches_paper(name):
+    model = revnet.create_model(name, num_classes=1000 if name in IMAGENET else 10)
+    count = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(count / PAPER_PARAMS_M[name] - 1) < 0.02, count
+
+
+def step(model: nn.Module, x: torch.Tensor, reversible: bool):
+    revnet.set_reversible(model, reversible)
+    model.train()
+    x = x.detach().clone().requires_grad_()
+    y = model(x)
+    # A loss that weighs every logit differently, so no gradient is trivially symmetric.
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-4)],
+                         ids=["float64", "float32"])
+@pytest.mark.parametrize("name", revnet.list_models())
+def test_reversible_equals_plain_autograd(name, dtype, tol):
+    size = 32 if name in IMAGENET else 16
+    model = revnet.create_model(name, dtype=dtype)
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 3, size, size, dtype=dtype)
+    sequences = revnet.set_reversible(model, True)
+    assert (sequences > 0) == name.startswith("revnet")
+    y, gx = step(model, x, reversible=True)
+    y_ref, gx_ref = step(ref, x, reversible=False)
+    assert rel_err(y, y_ref) < tol
+    assert rel_err(gx, gx_ref) < tol
+    for (pname, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert p.grad is not None, f"{name}: {pname} got no gradient"
+        assert p.grad.abs().sum() > 0, f"{name}: {pname} got a zero gradient"
+        assert rel_err(p.grad, q.grad) < tol, pname
+    for (bname, a), b in zip(model.named_buffers(), ref.buffers(), strict=True):
+        assert torch.equal(a, b), f"{name}: buffer {bname} differs after one step"
+
+
+def test_fashion_mnist_shape_and_model_property():
+    model = revnet.create_model("revnet38", in_chans=1)
+    assert model.reversible
+    model.reversible = False
+    assert not model.reversible
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_revnet_sequences_hold_the_reversible_units():
+    model = revnet.create_model("revnet38")
+    sequences = [m for m in model.modules() if isinstance(m, revnet.ReversibleSequence)]
+    # Stage 1 keeps its width (32 -> 32): all 3 units reversible; stages 2-3 open with a
+    # non-reversible downsampling unit, then 2 reversible units each.
+    assert [len(s) for s in sequences] == [3, 2, 2]
+
+
+# --- bad input ------------------------------------------------------------------------
+
+def test_unknown_model_lists_known_ones():
+    with pytest.raises(ValueError, match=r"unknown model 'revnet39'.*revnet38"):
+        revnet.create_model("revnet39")
+
+
+def test_duplicate_registration_raises():
+    with pytest.raises(ValueError, match="already registered"):
+        @register_model
+        def revnet38(**kw):  # noqa: F811
+            return nn.Identity()
+
+
+def test_wrong_input_channels_named():
+    model = revnet.create_model("revnet38", in_chans=1)
+    with pytest.raises(ValueError, match=r"input has 3 channels.*in_chans=1.*in_chans=3"):
+        model(torch.randn(2, 3, 28, 28))
+
+
+def test_bad_config_errors():
+    with pytest.raises(ValueError, match="even widths"):
+        revnet.RevNet(units=(1,), channels=(32, 33))
+    with pytest.raises(ValueError, match="unknown block"):
+        revnet.RevNet(units=(1,), channels=(32, 32), block="wide")
+    with pytest.raises(ValueError, match="one width per stage"):
+        revnet.ResNet(units=(1, 1), channels=(16, 16))
