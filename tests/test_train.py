@@ -19,7 +19,7 @@ TINY = {"num_samples": 96, "image_size": 12, "channels": 3}
 
 def tiny(tmp_path, name="run", **kw) -> TrainConfig:
     fields = dict(model="revnet38", dataset="synthetic", synthetic=TINY, steps=8, batch_size=16,
-                  log_every=2, ckpt_every=3, out=str(tmp_path / name))
+                  lr=0.1, amp="none", log_every=2, ckpt_every=3, out=str(tmp_path / name))
     fields.update(kw)
     return TrainConfig(**fields)
 
@@ -180,3 +180,10 @@ def test_cli_train_eval_plot(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 1
     with pytest.raises(SystemExit, match="--resume needs --out"):
         main(["train", "--resume"])
+
+
+def test_bf16_autocast_training_and_fractional_epochs(tmp_path):
+    config = tiny(tmp_path, steps=None, epochs=0.5, amp="bf16")  # 96 samples / 16 = 6 steps per epoch
+    summary = fit(config)
+    assert summary["step"] == 3 and summary["total_steps"] == 3
+    assert summary["test_accuracy"] is not None

@@ -21,7 +21,7 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--model", "model", {"help": "model name (see `revnet models`); default revnet38"}),
     ("--dataset", "dataset", {"help": "fashion-mnist (default), cifar10, cifar100 or synthetic"}),
     ("--data-dir", "data_dir", {"help": "data folder (default: $REVNET_DATA or the system location)"}),
-    ("--epochs", "epochs", {"type": int, "help": "passes over the training set"}),
+    ("--epochs", "epochs", {"type": float, "help": "passes over the training set (may be fractional)"}),
     ("--steps", "steps", {"type": int, "help": "total optimiser steps (overrides --epochs)"}),
     ("--batch-size", "batch_size", {"type": int}),
     ("--lr", "lr", {"type": float, "help": "peak learning rate"}),
@@ -106,19 +106,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
           f"peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB")
     print(f"run directory: {config.out} (curves.png, metrics.jsonl, summary.json, best.pt)")
     if args.memory_report:
-        _memory_report(config)
+        _memory_report(config, summary["image_size"])
     return 0
 
 
-def _memory_report(config: Any) -> None:
-    """What reversibility saved: activation memory of one step, reversible vs plain."""
-    from .bench import activation_memory
+def _memory_report(config: Any, image_size: int) -> None:
+    """What reversibility saved: activation memory of one training step, reversible vs plain.
 
-    rows = {rev: activation_memory(config, reversible=rev) for rev in (True, False)}
-    rev, plain = rows[True]["bytes"], rows[False]["bytes"]
-    print(f"activation memory of one training step ({rows[True]['method']}, batch {config.batch_size}): "
-          f"reversible {rev / 2**20:.1f} MiB vs plain backprop {plain / 2**20:.1f} MiB "
-          f"-> {plain / max(rev, 1):.1f}x less, {(plain - rev) / 2**20:.1f} MiB saved")
+    Each side is measured in a fresh process (revnet.bench.measure), as `revnet bench memory` does.
+    """
+    from . import bench
+    from .train import resolve_device
+
+    if not config.model.startswith("revnet"):
+        return
+    point = {"model": config.model, "batch": config.batch_size, "image_size": image_size,
+             "device": str(resolve_device(config.device))}
+    try:
+        rev = bench.measure(kind="revnet", **point)
+        plain = bench.measure(kind="revnet-plain", **point)
+    except (RuntimeError, OSError) as e:  # a report, not the job: say so and go on
+        print(f"(activation memory comparison skipped: {e})", file=sys.stderr)
+        return
+    a, b = rev["activation_bytes"], plain["activation_bytes"]
+    print(f"activation memory of one {config.model} training step at batch {config.batch_size} "
+          f"({rev['method']}): reversible {bench.format_bytes(a)} vs plain backprop "
+          f"{bench.format_bytes(b)}: {b / max(a, 1):.1f}x less, {bench.format_bytes(b - a)} saved")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

@@ -49,22 +49,22 @@ class TrainConfig:
     model: str = "revnet38"  # registry name (revnet.list_models())
     dataset: str = "fashion-mnist"  # one of revnet.data.DATASETS
     data_dir: str | None = None  # folder of the data set; None: revnet.data.default_data_dir
-    epochs: int = 2  # passes over the training set (ignored when steps is set)
+    epochs: float = 1.75  # passes over the training set, may be fractional (ignored when steps is set)
     steps: int | None = None  # total optimiser steps; overrides epochs
     batch_size: int = 128  # per process
-    lr: float = 0.1  # peak learning rate
+    lr: float = 0.2  # peak learning rate
     momentum: float = 0.9  # SGD momentum
     nesterov: bool = True  # Nesterov momentum
     weight_decay: float = 5e-4  # L2 on every parameter (as the paper's code)
     schedule: str = "onecycle"  # "onecycle" (linear warm-up, cosine to 0) or "step" (x0.1 at milestones)
     warmup: float = 0.15  # onecycle: fraction of steps spent warming up
     milestones: tuple[int, ...] = ()  # step schedule: steps at which lr is multiplied by 0.1
-    crop_pad: int = 2  # random-crop zero padding in pixels (0: no crop)
+    crop_pad: int = 0  # random-crop zero padding in pixels (0: none; the short default learns faster without)
     flip: bool = True  # random horizontal flip
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     seed: int = 0  # model init, data order and augmentation
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
-    amp: str = "none"  # "none", "bf16" or "fp16" (fp16 uses a GradScaler)
+    amp: str = "bf16"  # "none", "bf16" or "fp16" (fp16 uses a GradScaler); bf16: 1.4x faster on AMX CPUs
     reversible: bool = True  # False: the same model with plain backprop (the baseline)
     channels_last: bool = True  # memory layout of activations (faster convolutions on CPU)
     eval_every: int | None = None  # evaluate every N steps; None: at each epoch's end
@@ -102,13 +102,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "paper-cifar": dict(
         dataset="cifar10", batch_size=100, lr=0.1, momentum=0.9, nesterov=False, weight_decay=2e-4,
         schedule="step", milestones=(40_000, 60_000), steps=80_000, crop_pad=4, flip=True,
-        eval_every=2_000, ckpt_every=1_000, channels_last=True),
+        eval_every=2_000, ckpt_every=1_000, amp="none"),
     # ImageNet schedule of the paper (documented; this package ships no ImageNet loader):
     # batch 256, lr 0.1 x0.1 at 160k, 320k, 480k of 600k iterations, weight decay 1e-4.
     "paper-imagenet": dict(
         model="revnet104", batch_size=256, lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
         schedule="step", milestones=(160_000, 320_000, 480_000), steps=600_000, crop_pad=4, flip=True,
-        eval_every=10_000, ckpt_every=2_000),
+        eval_every=10_000, ckpt_every=2_000, amp="none"),
 }
 
 
@@ -266,7 +266,7 @@ def _setup(config: TrainConfig) -> _Run:
     train = data_mod.Loader(train_ds, config.batch_size, train=True, device=device, seed=config.seed,
                             pad=config.crop_pad, flip=config.flip, augment=config.crop_pad > 0 or config.flip)
     test = data_mod.Loader(test_ds, max(config.batch_size, 256), train=False, device=device)
-    total = config.steps or config.epochs * len(train)
+    total = config.steps or max(1, round(config.epochs * len(train)))
     return _Run(config, device, model, optimizer, scaler, train, test, total, Path(config.out))
 
 
@@ -454,6 +454,7 @@ def _summarize(run: _Run, wall: float, interrupted: bool) -> dict[str, Any]:
         "best_test_accuracy": run.best if run.best >= 0 else None,
         "wall_seconds": wall, "peak_memory_bytes": peak_memory_bytes(run.device),
         "images_per_s": (sum(r["images_per_s"] for r in trains) / len(trains)) if trains else None,
+        "image_size": run.train.dataset.image_size[0],
         "device": str(run.device), "torch": torch.__version__, "config": asdict(run.config),
     }
 
