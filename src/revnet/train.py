@@ -337,12 +337,17 @@ class _Window:
         self.loss, self.correct = loss + self.loss, correct + self.correct
         self.seen, self.steps = self.seen + n, self.steps + 1
 
-    def row(self, run: _Run) -> dict[str, Any]:
+    def check(self, run: _Run) -> float:
+        """Mean loss of the window; raises before anything is logged or saved if it is not finite."""
         loss = float(self.loss) / max(self.steps, 1)
         if not math.isfinite(loss):
             raise TrainingDivergedError(
                 f"loss became {loss} by step {run.step}; the last good checkpoint is "
                 f"{run.out / 'last.pt'}. Try a lower --lr, --amp none, or a different --seed.")
+        return loss
+
+    def row(self, run: _Run) -> dict[str, Any]:
+        loss = self.check(run)
         elapsed = time.perf_counter() - self.start
         return {"step": run.step, "epoch": run.step / len(run.train), "loss": loss,
                 "accuracy": int(self.correct) / max(self.seen, 1),
@@ -414,10 +419,10 @@ def _loop(run: _Run, metrics: Any, stop: dict[str, int], progress: bool) -> bool
                 eval_due = (run.step % cfg.eval_every == 0) if cfg.eval_every else (run.step % per_epoch == 0)
                 paused = time.perf_counter()
                 if eval_due or done:
-                    window.row(run)  # raises on a non-finite loss before anything is saved
+                    window.check(run)
                     _evaluate_and_keep_best(run, metrics)
                 if eval_due or done or run.step % cfg.ckpt_every == 0 or stop:
-                    window.row(run)
+                    window.check(run)
                     _save_atomic(_checkpoint(run), run.out / "last.pt")
                 window.start += time.perf_counter() - paused  # images/s counts training alone
                 if stop:
