@@ -1,0 +1,194 @@
+"""The benchmarks on tiny configurations: result shapes, the memory trends, the CLI."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+from conftest import rel_err
+
+from revnet import ReversibleSequence, bench, cli, cli_bench
+
+TINY = {"image_size": 32, "batch": 4}  # 32px keeps the main tensors above the 64 KiB mmap threshold
+
+
+def test_parse_bytes():
+    assert bench.parse_bytes("2GiB") == 2 * 2**30
+    assert bench.parse_bytes("512MiB") == 512 * 2**20
+    assert bench.parse_bytes(" 1.5 GB ") == 1_500_000_000
+    assert bench.parse_bytes("4096") == 4096
+    for bad in ["", "lots", "2 parsecs", "-1GiB", "0", "GiB"]:
+        with pytest.raises(ValueError, match="size"):
+            bench.parse_bytes(bad)
+
+
+def test_depth_matches_the_paper_names():
+    assert bench.depth_of("resnet", 5) == 32 and bench.depth_of("revnet", 3) == 38
+    assert bench.depth_of("resnet", 18) == bench.depth_of("revnet", 9) == 110
+    assert bench.depth_of("resnet", 18, "bottleneck") == bench.depth_of("revnet", 9, "bottleneck") == 164
+    with pytest.raises(ValueError, match="not a RevNet"):
+        bench.build("revnet", model="resnet32")
+    with pytest.raises(ValueError, match="unknown kind"):
+        bench.build("densenet", 3)
+
+
+def test_the_three_revnet_modes_give_the_same_gradients_on_the_same_weights():
+    net = bench.build("revnet", 2, dtype=torch.float64)
+    x, y = bench._batch(net, 4, 8)
+    grads = {}
+    for kind in ("revnet-plain", "revnet", "revnet-checkpoint"):
+        net.zero_grad(set_to_none=True)
+        with bench.run_mode(net, kind):
+            bench._train_step(net, x, y)
+        grads[kind] = [p.grad.clone() for p in net.parameters()]
+    # run_mode puts everything back as it was.
+    assert sum(isinstance(m, ReversibleSequence) for m in net.modules()) == 3
+    assert all(m.reversible for m in net.modules() if isinstance(m, ReversibleSequence))
+    for kind in ("revnet", "revnet-checkpoint"):
+        for a, b in zip(grads[kind], grads["revnet-plain"], strict=True):
+            assert rel_err(a, b) < 1e-8
+
+
+def test_saved_bytes_resnet_grows_revnet_flat():
+    def saved(kind, units):
+        return bench.memory_point(kind, units, batch=2, image_size=8)["saved_bytes"]
+
+    assert saved("resnet", 8) > 3 * saved("resnet", 2)
+    assert saved("revnet", 4) == saved("revnet", 2)  # only the sequences' outputs and the openings
+    assert saved("revnet-plain", 4) > 1.5 * saved("revnet-plain", 2)
+    assert saved("revnet", 4) < saved("revnet-checkpoint", 4) < saved("revnet-plain", 4)
+    kept = bench.memory_point("resnet", 2, batch=2, image_size=8, grads="kept")
+    assert kept["grads"] == "kept" and kept["grad_bytes"] == 4 * kept["params"]
+    with pytest.raises(ValueError, match="grads must be"):
+        bench.memory_point("resnet", 2, batch=2, image_size=8, grads="some")
+
+
+@pytest.fixture(scope="module")
+def cli_sweep(tmp_path_factory):
+    """`revnet bench memory` on four points, each in a fresh process (about two seconds each)."""
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "memory", "--units", "1", "4", "--kinds", "resnet", "revnet", "--models",
+            "--batch", str(TINY["batch"]), "--image-size", str(TINY["image_size"]), "--out", str(out)]
+    assert cli.main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def sweep(cli_sweep):
+    return json.loads((cli_sweep / "memory.json").read_text())
+
+
+def test_memory_sweep_shape_and_trends(sweep):
+    assert sweep["config"]["units"] == [1, 4] and sweep["config"]["models"] == []
+    pts = {(p["kind"], p["units"]): p for p in sweep["points"]}
+    assert set(pts) == {("resnet", 2), ("revnet", 1), ("resnet", 8), ("revnet", 4)}
+    for p in sweep["points"]:
+        assert p["method"] == "VmHWM-VmRSS" and p["malloc_mmap_threshold"] == "65536"
+        assert p["activation_bytes"] > 0 and p["total_bytes"] > p["peak_bytes"] >= p["activation_bytes"]
+        # The peak holds at least what autograd saved (cross-check), within page rounding.
+        assert p["peak_bytes"] > 0.8 * p["saved_bytes"]
+    assert pts["resnet", 2]["depth"] == pts["revnet", 1]["depth"] == 14
+    res = pts["resnet", 8]["activation_bytes"] - pts["resnet", 2]["activation_bytes"]
+    rev = pts["revnet", 4]["activation_bytes"] - pts["revnet", 1]["activation_bytes"]
+    assert res > 2 * pts["resnet", 2]["activation_bytes"]  # ResNet: linear in depth
+    assert rev < 0.25 * res  # RevNet: (nearly) flat
+    json.dumps(sweep)  # plain data
+
+
+def test_speed_dict_has_times_and_ratios():
+    r = bench.speed("revnet38", batch=2, image_size=8, repeats=2, warmup=1, inference_repeats=2)
+    assert set(r["train"]) == {"revnet", "revnet-plain", "revnet-checkpoint", "resnet32"}
+    for s in [*r["train"].values(), *r["inference"].values()]:
+        assert len(s["times_s"]) == 2 and 0 < s["min_s"] <= s["median_s"] and s["images_per_s"] > 0
+    assert set(r["ratios"]) == {"revnet/revnet-plain", "revnet/revnet-checkpoint", "revnet/resnet32",
+                                "inference revnet/revnet-plain"}
+    assert all(v > 0 for v in r["ratios"].values())
+    assert r["config"]["batch"] == 2 and r["config"]["threads"] >= 1
+    json.dumps(r)
+
+
+def test_speed_against_a_git_revision():
+    try:
+        engine = bench.load_engine("HEAD")
+    except RuntimeError:
+        pytest.skip("not a git checkout")
+    assert engine.__name__ == "_ReversibleFunction"
+    r = bench.speed("revnet38", kinds=("revnet",), reference=None, against="HEAD", batch=2, image_size=8,
+                    repeats=1, warmup=0, inference_repeats=0)
+    assert set(r["train"]) == {"revnet", "revnet@HEAD"} and "revnet/revnet@HEAD" in r["ratios"]
+    with pytest.raises(RuntimeError, match="git revision"):
+        bench.load_engine("no-such-revision-xyz")
+
+
+def test_largest_under_brackets_an_affine_memory():
+    calls = []
+
+    def probe(v):
+        calls.append(v)
+        return 1000 + 37 * v
+
+    r = bench._largest_under(5000, probe, 8, 32, verify_max=10_000)
+    assert r["largest"] == r["predicted"] == (5000 - 1000) // 37 and r["verified"]
+    assert 1000 + 37 * r["smallest_over"] > 5000
+    capped = bench._largest_under(5000, probe, 8, 32, verify_max=50)
+    assert capped["largest"] == 50 and capped["predicted"] == 108 and not capped["verified"]
+    assert bench._largest_under(500, probe, 8, 32, verify_max=100)["largest"] is None
+
+
+def test_capacity_finds_a_batch_under_a_tiny_budget():
+    budget = bench.parse_bytes("12MiB")
+    r = bench.capacity(budget, models=("revnet38",), kinds=(), image_size=16, verify_max_batch=256)
+    got = r["batch"]["revnet38"]
+    assert got["largest"] and 8 <= got["largest"] < 256
+    fits = [p for p in got["probes"] if p["value"] == got["largest"]]
+    assert fits[0]["total_bytes"] <= budget
+    assert r["config"]["budget_bytes"] == budget and r["depth"] == {}
+
+
+def test_measure_reports_worker_failure():
+    with pytest.raises(RuntimeError, match="memory worker"):
+        bench.measure(kind="resnet", model="no-such-model", batch=2, image_size=8)
+
+
+def test_cli_memory_writes_json_and_png(cli_sweep, sweep):
+    assert sweep["environment"]["torch"] == torch.__version__
+    assert (cli_sweep / "memory.png").stat().st_size > 1000
+
+
+def test_cli_speed_prints_ratios_and_writes_files(tmp_path, capsys):
+    assert cli.main(["bench", "speed", "--batch", "2", "--image-size", "8", "--repeats", "1", "--warmup", "0",
+                     "--inference-repeats", "1", "--reference", "none", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "revnet/revnet-plain" in printed and "images/s" in printed
+    assert (tmp_path / "speed.png").exists() and "ratios" in json.loads((tmp_path / "speed.json").read_text())
+
+
+def test_cli_budget_errors(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "capacity", "--budget", "lots"])
+    assert "cannot read 'lots' as a size" in capsys.readouterr().err
+
+
+def test_report_renders_every_section(sweep, tmp_path):
+    sp = bench.speed("revnet38", batch=2, image_size=8, repeats=1, warmup=0, inference_repeats=1)
+    cap = {"config": {"budget_bytes": 2**20, "depth_batch": 2, "verify_max_batch": 8, "verify_max_units": 1},
+           "batch": {"revnet38": {"largest": 4, "smallest_over": 5, "predicted": 4, "verified": True}},
+           "depth": {"revnet": {"largest_depth": 14, "smallest_over_depth": None, "predicted_depth": 900,
+                                "verified": False}}}
+    meta = {"command": "revnet bench report --quick", "environment": bench.environment(),
+            "loadavg_end": (0.0, 0.0, 0.0), "minutes": 0.5}
+    text = cli_bench.render_report(meta, sweep, [sp, sp], cap, "benchmarks")
+    for part in ("## Targets", "## Activation memory across depth", "## Speed", "## Capacity",
+                 "revnet bench report --quick", "![activation memory against depth](benchmarks/memory.png)",
+                 "| 50 |", "no (extrapolated)", torch.__version__):
+        assert part in text, part
+
+
+@pytest.mark.slow
+def test_cli_report_quick(tmp_path):
+    """The whole report on its quick configuration (about a minute)."""
+    out, doc = tmp_path / "benchmarks", tmp_path / "BENCHMARKS.md"
+    subprocess.run(["revnet", "bench", "report", "--quick", "--out", str(out), "--doc", str(doc)], check=True)
+    assert "## Targets" in doc.read_text()
+    assert {p.name for p in out.iterdir()} >= {"memory.json", "memory.png", "speed.json", "speed.png",
+                                                "capacity.json", "capacity.png", "report.json"}
