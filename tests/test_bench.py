@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -188,7 +189,8 @@ def test_report_renders_every_section(sweep, tmp_path):
 def test_cli_report_quick(tmp_path):
     """The whole report on its quick configuration (about a minute)."""
     out, doc = tmp_path / "benchmarks", tmp_path / "BENCHMARKS.md"
-    subprocess.run(["revnet", "bench", "report", "--quick", "--out", str(out), "--doc", str(doc)], check=True)
+    subprocess.run([sys.executable, "-m", "revnet", "bench", "report", "--quick", "--out", str(out),
+                    "--doc", str(doc)], check=True)
     assert "## Targets" in doc.read_text()
     assert {p.name for p in out.iterdir()} >= {"memory.json", "memory.png", "speed.json", "speed.png",
                                                 "capacity.json", "capacity.png", "report.json"}

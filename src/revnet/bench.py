@@ -447,8 +447,11 @@ def speed(
         per = [a / b for a, b in zip(times[base], times[other], strict=True)]
         pairs[key] = {"median": statistics.median(per), "min": min(per), "max": max(per)}
     if infer:
-        ratios["inference revnet/revnet-plain"] = (
-            infer["revnet"]["median_s"] / infer["revnet-plain"]["median_s"])
+        key = "inference revnet/revnet-plain"
+        ratios[key] = infer["revnet"]["median_s"] / infer["revnet-plain"]["median_s"]
+        per = [a / b for a, b in zip(infer["revnet"]["times_s"], infer["revnet-plain"]["times_s"],
+                                     strict=True)]
+        pairs[key] = {"median": statistics.median(per), "min": min(per), "max": max(per)}
     config = {"model": model, "kinds": list(kinds), "reference": reference, "against": against,
               "batch": batch, "image_size": image_size, "repeats": repeats, "warmup": warmup,
               "inference_repeats": inference_repeats, "channels_last": channels_last,
@@ -559,7 +562,10 @@ def capacity(
     usually lies far beyond; it is then reported as extrapolated, ``verified: False``).
     """
     def probe(**point: Any) -> int:
-        result = measure(**point, image_size=image_size, device=device, dtype=dtype)
+        try:
+            result = measure(**point, image_size=image_size, device=device, dtype=dtype)
+        except torch.cuda.OutOfMemoryError:  # on CUDA, the device's own limit came first
+            return budget + 1
         if progress is not None:
             progress(result)
         return result["total_bytes"]

@@ -106,11 +106,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
           f"peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB")
     print(f"run directory: {config.out} (curves.png, metrics.jsonl, summary.json, best.pt)")
     if args.memory_report:
-        _memory_report(config, summary["image_size"])
+        _memory_report(config, summary["image_size"], summary["in_chans"])
     return 0
 
 
-def _memory_report(config: Any, image_size: int) -> None:
+def _memory_report(config: Any, image_size: int, in_chans: int) -> None:
     """What reversibility saved: activation memory of one training step, reversible vs plain.
 
     Each side is measured in a fresh process (revnet.bench.measure), as `revnet bench memory` does.
@@ -121,6 +121,7 @@ def _memory_report(config: Any, image_size: int) -> None:
     if not config.model.startswith("revnet"):
         return
     point = {"model": config.model, "batch": config.batch_size, "image_size": image_size,
+             "in_chans": in_chans,
              "device": str(resolve_device(config.device))}
     try:
         rev = bench.measure(kind="revnet", **point)

@@ -459,7 +459,7 @@ def _summarize(run: _Run, wall: float, interrupted: bool) -> dict[str, Any]:
         "best_test_accuracy": run.best if run.best >= 0 else None,
         "wall_seconds": wall, "peak_memory_bytes": peak_memory_bytes(run.device),
         "images_per_s": (sum(r["images_per_s"] for r in trains) / len(trains)) if trains else None,
-        "image_size": run.train.dataset.image_size[0],
+        "image_size": run.train.dataset.image_size[0], "in_chans": run.train.dataset.in_chans,
         "device": str(run.device), "torch": torch.__version__, "config": asdict(run.config),
     }
 
