@@ -16,7 +16,6 @@ import math
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 __all__ = ["AdditiveCoupling", "AffineCoupling", "Coupling", "merge", "split"]
 
@@ -96,32 +95,17 @@ class Coupling(nn.Module):
         return half_shape
 
     # --- running the branches, with the checks that keep the block invertible -----------
-    def run_f(
-        self, x1: torch.Tensor, x2: torch.Tensor, params: dict[str, torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        """F(x2), checked to leave ``x2`` untouched and to fit ``x1``.
+    def run_f(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """F(x2), checked to leave ``x2`` untouched and to fit ``x1``."""
+        return self._run("F", self.f, x2, x1)
 
-        ``params`` optionally stands in for some of F's parameters (by name), as in
-        :func:`torch.func.functional_call`.
-        """
-        return self._run("F", self.f, x2, x1, params)
-
-    def run_g(
-        self, x2: torch.Tensor, y1: torch.Tensor, params: dict[str, torch.Tensor] | None = None
-    ) -> torch.Tensor:
+    def run_g(self, x2: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
         """G(y1), checked to leave ``y1`` untouched and to fit ``x2``."""
-        return self._run("G", self.g, y1, x2, params)
+        return self._run("G", self.g, y1, x2)
 
-    def _run(
-        self,
-        label: str,
-        fn: nn.Module,
-        inp: torch.Tensor,
-        other: torch.Tensor,
-        params: dict[str, torch.Tensor] | None,
-    ) -> torch.Tensor:
+    def _run(self, label: str, fn: nn.Module, inp: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         version = inp._version
-        h = fn(inp) if params is None else functional_call(fn, params, (inp,))
+        h = fn(inp)
         if inp._version != version:
             # The half is needed again (y2 = x2 + G(y1) reads x2 after F ran), and the
             # reversible backward rebuilds it: a write into it breaks both.
