@@ -194,3 +194,32 @@ def test_cli_report_quick(tmp_path):
     assert "## Targets" in doc.read_text()
     assert {p.name for p in out.iterdir()} >= {"memory.json", "memory.png", "speed.json", "speed.png",
                                                 "capacity.json", "capacity.png", "report.json"}
+
+
+def test_loader_throughput_counts_every_image_and_crosses_epochs():
+    from revnet import data
+
+    ds = data.load_dataset("synthetic", "train", num_samples=40, image_size=8)
+    loader = data.Loader(ds, 16, train=True, pad=2)  # 2 batches per epoch
+    result = data.loader_throughput(loader, batches=5, warmup=1)
+    assert result["images"] == 5 * 16 and result["images_per_s"] > 0
+    with pytest.raises(ValueError, match="batches >= 1"):
+        data.loader_throughput(loader, batches=0)
+
+
+def test_train_step_rate_runs_whole_steps():
+    result = bench.train_step_rate("revnet38", batch=4, image_size=8, in_chans=1, amp="bf16",
+                                   repeats=2, warmup=1)
+    assert result["images_per_s"] > 0 and len(result["times_s"]) == 2
+    with pytest.raises(ValueError, match="amp"):
+        bench.train_step_rate(amp="fp8")
+
+
+def test_cli_data_prints_the_ratio(tmp_path, capsys):
+    assert cli.main(["bench", "data", "--quick", "--dataset", "synthetic", "--batch", "8",
+                     "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "loader / training step =" in printed
+    saved = json.loads((tmp_path / "data.json").read_text())
+    rates = saved["loader"]["images_per_s"], saved["train_step"]["images_per_s"]
+    assert saved["ratio"] == pytest.approx(rates[0] / rates[1])

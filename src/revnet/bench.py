@@ -48,7 +48,7 @@ from .models import ResNet, RevNet, create_model
 __all__ = [
     "KINDS", "PAPER_PAIRS", "build", "capacity", "environment", "format_bytes", "load_engine", "measure",
     "memory_point", "memory_sweep", "parse_bytes", "plot_capacity", "plot_memory", "plot_speed",
-    "run_mode", "speed",
+    "run_mode", "speed", "train_step_rate",
 ]
 
 KINDS = ("resnet", "revnet", "revnet-plain", "revnet-checkpoint")
@@ -458,6 +458,53 @@ def speed(
               "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "seed": seed}
     return {"config": config, "train": train, "inference": infer, "ratios": ratios,
             "pair_ratios": pairs}
+
+
+def train_step_rate(
+    model: str = "revnet38", *, batch: int = 128, image_size: int = 32, in_chans: int = 3,
+    amp: str = "none", channels_last: bool = False, reversible: bool = True, repeats: int = 7,
+    warmup: int = 2, device: str = "cpu", seed: int = 0,
+) -> dict[str, Any]:
+    """Images per second of whole training steps as ``revnet train`` runs them.
+
+    Forward (under bf16/fp16 autocast if ``amp``), cross-entropy, backward and an SGD
+    (Nesterov, weight decay) update, on one random batch; median of ``repeats`` after
+    ``warmup``. The data path is left out: this is the rate the loader has to keep up with.
+    """
+    if amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"train_step_rate: amp must be 'none', 'bf16' or 'fp16', got {amp!r}.")
+    if repeats < 1 or warmup < 0:
+        raise ValueError("train_step_rate: repeats must be >= 1 and warmup >= 0.")
+    torch.manual_seed(seed)
+    net = create_model(model, num_classes=10, in_chans=in_chans).to(device)
+    if isinstance(net, RevNet):
+        net.reversible = reversible
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net.to(memory_format=fmt).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x, y = _batch(net, batch, image_size, in_chans, channels_last=channels_last)
+    dev = torch.device(device)
+    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                if amp != "none" else contextlib.nullcontext())
+
+    def step() -> float:
+        _sync(device)
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        return time.perf_counter() - t
+
+    for _ in range(warmup):
+        step()
+    stats = _stats([step() for _ in range(repeats)], batch)
+    config = {"model": model, "batch": batch, "image_size": image_size, "in_chans": in_chans, "amp": amp,
+              "channels_last": channels_last, "reversible": reversible, "repeats": repeats,
+              "warmup": warmup, "device": device, "threads": torch.get_num_threads(), "seed": seed}
+    return {"config": config, **stats}
 
 
 def load_engine(rev: str) -> type:

@@ -1,4 +1,4 @@
-"""``revnet bench memory | speed | capacity | report``: parsing, printing and the report.
+"""``revnet bench memory | speed | capacity | data | report``: parsing, printing and the report.
 
 The measurements live in :mod:`revnet.bench`; this module runs them, prints tables,
 saves JSON (with the configuration and the machine beside every result) and plots, and
@@ -79,6 +79,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--verify-max-units", type=int, default=36,
                    help="... and up to this many RevNet units per stage")
     q.set_defaults(func=_cmd_capacity)
+
+    q = bsub.add_parser("data", help="the data path alone (loader + augmentation) against the training step")
+    q.add_argument("--recipe", default="fashion-mnist", help="training recipe whose data, batch, "
+                   "augmentation, model and amp are measured (revnet train --recipe)")
+    q.add_argument("--dataset", default=None, help="override the recipe's data set")
+    q.add_argument("--data-dir", default=None, help="folder of the data set (default: as revnet train)")
+    q.add_argument("--batch", type=int, default=None, help="override the recipe's batch size")
+    q.add_argument("--batches", type=int, default=200, help="loader batches timed")
+    q.add_argument("--repeats", type=int, default=7, help="training steps timed")
+    q.add_argument("--out", default="runs/bench", help="folder for data.json (default runs/bench)")
+    q.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    q.add_argument("--quick", action="store_true", help="few batches and steps, seconds")
+    q.set_defaults(func=_cmd_data)
 
     q = bsub.add_parser("report", help="all of the above, plus docs/BENCHMARKS.md")
     common(q, "docs/benchmarks")
@@ -191,6 +205,38 @@ def _cmd_capacity(args: argparse.Namespace) -> int:
     result = _run_capacity(args, **(_QUICK_CAPACITY if args.quick else {}))
     print(_text(*capacity_table(result)))
     _report_files(out, "capacity", result, bench.plot_capacity)
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from . import data
+    from .train import RECIPES, TrainConfig
+
+    out = _setup(args)
+    if args.recipe not in RECIPES:
+        raise SystemExit(f"revnet bench data: unknown recipe {args.recipe!r}; known: {sorted(RECIPES)}")
+    cfg = {**TrainConfig().__dict__, **RECIPES[args.recipe]}
+    name = args.dataset or cfg["dataset"]
+    batch = args.batch or cfg["batch_size"]
+    ds = data.load_dataset(name, "train", args.data_dir, **(cfg["synthetic"] if name == "synthetic" else {}))
+    loader = data.Loader(ds, batch, train=True, device=args.device, pad=cfg["crop_pad"], flip=cfg["flip"])
+    batches, repeats = (20, 3) if args.quick else (args.batches, args.repeats)
+    load = data.loader_throughput(loader, batches=batches)
+    step = bench.train_step_rate(cfg["model"], batch=batch, image_size=ds.image_size[0],
+                                 in_chans=ds.in_chans, amp=cfg["amp"], channels_last=cfg["channels_last"],
+                                 repeats=repeats, warmup=1 if args.quick else 2, device=args.device)
+    ratio = load["images_per_s"] / step["images_per_s"]
+    result = {"config": {"recipe": args.recipe, "dataset": name, "batch": batch, "device": args.device,
+                         "threads": step["config"]["threads"]},
+              "loader": load, "train_step": step, "ratio": ratio}
+    print(_text(["path", "images/s", "what"], [
+        ("loader", f"{load['images_per_s']:,.0f}",
+         f"{name} batch {batch}: gather + crop (pad {cfg['crop_pad']}) + flip + normalise"),
+        ("training step", f"{step['images_per_s']:,.0f}",
+         f"{cfg['model']}, amp {cfg['amp']}, forward + backward + SGD"),
+    ]))
+    print(f"loader / training step = {ratio:.1f}x")
+    print(f"wrote {_save(out, 'data', result)}")
     return 0
 
 

@@ -22,6 +22,7 @@ import math
 import os
 import pathlib
 import pickle
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ __all__ = [
     "augment",
     "default_data_dir",
     "load_dataset",
+    "loader_throughput",
     "normalize",
 ]
 
@@ -681,3 +683,47 @@ class Loader:
                     x, dy[part], dx[part], None if mirror is None else mirror[part], self.pad
                 )
             yield normalize(x, self._mean, self._std), y
+
+
+# ---------------------------------------------------------------------------------------------
+# Throughput
+
+
+def loader_throughput(loader: Loader, *, batches: int = 100, warmup: int = 5) -> dict[str, Any]:
+    """Images per second that ``loader`` alone delivers: gather, augmentation and normalisation.
+
+    Runs ``warmup`` batches untimed, then times ``batches`` batches (crossing epochs as needed),
+    synchronising CUDA so that asynchronous kernels are counted. The training step is measured
+    separately (``revnet.bench.train_step_rate``); ``revnet bench data`` prints the ratio.
+
+    Returns:
+        ``images_per_s``, ``seconds``, ``batches``, ``images`` and the loader's settings.
+    """
+    if batches < 1 or warmup < 0:
+        raise ValueError(f"loader_throughput: need batches >= 1 and warmup >= 0, got {batches}, {warmup}.")
+    if len(loader) == 0:
+        raise ValueError("loader_throughput: the loader yields no batches.")
+
+    def stream() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = 0
+        while True:
+            yield from loader.epoch(epoch)
+            epoch += 1
+
+    def sync() -> None:
+        if loader.device.type == "cuda":
+            torch.cuda.synchronize(loader.device)
+
+    it = stream()
+    for _ in range(warmup):
+        next(it)
+    sync()
+    images, start = 0, time.perf_counter()
+    for _ in range(batches):
+        x, _y = next(it)
+        images += x.shape[0]
+    sync()
+    seconds = time.perf_counter() - start
+    return {"images_per_s": images / seconds, "seconds": seconds, "batches": batches, "images": images,
+            "batch_size": loader.batch_size, "augment": loader.augment, "pad": loader.pad,
+            "flip": loader.flip, "device": str(loader.device)}
