@@ -1,7 +1,7 @@
 """revnet: memory-free backpropagation for PyTorch (Gomez et al., NeurIPS 2017)."""
 
 from .autograd import ReversibleSequence, set_reversible
-from .coupling import AdditiveCoupling, AffineCoupling, Coupling
+from .coupling import AdditiveCoupling, AffineCoupling, Coupling, set_exact
 from .models import ResNet, RevNet, create_model, list_models, register_model
 
 __version__ = "0.1.0"
@@ -16,5 +16,6 @@ __all__ = [
     "create_model",
     "list_models",
     "register_model",
+    "set_exact",
     "set_reversible",
 ]

@@ -8,16 +8,34 @@ A coupling splits its input along ``dim`` into halves ``(x1, x2)`` and computes
 (Gomez et al. 2017, Sec. 3.1, eq. 5-6). ``couple`` is invertible in its first argument,
 so the input can be rebuilt from the output. Everything here is ordinary autograd; the
 memory trick that uses the inverse lives in :mod:`revnet.autograd`.
+
+In floating point ``(x + F(x2)) - F(x2)`` need not equal ``x``, and the error compounds
+over depth. ``AdditiveCoupling(f, g, exact=True)`` removes it with fixed-point arithmetic:
+F's and G's outputs are rounded to the lattice ``2^-k`` (a straight-through gradient for
+the rounding) and the residual stream is kept on that lattice, where sums are exact as
+long as ``|stream| < 2^(p-k)`` (``p`` = 24 mantissa bits for float32, 53 for float64).
+That bound is checked on every coupling output; docs/FIDELITY.md has the numbers.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["AdditiveCoupling", "AffineCoupling", "Coupling", "merge", "split"]
+__all__ = [
+    "EXACT_BITS", "AdditiveCoupling", "AffineCoupling", "Coupling", "exact_range", "merge", "set_exact",
+    "split", "to_lattice",
+]
+
+# Default fraction bits of exact mode: lattice 2^-16 (1.5e-5), float32 range +-2^8 = 256.
+# RevNet streams measured 7-9 (fresh RevNet-38/110/164) and 19 (trained RevNet-38), so 256
+# leaves a >10x margin, while 2^-16 is finer than bf16's own rounding of F's outputs for
+# |h| > 2^-8 and adds at most 2^-17 per block in float32 (docs/FIDELITY.md).
+EXACT_BITS = 16
+_MANTISSA_BITS = {torch.float32: 24, torch.float64: 53}
 
 
 def split(x: torch.Tensor, dim: int, owner: str = "coupling") -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +63,41 @@ def merge(x1: torch.Tensor, x2: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _name(module: nn.Module) -> str:
     return type(module).__name__
+
+
+def exact_range(dtype: torch.dtype, bits: int = EXACT_BITS) -> float:
+    """Largest magnitude (exclusive) a stream of ``dtype`` holds exactly on the ``2^-bits`` lattice.
+
+    A multiple of ``2^-bits`` below ``2^(p-bits)`` in magnitude has at most ``p``
+    significant bits, so it is representable, and so is the exact sum of two such values
+    while it stays below the bound: IEEE addition then returns it unrounded.
+    """
+    if dtype not in _MANTISSA_BITS:
+        raise ValueError(f"exact mode computes the residual stream in float32 or float64, not {dtype}.")
+    return 2.0 ** (_MANTISSA_BITS[dtype] - bits)
+
+
+def _check_bits(what: str, bits: Any) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits <= 52:
+        raise ValueError(f"{what} must be an integer in [0, 52] (fraction bits of the lattice 2^-k), "
+                         f"got {bits!r}.")
+    return bits
+
+
+def to_lattice(x: torch.Tensor, bits: int = EXACT_BITS) -> torch.Tensor:
+    """Rounds ``x`` to the nearest multiple of ``2^-bits``; the gradient passes straight through.
+
+    Scaling by a power of two is exact, so the value is ``round(x * 2^bits) / 2^bits``
+    bit for bit. Idempotent: a value already on the lattice comes back unchanged (a -0.0
+    comes back as -0.0; note that sums can turn it into +0.0).
+    """
+    scale = 2.0 ** bits
+    r = torch.round(x * scale) * (1.0 / scale)
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return r
+    # Straight-through: (x - x.detach()) is exactly zero in value and the identity in
+    # gradient, so the sum is r bit for bit (``x + (r - x).detach()`` would round).
+    return r.detach() + (x - x.detach())
 
 
 class Coupling(nn.Module):
@@ -154,18 +207,133 @@ class AdditiveCoupling(Coupling):
         f: residual function of ``x2``, returning a tensor shaped like ``x1``.
         g: residual function of ``y1``, returning a tensor shaped like ``x2``.
         dim: split dimension (1 for ``(B, C, H, W)`` feature maps).
+        exact: fixed-point mode: ``inverse(forward(x))`` returns ``x`` bit for bit at any
+            depth for ``x`` on the ``2^-exact_bits`` lattice (other inputs are rounded to
+            it on entry, with a straight-through gradient). F's and G's outputs are rounded
+            to the lattice, the stream is kept in float32 (bf16/fp16 inputs, which need
+            ``torch.autocast``) or float64, and a stream that reaches
+            :func:`exact_range` raises instead of losing bits. May be flipped between steps
+            (never between a forward and its backward), e.g. with :func:`set_exact`.
+        exact_bits: fraction bits ``k`` of the lattice ``2^-k`` (exact mode only).
+
+    Attributes:
+        name: where the coupling sits in its model (set by :func:`set_exact`), for errors.
     """
 
+    def __init__(self, f: nn.Module, g: nn.Module, dim: int = 1, *, exact: bool = False,
+                 exact_bits: int = EXACT_BITS) -> None:
+        super().__init__(f, g, dim)
+        self.exact = bool(exact)
+        self.exact_bits = _check_bits("AdditiveCoupling: exact_bits", exact_bits)
+        self.name = ""
+
     def couple(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return x + h
+        if not self.exact:
+            return x + h
+        x = self._stream(x)
+        y = to_lattice(x, self.exact_bits) + h.to(x.dtype)  # h is on the lattice: see run_f/run_g
+        self._check_range(y)
+        return y
 
     def decouple(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return y - h
+        return y - h  # exact in exact mode: the true difference is the (representable) input
 
     def couple_backward(
         self, x: torch.Tensor, h: torch.Tensor, dy: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return dy, dy  # d(x + h)/dx = d(x + h)/dh = identity
+        return dy, dy  # d(x + h)/dx = d(x + h)/dh = identity (rounding: straight-through)
+
+    def forward_halves(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.exact:
+            # One cast of a bf16/fp16 input per half (plain autograd then sums its gradients
+            # in float32, as the reversible engine does, so both give the same bits).
+            x1, x2 = self._stream(x1), self._stream(x2)
+        return super().forward_halves(x1, x2)
+
+    def run_f(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        if not self.exact:
+            return super().run_f(x1, x2)
+        # F sees x2 on the lattice: in the first block of a sequence x2 may not be, and the
+        # backward recomputes F from the rebuilt (on-lattice) x2. Rounding is idempotent.
+        x2 = to_lattice(self._stream(x2), self.exact_bits)
+        return to_lattice(super().run_f(x1, x2).to(x2.dtype), self.exact_bits)
+
+    def run_g(self, x2: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
+        if not self.exact:
+            return super().run_g(x2, y1)
+        # y1 is a coupling output, already on the lattice; rounding it again is a no-op in value
+        # but gives G a fresh tensor laid out as in plain autograd (the engine hands G a slice
+        # of the saved output, and BatchNorm reduces a strided slice in another order).
+        y1 = to_lattice(self._stream(y1), self.exact_bits)
+        return to_lattice(super().run_g(x2, y1).to(y1.dtype), self.exact_bits)
+
+    def _label(self) -> str:
+        where = f" {self.name!r}" if self.name else ""
+        return f"AdditiveCoupling{where} (exact mode, lattice 2^-{self.exact_bits})"
+
+    def _stream(self, x: torch.Tensor) -> torch.Tensor:
+        """The stream in float32 (from bf16/fp16: their 8-11 bits leave no useful range) or float64."""
+        if x.dtype in _MANTISSA_BITS:
+            return x
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            raise TypeError(f"{self._label()}: needs a floating-point stream, got {x.dtype}.")
+        if not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"{self._label()}: the stream is {x.dtype} outside autocast. Exact mode keeps the "
+                f"residual stream in float32 ({x.dtype} would hold only +-2^"
+                f"{(8 if x.dtype == torch.bfloat16 else 11) - self.exact_bits} on the lattice), so F and "
+                f"G must accept float32 input. Fix: keep the weights in float32 and run under "
+                f"torch.autocast(dtype={x.dtype}) (as revnet train --amp bf16 does), or exact=False."
+            )
+        return x.float()
+
+    def _check_range(self, y: torch.Tensor) -> None:
+        limit = exact_range(y.dtype, self.exact_bits)
+        top = y.detach().abs().max().item() if y.numel() else 0.0
+        if top < limit:  # False for NaN too
+            return
+        p = _MANTISSA_BITS[y.dtype]
+        fit = p - math.floor(math.log2(top)) - 1 if math.isfinite(top) and top > 0 else None
+        hint = (f"fewer fraction bits (exact_bits={fit} holds +-2^{p - fit}; pass it to "
+                f"revnet.set_exact or AdditiveCoupling)" if fit is not None and fit >= 0 else
+                "a float64 stream")
+        raise OverflowError(
+            f"{self._label()}: the residual stream reached max |y| = {top:.6g}, outside the range "
+            f"+-2^{p - self.exact_bits} = {limit:g} that a {str(y.dtype).removeprefix('torch.')} stream "
+            f"holds exactly on the 2^-{self.exact_bits} lattice; going on would lose bits and break "
+            f"exact reconstruction. Fix: {hint}, a float64 stream (range 2^{53 - self.exact_bits}), or "
+            f"smaller activations (lower learning rate, weight decay)."
+        )
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}" + (f", exact=True, exact_bits={self.exact_bits}" if self.exact else "")
+
+
+def set_exact(module: nn.Module, enabled: bool, *, bits: int | None = None, prefix: str = "") -> int:
+    """Turns exact mode on or off for every :class:`AdditiveCoupling` inside ``module``.
+
+    Also names each coupling by its path in ``module`` (after ``prefix``), so that a range
+    error says which one left the range. Call it between training steps, never between a
+    forward and its backward.
+
+    Args:
+        module: a model, a sequence or a coupling.
+        enabled: exact mode on (True) or off.
+        bits: fraction bits of the lattice; None keeps each coupling's own.
+        prefix: name of ``module`` inside its model (e.g. ``"stages.0.0"``).
+
+    Returns:
+        How many couplings were set.
+    """
+    count = 0
+    for path, m in module.named_modules():
+        if isinstance(m, AdditiveCoupling):
+            if bits is not None:
+                m.exact_bits = _check_bits("set_exact: bits", bits)
+            m.exact = bool(enabled)
+            m.name = ".".join(p for p in (prefix, path) if p)
+            count += 1
+    return count
 
 
 class AffineCoupling(Coupling):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..autograd import ReversibleSequence, set_reversible
-from ..coupling import AdditiveCoupling
+from ..coupling import AdditiveCoupling, set_exact
 from ..layers import BasicResidual, BottleneckResidual, Head, RevDownsample, shortcut
 from ._common import EXPANSION, Classifier, check_config, make_stem
 from ._registry import register_model
@@ -35,6 +35,8 @@ class RevNet(Classifier):
         in_chans: input image channels.
         reversible: start with reversible backprop (flip later with ``.reversible``).
         preserve_rng_state: see :class:`ReversibleSequence`.
+        exact: fixed-point couplings whose reconstruction is bit-exact (see
+            :class:`AdditiveCoupling`; flip later with :func:`revnet.set_exact`).
         norm_layer: normalisation class for every layer.
         act_layer: activation class for every layer.
     """
@@ -50,6 +52,7 @@ class RevNet(Classifier):
         in_chans: int = 3,
         reversible: bool = True,
         preserve_rng_state: bool = True,
+        exact: bool = False,
         norm_layer: Any = nn.BatchNorm2d,
         act_layer: Any = nn.ReLU,
         device: torch.device | str | None = None,
@@ -97,6 +100,7 @@ class RevNet(Classifier):
             nn.Sequential(*stages),
             Head(c_in, num_classes, **layer_kw),
         )
+        set_exact(self, exact)  # also names every coupling by its path, for range errors
 
     @property
     def reversible(self) -> bool:
