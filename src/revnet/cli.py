@@ -6,6 +6,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +26,8 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--data-dir", "data_dir", {"help": "data folder (default: $REVNET_DATA or the system location)"}),
     ("--epochs", "epochs", {"type": float, "help": "passes over the training set (may be fractional)"}),
     ("--steps", "steps", {"type": int, "help": "total optimiser steps (overrides --epochs)"}),
-    ("--batch-size", "batch_size", {"type": int}),
+    ("--batch-size", "batch_size", {"type": int, "help": "global batch: samples per optimiser step over "
+                                     "all processes (each of N processes takes batch/N); default 128"}),
     ("--lr", "lr", {"type": float, "help": "peak learning rate"}),
     ("--momentum", "momentum", {"type": float}),
     ("--weight-decay", "weight_decay", {"type": float}),
@@ -37,6 +41,17 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--log-every", "log_every", {"type": int}),
     ("--ckpt-every", "ckpt_every", {"type": int}),
     ("--out", "out", {"help": "run directory (default runs/MODEL-DATASET-TIME)"}),
+    ("--norm", "norm", {"choices": ["batch", "group"],
+                        "help": "batch (BatchNorm, default) or group (GroupNorm: per-sample statistics)"}),
+    ("--accum-steps", "accum_steps", {"type": int, "help": "micro-batches per optimiser step on each process "
+                                      "(gradient accumulation; DDP all-reduces only the last); default 1"}),
+    ("--lr-scaling", "lr_scaling", {"choices": ["none", "linear"],
+                                    "help": "none (default): peak lr = --lr whatever the number of processes "
+                                            "(the batch is global); linear: peak lr = --lr x world size "
+                                            "(Goyal et al. 2017), for a --batch-size grown with the "
+                                            "world size"}),
+    ("--dist-timeout", "dist_timeout", {"type": float, "help": "seconds the rendezvous and each collective "
+                                        "wait for the other processes before failing (default 600)"}),
 ]
 
 
@@ -54,6 +69,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="plain backprop on the same model (the baseline)")
     p.add_argument("--no-flip", dest="flip", action="store_false", default=None)
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
+    p.add_argument("--sync-bn", dest="sync_bn", action="store_true", default=None,
+                   help="under DDP, convert BatchNorm to SyncBatchNorm (statistics over the global batch; "
+                        "CUDA only)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="run on N processes on this machine: launches `torchrun --standalone "
+                        "--nproc-per-node N -m revnet train ...` (see docs/DISTRIBUTED.md)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--no-memory-report", dest="memory_report", action="store_false",
                    help="skip the reversible-vs-plain activation memory comparison at the end")
@@ -64,7 +85,8 @@ def _train_config(args: argparse.Namespace) -> Any:
     from .train import RECIPES, TrainConfig
 
     given = {dest: getattr(args, dest) for _, dest, _ in _TRAIN_FLAGS}
-    given.update(reversible=args.reversible, flip=args.flip, channels_last=args.channels_last)
+    given.update(reversible=args.reversible, flip=args.flip, channels_last=args.channels_last,
+                 sync_bn=args.sync_bn)
     given = {k: v for k, v in given.items() if v is not None}
     if args.resume:
         if "out" not in given:
@@ -86,17 +108,73 @@ def _train_config(args: argparse.Namespace) -> Any:
         raise SystemExit(f"revnet train: {e}") from None
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 prints."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _launch(args: argparse.Namespace, config: Any) -> int:
+    """``revnet train --nproc N ...``: the same command under torchrun on N local processes."""
+    from .distributed import launch_command
+    from .train import per_process_batch
+
+    if args.nproc < 1:
+        raise SystemExit(f"revnet train: --nproc must be >= 1, got {args.nproc}.")
+    if "WORLD_SIZE" in os.environ:
+        raise SystemExit("revnet train: --nproc inside torchrun; drop --nproc (torchrun already "
+                         "started the processes).")
+    try:
+        per_process_batch(config, args.nproc)
+    except ValueError as e:
+        raise SystemExit(f"revnet train: {e}") from None
+    rest = list(args.argv)
+    i = rest.index("train")
+    rest = rest[i + 1:]
+    for j, a in enumerate(rest):  # drop --nproc N / --nproc=N
+        if a == "--nproc":
+            del rest[j:j + 2]
+            break
+        if a.startswith("--nproc="):
+            del rest[j]
+            break
+    if "--out" not in rest and not any(a.startswith("--out=") for a in rest):
+        rest += ["--out", config.out]  # one run directory, not one timestamp per process
+    cmd = launch_command(args.nproc, rest)
+    print("launching: " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd)
+
+    # Ctrl-C reaches torchrun and its workers from the terminal already; a SIGTERM sent to
+    # this process alone is passed on, so the workers save a checkpoint and stop.
+    def forward(signum: int, _frame: Any) -> None:
+        if signum == signal.SIGTERM:
+            proc.send_signal(signum)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import DistributedError
     from .train import TrainingDivergedError, fit
 
     config = _train_config(args)
-    print(f"training {config.model} on {config.dataset} "
-          f"({'reversible' if config.reversible else 'plain backprop'}) -> {config.out}")
+    if args.nproc is not None:
+        return _launch(args, config)
+    main_rank = _rank() == 0
+    if main_rank:
+        print(f"training {config.model} on {config.dataset} "
+              f"({'reversible' if config.reversible else 'plain backprop'}) -> {config.out}")
     try:
         summary = fit(config, resume=args.resume, progress=sys.stderr.isatty())
-    except (TrainingDivergedError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"revnet train: {e}", file=sys.stderr)
+    except (TrainingDivergedError, DistributedError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"revnet train{'' if main_rank else f' (rank {_rank()})'}: {e}", file=sys.stderr)
         return 1
+    if not main_rank:
+        return 130 if summary["interrupted"] else 0
     if summary["interrupted"]:
         print(f"interrupted at step {summary['step']}/{summary['total_steps']}; checkpoint saved. "
               f"Continue with: revnet train --resume --out {config.out}")
@@ -105,8 +183,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
           f"in {summary['wall_seconds']:.0f} s, {summary['images_per_s']:.0f} img/s, "
           f"peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB")
     print(f"run directory: {config.out} (curves.png, metrics.jsonl, summary.json, best.pt)")
-    if args.memory_report:
-        _memory_report(config, summary["image_size"], summary["in_chans"])
+    if args.memory_report:  # one process's step: its share of the batch, one micro-batch
+        micro = config.batch_size // (summary["world_size"] * config.accum_steps)
+        _memory_report(dataclasses.replace(config, batch_size=micro, accum_steps=1),
+                       summary["image_size"], summary["in_chans"])
     return 0
 
 
@@ -191,8 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args.argv = argv  # `train --nproc` relaunches the same command under torchrun
+    # Under torchrun, rank 0 alone logs; the others report only warnings and errors.
+    logging.basicConfig(level=logging.INFO if _rank() == 0 else logging.WARNING, format="%(message)s")
     return int(args.func(args) or 0)
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_mod
+from .distributed import DistInfo, DistributedError, init_from_env, is_group_failure, lost_contact, shutdown
 from .models import create_model, list_models
 
 __all__ = [
@@ -42,6 +43,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def _group_norm(channels: int, **factory: Any) -> nn.GroupNorm:
+    """GroupNorm with up to 8 groups: statistics per sample, so DDP needs no synchronisation."""
+    return nn.GroupNorm(math.gcd(channels, 8), channels, **factory)
+
+
+_NORMS: dict[str, Any] = {"batch": nn.BatchNorm2d, "group": _group_norm}  # TrainConfig.norm -> layer
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. Saved as ``config.json`` and inside every checkpoint."""
@@ -51,7 +60,7 @@ class TrainConfig:
     data_dir: str | None = None  # folder of the data set; None: revnet.data.default_data_dir
     epochs: float = 1.75  # passes over the training set, may be fractional (ignored when steps is set)
     steps: int | None = None  # total optimiser steps; overrides epochs
-    batch_size: int = 128  # per process
+    batch_size: int = 128  # global: samples per optimiser step over all processes (each gets 1/world_size)
     lr: float = 0.2  # peak learning rate
     momentum: float = 0.9  # SGD momentum
     nesterov: bool = True  # Nesterov momentum
@@ -73,6 +82,11 @@ class TrainConfig:
     out: str = "runs/default"  # run directory
     recipe: str = "fashion-mnist"  # the recipe these values started from (informational)
     synthetic: dict[str, int] = field(default_factory=dict)  # options of the synthetic data set
+    norm: str = "batch"  # "batch" (BatchNorm, the paper) or "group" (GroupNorm: no cross-sample statistics)
+    accum_steps: int = 1  # micro-batches per optimiser step on each process (DDP syncs only the last)
+    lr_scaling: str = "none"  # "none": lr as given; "linear": peak lr x world size (Goyal et al. 2017)
+    sync_bn: bool = False  # under DDP, BatchNorm -> SyncBatchNorm (global-batch statistics; CUDA only)
+    dist_timeout: float = 600.0  # seconds a rendezvous or collective waits for the other processes
 
     def __post_init__(self) -> None:
         checks = [
@@ -88,6 +102,13 @@ class TrainConfig:
             (self.amp in ("none", "bf16", "fp16"), f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}"),
             (0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), got {self.warmup}"),
             (self.log_every > 0 and self.ckpt_every > 0, "log_every and ckpt_every must be > 0"),
+            (self.norm in _NORMS, f"norm must be one of {sorted(_NORMS)}, got {self.norm!r}"),
+            (self.accum_steps >= 1, f"accum_steps must be >= 1, got {self.accum_steps}"),
+            (self.batch_size % self.accum_steps == 0,
+             f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}"),
+            (self.lr_scaling in ("none", "linear"),
+             f"lr_scaling must be 'none' or 'linear', got {self.lr_scaling!r}"),
+            (self.dist_timeout > 0, f"dist_timeout must be > 0 seconds, got {self.dist_timeout}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -166,8 +187,13 @@ def _to_layout(x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if config.channels_last else x
 
 
-def evaluate(model: nn.Module, loader: data_mod.Loader, config: TrainConfig, device: torch.device) -> dict:
-    """Test loss and accuracy over the whole loader (no grad: reversibility costs nothing)."""
+def evaluate(model: nn.Module, loader: data_mod.Loader, config: TrainConfig, device: torch.device,
+             info: DistInfo | None = None) -> dict:
+    """Test loss and accuracy over the whole loader (no grad: reversibility costs nothing).
+
+    Under DDP each rank evaluates its shard of the test set (``loader`` built with its rank)
+    and the sums are all-reduced, so every rank returns the same figures.
+    """
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     with torch.no_grad(), _autocast(device, config.amp):
@@ -177,6 +203,8 @@ def evaluate(model: nn.Module, loader: data_mod.Loader, config: TrainConfig, dev
             correct += (logits.argmax(1) == y).sum().item()
             count += y.numel()
     model.train()
+    if info is not None:
+        loss_sum, correct, count = info.sum([loss_sum, correct, count], device)
     return {"test_loss": loss_sum / max(count, 1), "test_accuracy": correct / max(count, 1)}
 
 
@@ -207,13 +235,20 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[dict[str, int]]:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step and stops."""
+def _stop_on_signals(grace: float = 0.0) -> Iterator[dict[str, int]]:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step and stops.
+
+    A second signal more than ``grace`` seconds after the first stops at once.
+    """
     flag: dict[str, int] = {}
+    first: list[float] = []
 
     def handler(signum: int, _frame: Any) -> None:
-        if flag:  # a second signal: stop at once
+        if flag and time.monotonic() - first[0] >= grace:  # a second signal: stop at once
             raise KeyboardInterrupt
+        if flag:
+            return
+        first.append(time.monotonic())
         flag["signal"] = signum
         log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
 
@@ -247,30 +282,93 @@ class _Run:
     test: data_mod.Loader
     total: int
     out: Path
+    net: nn.Module | None = None  # what the loop trains: the model, or its DistributedDataParallel wrapper
+    dist: DistInfo = field(default_factory=DistInfo)
+    lr_scale: float = 1.0  # peak lr = config.lr * lr_scale (world size with lr_scaling="linear")
     step: int = 0
     best: float = -1.0
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _setup(config: TrainConfig) -> _Run:
+def per_process_batch(config: TrainConfig, world_size: int) -> int:
+    """Samples each process sees per optimiser step: ``batch_size / world_size`` (exactly)."""
+    if config.batch_size % world_size:
+        raise ValueError(
+            f"batch size {config.batch_size} is global (all processes together) and does not divide "
+            f"evenly over {world_size} processes; pass a multiple of {world_size}, e.g. --batch-size "
+            f"{max(world_size, config.batch_size // world_size * world_size)}.")
+    per = config.batch_size // world_size
+    if per % config.accum_steps:
+        raise ValueError(
+            f"the per-process batch {per} (= {config.batch_size} / {world_size} processes) is not "
+            f"divisible by --accum-steps {config.accum_steps}; pick a batch size that is a multiple of "
+            f"{world_size * config.accum_steps}.")
+    return per
+
+
+def _device_for(config: TrainConfig, info: DistInfo) -> torch.device:
+    device = resolve_device(config.device)
+    if info.enabled and device.type == "cuda":
+        if config.device not in ("auto", "cuda"):
+            raise ValueError(f"under torchrun each process uses cuda:LOCAL_RANK; got --device "
+                             f"{config.device!r}. Pass --device cuda (or auto).")
+        device = torch.device("cuda", info.local_rank)
+    return device
+
+
+def _setup(config: TrainConfig, info: DistInfo | None = None) -> _Run:
     from .autograd import set_reversible
 
-    device = resolve_device(config.device)
+    info = info or DistInfo()
+    device = _device_for(config, info)
+    per_rank = per_process_batch(config, info.world_size)
     torch.manual_seed(config.seed)
     extra = dict(config.synthetic) if config.dataset == "synthetic" else {}
     train_ds = data_mod.load_dataset(config.dataset, "train", config.data_dir, **extra)
     test_ds = data_mod.load_dataset(config.dataset, "test", config.data_dir, **extra)
-    model = create_model(config.model, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans)
+    model = create_model(config.model, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
+                         **({} if config.norm == "batch" else {"norm_layer": _NORMS[config.norm]}))
     set_reversible(model, config.reversible)
     model.to(device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
+    net = _wrap_ddp(model, config, info, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
-    train = data_mod.Loader(train_ds, config.batch_size, train=True, device=device, seed=config.seed,
-                            pad=config.crop_pad, flip=config.flip, augment=config.crop_pad > 0 or config.flip)
-    test = data_mod.Loader(test_ds, max(config.batch_size, 256), train=False, device=device)
+    # Each global step takes the next batch_size samples of a seeded per-epoch permutation;
+    # rank r trains on its slice r of them (revnet.data.Loader).
+    train = data_mod.Loader(train_ds, per_rank, train=True, device=device, seed=config.seed,
+                            pad=config.crop_pad, flip=config.flip, augment=config.crop_pad > 0 or config.flip,
+                            rank=info.rank, world_size=info.world_size)
+    # Evaluation is sharded too: each rank takes its part of every global test batch.
+    test_batch = min(max(per_rank, 256), max(1, math.ceil(len(test_ds) / info.world_size)))
+    test = data_mod.Loader(test_ds, test_batch, train=False, device=device,
+                           rank=info.rank, world_size=info.world_size)
     total = config.steps or max(1, round(config.epochs * len(train)))
-    return _Run(config, device, model, optimizer, scaler, train, test, total, Path(config.out))
+    lr_scale = float(info.world_size) if config.lr_scaling == "linear" else 1.0
+    return _Run(config, device, model, optimizer, scaler, train, test, total, Path(config.out),
+                net=net, dist=info, lr_scale=lr_scale)
+
+
+def _wrap_ddp(model: nn.Module, config: TrainConfig, info: DistInfo, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around ``model`` (with SyncBatchNorm if asked); ``model`` alone if one process.
+
+    No ``find_unused_parameters``: the reversible engine returns every parameter's gradient
+    from its backward, once, so DDP's buckets fill (and all-reduce) as backward proceeds.
+    """
+    if not info.enabled:
+        if config.sync_bn:
+            log.info("--sync-bn has no effect in a single process")
+        return model
+    if config.sync_bn:
+        if device.type == "cpu":
+            raise ValueError(
+                "--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU kernels "
+                "(torch.batch_norm_stats). On CPU train with --norm group (no cross-sample "
+                "statistics), or keep per-process BatchNorm (drop --sync-bn).")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _checkpoint(run: _Run) -> dict[str, Any]:
@@ -282,15 +380,15 @@ def _checkpoint(run: _Run) -> dict[str, Any]:
         "best": run.best,
         "rng": _rng_state(run.device),
         "config": asdict(run.config),
+        "world_size": run.dist.world_size,
         "torch": torch.__version__,
     }
 
 
-_RESUME_MAY_DIFFER = {"out", "device", "data_dir"}
+_RESUME_MAY_DIFFER = {"out", "device", "data_dir", "dist_timeout"}
 
 
-def _restore(run: _Run, path: Path) -> None:
-    state = torch.load(path, map_location=run.device, weights_only=False)
+def _check_resumable(state: dict[str, Any], run: _Run, path: Path) -> None:
     saved = TrainConfig(**_config_fields(state["config"]))
     diff = {k: (getattr(saved, k), getattr(run.config, k)) for k in asdict(saved)
             if k not in _RESUME_MAY_DIFFER and getattr(saved, k) != getattr(run.config, k)}
@@ -298,6 +396,25 @@ def _restore(run: _Run, path: Path) -> None:
         lines = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"resume: {path} was written with a different configuration ({lines}); "
                          f"resume with the same settings or start a new --out.")
+    world = state.get("world_size", 1)
+    if run.config.lr_scaling == "linear" and world != run.dist.world_size:
+        raise ValueError(f"resume: {path} was trained on {world} processes with --lr-scaling linear "
+                         f"(lr x {world}); resume on {world} processes too, or the learning rate "
+                         f"would jump to x {run.dist.world_size}.")
+
+
+def _restore(run: _Run, path: Path) -> None:
+    """Loads ``path`` on rank 0 and hands it to every rank (no shared file system needed)."""
+    state: dict[str, Any] | None = None
+    error: BaseException | None = None
+    if run.dist.is_main:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            _check_resumable(state, run, path)
+        except (OSError, ValueError, RuntimeError) as e:
+            error = e
+    run.dist.raise_together(error)
+    state = run.dist.broadcast(state)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scaler is not None and state["scaler"] is not None:
@@ -316,18 +433,33 @@ def _config_fields(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on this process's batch ``x`` (B, C, H, W), ``y`` (B,).
+
+    With ``accum_steps = A`` the batch runs as A micro-batches of B/A whose gradients add
+    up (each loss divided by A: the mean over the whole batch). Under DDP all but the last
+    backward run inside ``no_sync()``, so gradients are all-reduced once per step.
+    """
+    net = run.net if run.net is not None else run.model
+    steps = run.config.accum_steps
     run.optimizer.zero_grad(set_to_none=True)
-    with _autocast(run.device, run.config.amp):
-        logits = run.model(_to_layout(x, run.config))
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=run.config.label_smoothing)
+    loss_sum, correct = torch.zeros((), device=x.device), torch.zeros((), dtype=torch.long, device=x.device)
+    for i, (xi, yi) in enumerate(zip(x.chunk(steps), y.chunk(steps), strict=True)):
+        last = i == steps - 1
+        syncing = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
+        with syncing:
+            with _autocast(run.device, run.config.amp):
+                logits = net(_to_layout(xi, run.config))
+                loss = F.cross_entropy(logits.float(), yi, label_smoothing=run.config.label_smoothing)
+            scaled = loss / steps if steps > 1 else loss
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        loss_sum += loss.detach()
+        correct += (logits.detach().argmax(1) == yi).sum()
     if run.scaler is not None:
-        run.scaler.scale(loss).backward()
         run.scaler.step(run.optimizer)
         run.scaler.update()
     else:
-        loss.backward()
         run.optimizer.step()
-    return loss.detach(), (logits.detach().argmax(1) == y).sum()
+    return loss_sum / steps, correct
 
 
 class _Window:
@@ -340,9 +472,17 @@ class _Window:
         self.loss, self.correct = loss + self.loss, correct + self.correct
         self.seen, self.steps = self.seen + n, self.steps + 1
 
-    def check(self, run: _Run) -> float:
-        """Mean loss of the window; raises before anything is logged or saved if it is not finite."""
-        loss = float(self.loss) / max(self.steps, 1)
+    def totals(self, run: _Run) -> tuple[float, int, int]:
+        """Mean loss, correct and seen over the window, summed over all ranks (a collective)."""
+        loss, correct, seen = run.dist.sum([float(self.loss), int(self.correct), self.seen], run.device)
+        return loss / run.dist.world_size / max(self.steps, 1), int(correct), int(seen)
+
+    def check(self, run: _Run, loss: float | None = None) -> float:
+        """Mean loss of the window; raises before anything is logged or saved if it is not finite.
+
+        Under DDP the loss is averaged over ranks first, so every rank takes the same decision.
+        """
+        loss = self.totals(run)[0] if loss is None else loss
         if not math.isfinite(loss):
             raise TrainingDivergedError(
                 f"loss became {loss} by step {run.step}; the last good checkpoint is "
@@ -350,11 +490,12 @@ class _Window:
         return loss
 
     def row(self, run: _Run) -> dict[str, Any]:
-        loss = self.check(run)
+        loss, correct, seen = self.totals(run)
+        self.check(run, loss)
         elapsed = time.perf_counter() - self.start
         return {"step": run.step, "epoch": run.step / len(run.train), "loss": loss,
-                "accuracy": int(self.correct) / max(self.seen, 1),
-                "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": self.seen / max(elapsed, 1e-9),
+                "accuracy": correct / max(seen, 1),
+                "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": seen / max(elapsed, 1e-9),
                 "peak_memory_bytes": peak_memory_bytes(run.device)}
 
 
@@ -373,24 +514,50 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
     Raises:
         TrainingDivergedError: the loss became non-finite; ``last.pt`` is the last good state.
     """
-    run = _setup(config)
+    info = init_from_env(config.device, config.dist_timeout)
+    try:
+        summary = _fit(config, info, resume, progress)
+    except RuntimeError as e:
+        if info.enabled and not isinstance(e, DistributedError) and is_group_failure(e):
+            raise lost_contact(e) from e
+        raise
+    shutdown(info)  # only on success: after a failure the group may be unusable
+    return summary
+
+
+def _fit(config: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> dict[str, Any]:
+    """:func:`fit` once the process knows its rank: rank 0 alone writes files and logs."""
+    run = _setup(config, info)
+    last = run.out / "last.pt"
+    error: BaseException | None = None
+    if info.is_main:  # the run directory lives on rank 0's node; the others learn its verdict
+        if resume and not last.exists():
+            error = FileNotFoundError(f"resume: no checkpoint {last}; check --out.")
+        elif not resume and last.exists():
+            error = FileExistsError(f"{run.out} already holds a run (last.pt); pass --resume to "
+                                    f"continue it or choose another --out.")
+    info.raise_together(error)
     if resume:
-        if not (run.out / "last.pt").exists():
-            raise FileNotFoundError(f"resume: no checkpoint {run.out / 'last.pt'}; check --out.")
-        _restore(run, run.out / "last.pt")
-        log.info("resumed from %s at step %d", run.out / "last.pt", run.step)
-    elif (run.out / "last.pt").exists():
-        raise FileExistsError(f"{run.out} already holds a run (last.pt); pass --resume to continue "
-                              f"it or choose another --out.")
-    run.out.mkdir(parents=True, exist_ok=True)
-    _write_json(asdict(config), run.out / "config.json")
+        _restore(run, last)
+        log.info("resumed from %s at step %d", last, run.step)
+    if info.enabled:
+        log.info("DDP: %d processes (%s), %d samples per process per step, peak lr %g", info.world_size,
+                 info.backend, run.train.batch_size, config.lr * run.lr_scale)
+    if info.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        _write_json(asdict(config), run.out / "config.json")
     t0 = time.perf_counter()
-    with _stop_on_signals() as stop, open(run.out / "metrics.jsonl", "a") as metrics:
-        interrupted = _loop(run, metrics, stop, progress)
+    # Under torchrun a Ctrl-C reaches each worker twice (from the terminal and from torchrun):
+    # within the grace period the second one does not abort the checkpoint being written.
+    with _stop_on_signals(grace=5.0 if info.enabled else 0.0) as stop, \
+            (open(run.out / "metrics.jsonl", "a") if info.is_main else contextlib.nullcontext()) as metrics:
+        interrupted = _loop(run, metrics, stop, progress and info.is_main)
     summary = _summarize(run, time.perf_counter() - t0, interrupted)
-    _write_json(summary, run.out / "summary.json")
-    with contextlib.suppress(Exception):  # a plot is a convenience; never lose a run to it
-        plot_run(run.out)
+    if info.is_main:
+        _write_json(summary, run.out / "summary.json")
+        with contextlib.suppress(Exception):  # a plot is a convenience; never lose a run to it
+            plot_run(run.out)
+    info.barrier()  # no rank leaves before rank 0's files are complete
     return summary
 
 
@@ -405,17 +572,23 @@ def _loop(run: _Run, metrics: Any, stop: dict[str, int], progress: bool) -> bool
             epoch, start = divmod(run.step, per_epoch)
             for x, y in run.train.epoch(epoch, start):
                 for group in run.optimizer.param_groups:
-                    group["lr"] = lr_at(run.step, run.total, cfg)
-                window.add(*_train_step(run, x, y), y.numel())
+                    group["lr"] = lr_at(run.step, run.total, cfg) * run.lr_scale
+                try:
+                    window.add(*_train_step(run, x, y), y.numel())
+                except RuntimeError as e:  # DDP's all-reduce in backward: a rank died or hung
+                    if run.dist.enabled and not isinstance(e, DistributedError) and is_group_failure(e):
+                        raise lost_contact(e, f" at step {run.step + 1}") from e
+                    raise
                 run.step += 1
                 bar.update(1)
                 done = run.step >= run.total
+                stopping = run.dist.any(bool(stop), run.device)  # all ranks stop at the same step
                 if run.step % cfg.log_every == 0 or done:
                     row = window.row(run)
                     _emit(metrics, row, run)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}",
                                     img_s=f"{row['images_per_s']:.0f}")
-                    if not progress:
+                    if not progress and run.dist.is_main:
                         log.info("step %d/%d loss %.4f acc %.4f lr %.4g %.0f img/s", run.step, run.total,
                                  row["loss"], row["accuracy"], row["lr"], row["images_per_s"])
                     window = _Window()
@@ -424,11 +597,12 @@ def _loop(run: _Run, metrics: Any, stop: dict[str, int], progress: bool) -> bool
                 if eval_due or done:
                     window.check(run)
                     _evaluate_and_keep_best(run, metrics)
-                if eval_due or done or run.step % cfg.ckpt_every == 0 or stop:
+                if eval_due or done or run.step % cfg.ckpt_every == 0 or stopping:
                     window.check(run)
-                    _save_atomic(_checkpoint(run), run.out / "last.pt")
+                    if run.dist.is_main:
+                        _save_atomic(_checkpoint(run), run.out / "last.pt")
                 window.start += time.perf_counter() - paused  # images/s counts training alone
-                if stop:
+                if stopping:
                     return True
                 if done:
                     break
@@ -436,19 +610,26 @@ def _loop(run: _Run, metrics: Any, stop: dict[str, int], progress: bool) -> bool
 
 
 def _emit(metrics: Any, row: dict[str, Any], run: _Run) -> None:
+    """Records ``row``; only rank 0 holds the metrics file (``metrics`` is None elsewhere)."""
     run.history.append(row)
-    metrics.write(json.dumps(row) + "\n")
-    metrics.flush()
+    if metrics is not None:
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
 
 
 def _evaluate_and_keep_best(run: _Run, metrics: Any) -> None:
-    result = evaluate(run.model, run.test, run.config, run.device)
+    # BatchNorm running statistics: every rank takes rank 0's, those that DDP broadcasts
+    # before each forward and that the checkpoint holds.
+    run.dist.broadcast_tensors(list(run.model.buffers()))
+    result = evaluate(run.model, run.test, run.config, run.device, run.dist)
     _emit(metrics, {"step": run.step, "epoch": run.step / len(run.train), **result}, run)
-    log.info("step %d: test accuracy %.4f, test loss %.4f", run.step, result["test_accuracy"],
-             result["test_loss"])
+    if run.dist.is_main:
+        log.info("step %d: test accuracy %.4f, test loss %.4f", run.step, result["test_accuracy"],
+                 result["test_loss"])
     if result["test_accuracy"] > run.best:
         run.best = result["test_accuracy"]
-        _save_atomic(_checkpoint(run), run.out / "best.pt")
+        if run.dist.is_main:
+            _save_atomic(_checkpoint(run), run.out / "best.pt")
 
 
 def _summarize(run: _Run, wall: float, interrupted: bool) -> dict[str, Any]:
@@ -464,6 +645,7 @@ def _summarize(run: _Run, wall: float, interrupted: bool) -> dict[str, Any]:
         "images_per_s": (sum(r["images_per_s"] for r in trains) / len(trains)) if trains else None,
         "image_size": run.train.dataset.image_size[0], "in_chans": run.train.dataset.in_chans,
         "device": str(run.device), "torch": torch.__version__, "config": asdict(run.config),
+        "world_size": run.dist.world_size,
     }
 
 
