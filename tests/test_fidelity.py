@@ -1,12 +1,14 @@
 """Numerical fidelity: exact mode, drift measurement, gradient angle and the drift guard."""
 
 import copy
+import json
 
 import pytest
 import torch
 from torch import nn
 
 import revnet
+from revnet import bench, fidelity
 from revnet.coupling import EXACT_BITS, exact_range, to_lattice
 from revnet.models import RevNet
 
@@ -157,3 +159,144 @@ def test_set_exact_and_bad_bits():
         revnet.AdditiveCoupling(nn.Identity(), nn.Identity(), exact=True, exact_bits=60)
     with pytest.raises(ValueError, match="bits must be an integer"):
         revnet.set_exact(model, True, bits=1.5)
+
+
+# --- drift measurement ----------------------------------------------------------------
+
+def test_roundtrip_matches_the_engine_and_replays_dropout():
+    def br():
+        return nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Tanh(), nn.Dropout(0.5))
+
+    seq = revnet.ReversibleSequence([revnet.AdditiveCoupling(br(), br()) for _ in range(3)]).double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    torch.manual_seed(1)
+    y, back = fidelity.roundtrip(list(seq.couplings), x)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        assert torch.equal(y, seq(x))  # the same forward as the sequence's own
+    err = fidelity.reconstruction_error(x, back)
+    assert 0 < err["max_abs_error"] < 1e-12 and err["rel_error"] <= err["max_abs_error"] / x.abs().max()
+
+
+def test_bench_drift_grows_with_depth_and_is_zero_in_exact_mode():
+    model = revnet.create_model("revnet38", in_chans=1)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    result = bench.drift("revnet38", state_dict=trained, images=torch.randn(2, 1, 8, 8), depths=(1, 8),
+                         precisions=("float64", "float32", "bf16"), exact_precisions=("float32",))
+    by = {(s["weights"], s["precision"], s["exact"], s["depth"]): s for s in result["summary"]}
+    assert len(by) == 2 * 4 * 2 and {p["sequence"] for p in result["points"]} == {
+        "stages.0.0", "stages.1.1", "stages.2.1"}
+    for w in ("fresh", "trained"):
+        f64, f32, b16 = (by[(w, p, False, 8)]["rel_error"] for p in ("float64", "float32", "bf16"))
+        assert 0 < f64 < 1e-12 < f32 < 1e-4 < b16  # float64 << float32 << bf16
+        assert by[(w, "float32", False, 8)]["rel_error"] > by[(w, "float32", False, 1)]["rel_error"]
+        assert by[(w, "float32", True, 8)]["rel_error"] == 0.0  # exact mode
+    # Depths past a sequence's own length repeat its blocks.
+    assert any(p["depth"] > p["blocks_in_sequence"] for p in result["points"])
+
+
+def test_bench_drift_command_writes_table_json_and_png(tmp_path, capsys):
+    from revnet.cli import main
+
+    ckpt = tmp_path / "best.pt"
+    torch.save({"model": revnet.create_model("revnet38", in_chans=3).state_dict(),
+                "config": {"model": "revnet38", "dataset": "synthetic",
+                           "synthetic": {"num_samples": 16, "image_size": 8, "channels": 3}}}, ckpt)
+    assert main(["bench", "drift", "--quick", "--checkpoint", str(ckpt), "--out", str(tmp_path),
+                 "--precisions", "float32", "bf16", "--exact-precisions", "float32", "--no-cost"]) == 0
+    out = capsys.readouterr().out
+    assert "N=4" in out and "exact" in out
+    saved = json.loads((tmp_path / "drift.json").read_text())
+    assert saved["config"]["trained"] and saved["config"]["dataset"] == "synthetic"
+    assert (tmp_path / "drift.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="not a revnet train checkpoint"):
+        torch.save({"weights": 1}, tmp_path / "bad.pt")
+        main(["bench", "drift", "--quick", "--checkpoint", str(tmp_path / "bad.pt"), "--out", str(tmp_path)])
+
+
+def test_exact_cost_times_both_modes_and_memory_point_takes_exact():
+    cost = bench.exact_cost("revnet38", batch=4, image_size=8, in_chans=1, amps=("none",), repeats=1,
+                            warmup=0, memory=False)
+    run = cost["speed"]["none"]
+    assert run["ratio"] > 0 and len(run["exact"]["times_s"]) == len(run["float"]["times_s"]) == 1
+    point = bench.memory_point("revnet", model="revnet38", batch=2, image_size=8, in_chans=1, exact=True)
+    assert point["exact"] is True and point["saved_bytes"] > 0
+    with pytest.raises(ValueError, match="exact mode needs a RevNet"):
+        bench.memory_point("resnet", model="resnet32", batch=2, image_size=8, exact=True)
+
+
+# --- gradient angle -------------------------------------------------------------------
+
+def tiny_revnet(dtype=torch.float32, **kw) -> RevNet:
+    return RevNet((2, 2, 2), (8, 8, 16, 16), in_chans=1, **kw).to(dtype)
+
+
+def loss_of(x, target, autocast: bool = False):
+    def fn(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return nn.functional.cross_entropy(m(x).float(), target)
+    return fn
+
+
+def test_gradient_angle_is_tiny_in_float64_and_leaves_the_state_alone():
+    model = tiny_revnet(torch.float64)
+    x, target = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))
+    twin = copy.deepcopy(model)
+    rng = torch.get_rng_state()
+    result = fidelity.gradient_angle(model, loss_of(x, target))
+    assert set(result["grad_angle_by_stage"]) == {"stem", "stages.0", "stages.1", "stages.2", "head"}
+    assert 0 <= result["grad_angle_deg"] < 1e-6 and result["grad_rel_diff"] < 1e-12
+    assert result["grad_angle_by_stage"]["head"] == 0.0  # above every rebuilt activation
+    # Nothing changed: RNG, buffers, .grad, flags; a training step gives the same result as the twin's.
+    assert torch.equal(torch.get_rng_state(), rng)
+    for a, b in zip(model.buffers(), twin.buffers(), strict=True):
+        assert torch.equal(a, b)
+    assert all(p.grad is None for p in model.parameters()) and model.reversible
+    for m in (model, twin):
+        loss_of(x, target)(m).backward()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_gradient_angle_orders_precisions_and_is_zero_in_exact_mode():
+    x, target = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    f32 = fidelity.gradient_angle(tiny_revnet(), loss_of(x, target))["grad_angle_deg"]
+    b16 = fidelity.gradient_angle(tiny_revnet(), loss_of(x, target, autocast=True))["grad_angle_deg"]
+    assert 0 < f32 < 1e-2 < b16  # bf16 rebuilds are far less faithful
+    exact = fidelity.gradient_angle(tiny_revnet(exact=True), loss_of(x, target, autocast=True))
+    assert exact["grad_angle_deg"] == 0.0 and exact["grad_rel_diff"] == 0.0
+    assert fidelity.stage_of(tiny_revnet(), "stages.1.0.f.0.weight") == "stages.1"
+
+
+# --- drift guard ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("action", ["exact", "store", "warn"])
+def test_drift_guard_acts_past_the_threshold(action, caplog):
+    model = tiny_revnet()
+    x = torch.randn(4, 1, 8, 8)
+    buffers = [b.clone() for b in model.buffers()]
+    guard = fidelity.DriftGuard(threshold=1e-12, action=action)  # float32 rebuilds exceed it
+    rows = guard.check(model, lambda m: m(x), step=7)
+    assert rows[0]["step"] == 7 and set(rows[0]["drift"]) == {"stages.0.0", "stages.1.1", "stages.2.1"}
+    events = [r for r in rows if r.get("event") == "drift"]
+    assert events and all(e["action"] == action and e["rel_error"] > 1e-12 for e in events)
+    assert "drift guard" in caplog.text
+    for a, b in zip(model.buffers(), buffers, strict=True):
+        assert torch.equal(a, b)
+    seqs = {e["sequence"]: model.get_submodule(e["sequence"]) for e in events}
+    again = guard.check(model, lambda m: m(x), step=8)
+    if action == "exact":
+        assert all(c.exact for s in seqs.values() for c in s.couplings)
+        assert all(v == 0.0 for v in again[0]["drift"].values()) and len(again) == 1
+    elif action == "store":
+        assert not any(s.reversible for s in seqs.values())
+        assert again == [{"step": 8, "drift": {}, "drift_max_abs": {}}]  # nothing rebuilt any more
+    else:
+        assert len(again) == len(rows)
+
+
+def test_drift_guard_rejects_bad_settings():
+    with pytest.raises(ValueError, match="threshold must be a positive number"):
+        fidelity.DriftGuard(threshold=0)
+    with pytest.raises(ValueError, match="action must be one of"):
+        fidelity.DriftGuard(action="panic")

@@ -41,14 +41,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import autograd as _autograd
+from . import fidelity
 from .autograd import ReversibleSequence
-from .coupling import merge, split
+from .coupling import merge, set_exact, split
 from .models import ResNet, RevNet, create_model
 
 __all__ = [
-    "KINDS", "PAPER_PAIRS", "build", "capacity", "environment", "format_bytes", "load_engine", "measure",
-    "memory_point", "memory_sweep", "parse_bytes", "plot_capacity", "plot_memory", "plot_speed",
-    "run_mode", "speed", "train_step_rate",
+    "DRIFT_PRECISIONS", "KINDS", "PAPER_PAIRS", "build", "capacity", "drift", "environment", "exact_cost",
+    "format_bytes", "load_engine", "measure", "memory_point", "memory_sweep", "parse_bytes", "plot_capacity",
+    "plot_drift", "plot_memory", "plot_speed", "run_mode", "speed", "train_step_rate",
 ]
 
 KINDS = ("resnet", "revnet", "revnet-plain", "revnet-checkpoint")
@@ -248,7 +249,7 @@ def _reset_peak_rss() -> None:
 def memory_point(
     kind: str, units: int | None = None, *, model: str | None = None, block: str = "basic",
     batch: int = 32, image_size: int = 32, in_chans: int = 3, warmup_batch: int | None = None,
-    grads: str = "freed", device: str = "cpu", dtype: str = "float32", seed: int = 0,
+    grads: str = "freed", device: str = "cpu", dtype: str = "float32", seed: int = 0, exact: bool = False,
 ) -> dict[str, Any]:
     """Memory of one training step (forward, cross-entropy, backward), in this process.
 
@@ -261,6 +262,7 @@ def memory_point(
             accumulated, so the peak holds activations, workspace and gradients still in
             flight: the activation measurement. ``"kept"``: gradients stay, as in an
             ordinary step: what the step needs in all (for :func:`capacity`).
+        exact: a RevNet's couplings in exact mode (:func:`revnet.set_exact`).
 
     Returns:
         The configuration plus ``peak_bytes`` (the step's peak above the level before it),
@@ -278,6 +280,8 @@ def memory_point(
     level = (lambda: torch.cuda.memory_allocated(dev)) if cuda else (lambda: _proc_status("VmRSS"))
     net = build(kind, units, model=model, block=block, in_chans=in_chans, device=device,
                 dtype=getattr(torch, dtype))
+    if exact and not set_exact(net, True):
+        raise ValueError(f"memory_point: exact mode needs a RevNet, got kind {kind!r}.")
     x, y = _batch(net, batch, image_size, in_chans)
     with run_mode(net, kind):
         _train_step(net, *_batch(net, warmup_batch or batch, image_size, in_chans))
@@ -307,7 +311,7 @@ def memory_point(
         "kind": kind, "units": units, "model": model, "block": block,
         "depth": depth_of(kind, units, block) if model is None else int(re.sub(r"\D", "", model)),
         "batch": batch, "image_size": image_size, "in_chans": in_chans, "device": device,
-        "dtype": dtype, "params": sum(p.numel() for p in params),
+        "dtype": dtype, "exact": exact, "params": sum(p.numel() for p in params),
         "grads": grads, "peak_bytes": peak - before, "grad_bytes": grad_bytes,
         "activation_bytes": peak - before - kept, "saved_bytes": saved.total,
         "total_bytes": resident + grad_bytes - kept + peak - before,
@@ -642,6 +646,177 @@ def capacity(
 
 
 # --------------------------------------------------------------------------------------
+# Drift: how far rebuilt activations stray from the stored ones, and what exact mode costs
+# --------------------------------------------------------------------------------------
+
+DRIFT_PRECISIONS = ("float64", "float32", "bf16")
+
+
+def _precision(net: nn.Module, x: torch.Tensor, precision: str
+               ) -> tuple[nn.Module, torch.Tensor, contextlib.AbstractContextManager]:
+    """``float64``/``float32``: model and input in that dtype; ``bf16``: float32 weights under
+    bf16 autocast, as ``revnet train --amp bf16`` runs (the residual stream is then bf16)."""
+    if precision not in DRIFT_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {DRIFT_PRECISIONS}.")
+    dtype = torch.float64 if precision == "float64" else torch.float32
+    ctx = (torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16"
+           else contextlib.nullcontext())
+    return net.to(dtype), x.to(dtype), ctx
+
+
+def drift(
+    model: str = "revnet38", *, state_dict: dict[str, Any] | None = None, images: torch.Tensor | None = None,
+    depths: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), precisions: Sequence[str] = DRIFT_PRECISIONS,
+    exact_precisions: Sequence[str] = ("float32", "bf16"), batch: int = 16, image_size: int = 32,
+    in_chans: int = 3, num_classes: int = 10, device: str = "cpu", seed: int = 0,
+    progress: Progress = None,
+) -> dict[str, Any]:
+    """Reconstruction error of each reversible sequence's input after inverting N blocks.
+
+    For each stage's :class:`ReversibleSequence`, its real input (from a forward of the
+    whole model on ``images``, train-mode BatchNorm as in training) is run through its
+    first N blocks and rebuilt from their output with the engine's arithmetic
+    (:func:`revnet.fidelity.roundtrip`). Depths beyond the sequence's own length repeat
+    its blocks cyclically (block ``i`` is block ``i mod len``): a deeper stack of the same
+    kind of blocks, with trained weights where the model has them.
+
+    Args:
+        model: registered RevNet.
+        state_dict: trained weights (e.g. ``torch.load("best.pt")["model"]``); the fresh
+            initialisation (seed ``seed``) is always measured too.
+        images: the batch (normalised images); default: ``batch`` random normal images.
+        depths: numbers of blocks N.
+        precisions: float mode in ``"float64"``, ``"float32"``, ``"bf16"`` (autocast).
+        exact_precisions: precisions also measured in exact mode (error 0 by design; a
+            stream past the range is recorded as ``range_error``).
+
+    Returns:
+        ``points``: one per (weights, precision, exact, sequence, depth) with
+        ``max_abs_error`` and ``rel_error`` (max abs error / max |input|) and the input's
+        and output's max magnitude; ``summary``: the worst sequence per configuration and depth.
+    """
+    if not depths or any(d < 1 for d in depths):
+        raise ValueError(f"drift: depths must be positive block counts, got {list(depths)}.")
+    torch.manual_seed(seed)
+    if images is None:
+        images = torch.randn(batch, in_chans, image_size, image_size)
+    images = images.to(device)
+    fresh = create_model(model, num_classes=num_classes, in_chans=images.shape[1]).to(device)
+    if not isinstance(fresh, RevNet):
+        raise ValueError(f"drift: {model!r} is not a RevNet.")
+    weights = {"fresh": fresh.state_dict()}
+    if state_dict is not None:
+        weights["trained"] = state_dict
+    plan = [(w, p, False) for w in weights for p in precisions]
+    plan += [(w, p, True) for w in weights for p in exact_precisions]
+    points = []
+    for w, precision, exact in plan:
+        net = create_model(model, num_classes=num_classes, in_chans=images.shape[1]).to(device)
+        net.load_state_dict(weights[w])
+        set_exact(net, exact)
+        net, x, ctx = _precision(net.train(), images, precision)
+        with ctx:
+            inputs = fidelity.sequence_inputs(net, lambda m, x=x: m(x))
+            seqs = dict(net.named_modules())
+            for name, inp in inputs.items():
+                blocks = list(seqs[name].couplings)
+                for n in depths:
+                    chain = [blocks[i % len(blocks)] for i in range(n)]
+                    point = {"weights": w, "precision": precision, "exact": exact, "sequence": name,
+                             "depth": n, "blocks_in_sequence": len(blocks),
+                             "input_max": inp.abs().max().item()}
+                    try:
+                        y, rebuilt = fidelity.roundtrip(chain, inp, seqs[name].dim)
+                    except OverflowError as e:  # exact mode past its range: say where
+                        point.update(max_abs_error=None, rel_error=None, output_max=None, range_error=str(e))
+                    else:
+                        point.update(fidelity.reconstruction_error(chain[0].entry(inp), rebuilt),
+                                     output_max=y.abs().max().item())
+                    points.append(point)
+        if progress is not None:
+            progress({"weights": w, "precision": precision, "exact": exact})
+    summary = []
+    for w, precision, exact in plan:
+        for n in depths:
+            key = (w, precision, exact, n)
+            pts = [p for p in points if (p["weights"], p["precision"], p["exact"], p["depth"]) == key]
+            ok = [p for p in pts if p["rel_error"] is not None]
+            worst = max(ok, key=lambda p: p["rel_error"]) if ok else None
+            summary.append({"weights": w, "precision": precision, "exact": exact, "depth": n,
+                            "max_abs_error": max((p["max_abs_error"] for p in ok), default=None),
+                            "rel_error": worst["rel_error"] if worst else None,
+                            "worst_sequence": worst["sequence"] if worst else None,
+                            "range_errors": sum("range_error" in p for p in pts)})
+    config = {"model": model, "trained": state_dict is not None, "depths": list(depths),
+              "precisions": list(precisions), "exact_precisions": list(exact_precisions),
+              "batch": images.shape[0], "image_size": images.shape[-1], "in_chans": images.shape[1],
+              "device": device, "seed": seed, "batchnorm": "train mode (batch statistics)"}
+    return {"config": config, "points": points, "summary": summary}
+
+
+def exact_cost(
+    model: str = "revnet38", *, batch: int = 128, image_size: int = 28, in_chans: int = 1,
+    amps: Sequence[str] = ("none", "bf16"), repeats: int = 7, warmup: int = 2, memory: bool = True,
+    device: str = "cpu", seed: int = 0, progress: Progress = None,
+) -> dict[str, Any]:
+    """What exact mode costs: training-step time and activation memory, exact vs float.
+
+    Time: forward, cross-entropy and backward (reversible) of the same weights with the
+    couplings in float and in exact mode, alternated in one process, for each autocast
+    setting in ``amps``; ratios of medians. Memory: :func:`measure` (a fresh process on
+    CPU) of one reversible training step in float32, float vs exact.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError("exact_cost: repeats must be >= 1 and warmup >= 0.")
+    torch.manual_seed(seed)
+    net = build("revnet", model=model, in_chans=in_chans, device=device)
+    x, y = _batch(net, batch, image_size, in_chans)
+    speed_runs = {}
+    for amp in amps:
+        ctx = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if amp == "bf16"
+               else contextlib.nullcontext())
+
+        def timed(exact: bool, ctx: Any = ctx) -> float:
+            set_exact(net, exact)
+            net.zero_grad(set_to_none=True)
+            _sync(device)
+            t = time.perf_counter()
+            with ctx:
+                loss = F.cross_entropy(net(x).float(), y)
+            loss.backward()
+            _sync(device)
+            return time.perf_counter() - t
+
+        times: dict[str, list[float]] = {"float": [], "exact": []}
+        for _ in range(warmup):
+            timed(False)
+            timed(True)
+        for r in range(repeats):
+            for mode in (("float", "exact") if r % 2 else ("exact", "float")):
+                times[mode].append(timed(mode == "exact"))
+            if progress is not None:
+                progress({"amp": amp, "repeat": r})
+        stats = {k: _stats(v, batch) for k, v in times.items()}
+        per = [a / b for a, b in zip(times["exact"], times["float"], strict=True)]
+        spread = {"median": statistics.median(per), "min": min(per), "max": max(per)}
+        speed_runs[amp] = {**stats, "ratio": stats["exact"]["median_s"] / stats["float"]["median_s"],
+                           "pair_ratios": spread}
+    set_exact(net, False)
+    mem = {}
+    if memory:
+        point = {"kind": "revnet", "model": model, "batch": batch, "image_size": image_size,
+                 "in_chans": in_chans, "device": device}
+        for exact in (False, True):
+            mem["exact" if exact else "float"] = measure(**point, exact=exact)
+            if progress is not None:
+                progress({"memory": exact})
+    config = {"model": model, "batch": batch, "image_size": image_size, "in_chans": in_chans,
+              "amps": list(amps), "repeats": repeats, "warmup": warmup, "device": device,
+              "threads": torch.get_num_threads(), "seed": seed}
+    return {"config": config, "speed": speed_runs, "memory": mem}
+
+
+# --------------------------------------------------------------------------------------
 # Where it ran
 # --------------------------------------------------------------------------------------
 
@@ -770,3 +945,52 @@ def plot_capacity(result: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+_PRECISION_COLORS = {"float64": "tab:green", "float32": "tab:blue", "bf16": "tab:red"}
+
+
+def plot_drift(result: dict[str, Any], path: str | Path) -> Path:
+    """Reconstruction error against depth (worst sequence), float modes as lines, exact mode
+    as a note (its error is zero, off a log axis); saved as PNG."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
+    c = result["config"]
+    for key, ax, label in (("rel_error", axes[0], "relative error (max |x' - x| / max |x|)"),
+                           ("max_abs_error", axes[1], "max |x' - x|")):
+        for row in _drift_lines(result):
+            w, precision, pts = row
+            pts = [(d, v) for d, v in pts[key] if v]  # zero does not go on a log axis
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o" if w == "trained" else "s",
+                        ls="-" if w == "trained" else "--", label=f"{precision}, {w} weights",
+                        color=_PRECISION_COLORS.get(precision, "tab:gray"))
+        ax.set(xscale="log", yscale="log", xlabel="blocks inverted (N)", ylabel=label)
+        ax.set_xticks(c["depths"], [str(d) for d in c["depths"]])
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    exact = [s for s in result["summary"] if s["exact"]]
+    if exact:
+        worst = max((s["max_abs_error"] or 0.0) for s in exact)
+        over = sum(s["range_errors"] for s in exact)
+        note = (f"exact mode ({', '.join(c['exact_precisions'])}): max error {worst:g} at every depth"
+                + (f"; {over} point(s) left the range" if over else ""))
+        axes[1].text(0.02, 0.02, note, transform=axes[1].transAxes, fontsize=8,
+                     bbox={"facecolor": "white", "alpha": 0.8})
+    fig.suptitle(f"{c['model']}: input of each reversible sequence rebuilt after N blocks "
+                 f"(worst sequence; batch {c['batch']}, {c['image_size']}px, BN train mode)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def _drift_lines(result: dict[str, Any]) -> list[tuple[str, str, dict[str, list[tuple[int, float]]]]]:
+    lines: dict[tuple[str, str], dict[str, list[tuple[int, float]]]] = {}
+    for s in result["summary"]:
+        if s["exact"]:
+            continue
+        line = lines.setdefault((s["weights"], s["precision"]), {"rel_error": [], "max_abs_error": []})
+        line["rel_error"].append((s["depth"], s["rel_error"]))
+        line["max_abs_error"].append((s["depth"], s["max_abs_error"]))
+    return [(w, p, v) for (w, p), v in lines.items()]

@@ -1,4 +1,4 @@
-"""``revnet bench memory | speed | capacity | data | report``: parsing, printing and the report.
+"""``revnet bench memory | speed | capacity | data | drift | report``: parsing, printing and the report.
 
 The measurements live in :mod:`revnet.bench`; this module runs them, prints tables,
 saves JSON (with the configuration and the machine beside every result) and plots, and
@@ -93,6 +93,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     q.add_argument("--quick", action="store_true", help="few batches and steps, seconds")
     q.set_defaults(func=_cmd_data)
+
+    q = bsub.add_parser("drift", help="reconstruction error against depth (float64/float32/bf16), "
+                        "fresh and trained weights; exact mode's cost",
+                        description="Rebuilds each reversible sequence's input after N blocks and "
+                                    "reports the error; measures what exact mode costs in time and memory.")
+    q.add_argument("--model", default=None,
+                   help="registered RevNet (default: the checkpoint's, else revnet38)")
+    q.add_argument("--checkpoint", default=None, help="trained weights: a revnet train checkpoint "
+                   "(e.g. runs/x/best.pt); fresh weights are measured either way")
+    q.add_argument("--dataset", default=None, help="images of the batch (default: the checkpoint's, "
+                   "else fashion-mnist)")
+    q.add_argument("--data-dir", default=None)
+    q.add_argument("--batch", type=int, default=16, help="images in the batch (test split)")
+    q.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64],
+                   help="blocks N (beyond a sequence's length its blocks repeat cyclically)")
+    q.add_argument("--precisions", nargs="+", choices=bench.DRIFT_PRECISIONS,
+                   default=list(bench.DRIFT_PRECISIONS))
+    q.add_argument("--exact-precisions", nargs="*", choices=["float32", "bf16"], default=["float32", "bf16"],
+                   help="precisions also measured in exact mode")
+    q.add_argument("--cost-batch", type=int, default=128, help="batch of the exact-mode cost runs")
+    q.add_argument("--repeats", type=int, default=7, help="timed steps per mode (cost)")
+    q.add_argument("--no-cost", dest="cost", action="store_false",
+                   help="skip the exact-mode cost measurement")
+    q.add_argument("--out", default="runs/bench", help="folder for drift.json and drift.png")
+    q.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    q.add_argument("--quick", action="store_true", help="depths 1-4, small batches, seconds")
+    q.set_defaults(func=_cmd_drift)
 
     q = bsub.add_parser("report", help="all of the above, plus docs/BENCHMARKS.md")
     common(q, "docs/benchmarks")
@@ -240,6 +268,56 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_drift(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import data
+
+    out = _setup(args)
+    state, cfg = None, {}
+    if args.checkpoint:
+        try:
+            saved = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        except FileNotFoundError:
+            raise SystemExit(f"revnet bench drift: no checkpoint at {args.checkpoint}.") from None
+        if not isinstance(saved, dict) or "model" not in saved or "config" not in saved:
+            raise SystemExit(f"revnet bench drift: {args.checkpoint} is not a revnet train checkpoint "
+                             f"(no 'model'/'config').")
+        state, cfg = saved["model"], saved["config"]
+    model = args.model or cfg.get("model", "revnet38")
+    name = args.dataset or cfg.get("dataset", "fashion-mnist")
+    extra = dict(cfg.get("synthetic") or {}) if name == "synthetic" else {}
+    try:
+        ds = data.load_dataset(name, "test", args.data_dir or cfg.get("data_dir"), **extra)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"revnet bench drift: cannot load the batch: {e}") from None
+    quick = args.quick
+    batch = 4 if quick else args.batch
+    images = data.normalize(ds.images[:batch], ds.mean, ds.std)
+    depths = [1, 2, 4] if quick else args.depths
+    runs = (len(args.precisions) + len(args.exact_precisions)) * (2 if state else 1)
+    tick, close = _progress(runs, "drift")
+    try:
+        result = bench.drift(model, state_dict=state, images=images, depths=depths,
+                             precisions=args.precisions, exact_precisions=args.exact_precisions,
+                             num_classes=ds.num_classes, device=args.device, progress=tick)
+    except ValueError as e:
+        raise SystemExit(f"revnet bench drift: {e}") from None
+    finally:
+        close()
+    result["config"].update(checkpoint=args.checkpoint, dataset=name)
+    print(_text(*drift_table(result)))
+    if args.cost:
+        result["cost"] = bench.exact_cost(
+            model, batch=8 if quick else args.cost_batch, image_size=ds.image_size[0], in_chans=ds.in_chans,
+            repeats=2 if quick else args.repeats, warmup=1 if quick else 2, device=args.device)
+        print()
+        print(_text(*exact_cost_table(result["cost"])))
+    result["args"] = {k: v for k, v in vars(args).items() if k != "func"}
+    _report_files(out, "drift", result, bench.plot_drift)
+    return 0
+
+
 def _report_files(out: Path, name: str, result: dict[str, Any], plot: Callable[..., Path]) -> None:
     print(f"wrote {_save(out, name, result)} and {plot(result, out / f'{name}.png')}")
 
@@ -365,6 +443,37 @@ def capacity_table(result: dict[str, Any]) -> tuple[list[str], list[Row]]:
                      "yes" if r["verified"] else "no (extrapolated)"])
     budget = bench.format_bytes(result["config"]["budget_bytes"])
     return ["model", f"largest under {budget}", "value (fits)", "first over", "line fit", "checked"], rows
+
+
+def drift_table(result: dict[str, Any]) -> tuple[list[str], list[Row]]:
+    """Worst relative reconstruction error per configuration (rows) and depth (columns)."""
+    depths = result["config"]["depths"]
+    by = {(s["weights"], s["precision"], s["exact"], s["depth"]): s for s in result["summary"]}
+    rows = []
+    for key in dict.fromkeys(k[:3] for k in by):
+        cells = []
+        for d in depths:
+            s = by[(*key, d)]
+            cells.append("range" if s["range_errors"] else "-" if s["rel_error"] is None
+                         else "0" if s["rel_error"] == 0 else f"{s['rel_error']:.1e}")
+        rows.append([key[0], key[1], "exact" if key[2] else "float", *cells])
+    return ["weights", "precision", "mode", *(f"N={d}" for d in depths)], rows
+
+
+def exact_cost_table(cost: dict[str, Any]) -> tuple[list[str], list[Row]]:
+    """Training-step time and activation memory, float vs exact mode."""
+    rows = []
+    for amp, r in cost["speed"].items():
+        rows.append([f"train step, amp {amp}", f"{r['float']['median_s'] * 1e3:.0f} ms",
+                     f"{r['exact']['median_s'] * 1e3:.0f} ms", f"{r['ratio']:.3f}"])
+    mem = cost.get("memory") or {}
+    if mem:
+        a, b = mem["float"]["activation_bytes"], mem["exact"]["activation_bytes"]
+        rows.append(["activation memory, float32", f"{_mib(a)} MiB", f"{_mib(b)} MiB", f"{b / a:.3f}"])
+        a, b = mem["float"]["saved_bytes"], mem["exact"]["saved_bytes"]
+        rows.append(["saved for backward", f"{_mib(a)} MiB", f"{_mib(b)} MiB", f"{b / a:.3f}"])
+    c = cost["config"]
+    return [f"{c['model']}, batch {c['batch']}", "float", "exact", "exact / float"], rows
 
 
 def _opt(v: Any) -> str:

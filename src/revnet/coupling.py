@@ -147,6 +147,10 @@ class Coupling(nn.Module):
         """Shape F and G must return for a half of shape ``half_shape``."""
         return half_shape
 
+    def entry(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the coupling computes with it, what its inverse gives back (``x`` here)."""
+        return x
+
     # --- running the branches, with the checks that keep the block invertible -----------
     def run_f(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """F(x2), checked to leave ``x2`` untouched and to fit ``x1``."""
@@ -266,6 +270,10 @@ class AdditiveCoupling(Coupling):
         # of the saved output, and BatchNorm reduces a strided slice in another order).
         y1 = to_lattice(self._stream(y1), self.exact_bits)
         return to_lattice(super().run_g(x2, y1).to(y1.dtype), self.exact_bits)
+
+    def entry(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``, or in exact mode ``x`` on the lattice in the stream's dtype (what comes back)."""
+        return to_lattice(self._stream(x), self.exact_bits) if self.exact else x
 
     def _label(self) -> str:
         where = f" {self.name!r}" if self.name else ""
