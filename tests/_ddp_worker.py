@@ -120,7 +120,8 @@ def scenarios(out: Path) -> None:
     results: dict = {}
     timings: dict = {}
     for name, kw in {"rev": {}, "plain": {"reversible": False}, "accum": {"accum_steps": 2},
-                     "bn_rev": {"norm": "batch"}, "bn_plain": {"norm": "batch", "reversible": False}}.items():
+                     "bn_rev": {"norm": "batch"}, "bn_plain": {"norm": "batch", "reversible": False},
+                     "linear": {"lr_scaling": "linear", "steps": 2, "log_every": 1}}.items():
         t = time.perf_counter()
         results[name] = fit(config(out, name, **kw))
         timings[name] = time.perf_counter() - t

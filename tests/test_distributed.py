@@ -24,7 +24,7 @@ import revnet.cli as cli_mod
 from revnet import create_model
 from revnet.cli import main
 from revnet.distributed import DistributedError, init_from_env, launch_command
-from revnet.train import TrainConfig, fit, per_process_batch
+from revnet.train import TrainConfig, fit, lr_at, per_process_batch
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -117,8 +117,14 @@ def test_direct_ddp_bn_eval_buckets_and_no_sync(ddp, engine):
             assert order.index("stem") > 0, order
 
 
-def test_lr_scaling_rule():
-    assert TrainConfig(lr_scaling="linear").lr_scaling == "linear"
+def test_lr_scaling_rule(ddp, tmp_path):
+    out, _, _, _ = ddp
+    rows = [json.loads(line) for line in (out / "linear" / "metrics.jsonl").read_text().splitlines()]
+    cfg = _config(tmp_path, "linear", lr_scaling="linear", steps=2)
+    # linear: the schedule's peak is lr x world size; none (the default) keeps lr as given.
+    assert [r["lr"] for r in rows if "loss" in r] == pytest.approx([2 * lr_at(s, 2, cfg) for s in (0, 1)])
+    rev = [json.loads(line) for line in (out / "rev" / "metrics.jsonl").read_text().splitlines()]
+    assert rev[0]["lr"] == pytest.approx(lr_at(1, 4, _config(tmp_path, "rev")))
     with pytest.raises(ValueError, match="lr_scaling must be"):
         TrainConfig(lr_scaling="sqrt")
     help_text = cli_mod.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
