@@ -52,6 +52,17 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                                             "world size"}),
     ("--dist-timeout", "dist_timeout", {"type": float, "help": "seconds the rendezvous and each collective "
                                         "wait for the other processes before failing (default 600)"}),
+    ("--grad-angle-every", "grad_angle_every", {
+        "type": int, "metavar": "K", "help": "every K steps, log the angle between the reversible and the "
+                                             "plain-autograd gradient (docs/FIDELITY.md)"}),
+    ("--drift-guard-every", "drift_guard_every", {
+        "type": int, "metavar": "N", "help": "every N steps, rebuild each reversible sequence's input and "
+                                             "compare it with the stored one"}),
+    ("--drift-guard-threshold", "drift_guard_threshold", {
+        "type": float, "help": "relative rebuild error that trips the guard (default 0.05)"}),
+    ("--drift-guard-action", "drift_guard_action", {
+        "choices": ["warn", "exact", "store"], "help": "past the threshold: warn (default), switch the "
+                                                       "sequence to exact mode, or store its activations"}),
 ]
 
 
@@ -67,6 +78,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         p.add_argument(flag, dest=dest, default=None, **kw)
     p.add_argument("--no-reversible", dest="reversible", action="store_false", default=None,
                    help="plain backprop on the same model (the baseline)")
+    p.add_argument("--exact", dest="exact", action="store_true", default=None,
+                   help="exact (fixed-point) couplings: bit-exact reconstruction at any depth")
     p.add_argument("--no-flip", dest="flip", action="store_false", default=None)
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
     p.add_argument("--sync-bn", dest="sync_bn", action="store_true", default=None,
@@ -86,7 +99,7 @@ def _train_config(args: argparse.Namespace) -> Any:
 
     given = {dest: getattr(args, dest) for _, dest, _ in _TRAIN_FLAGS}
     given.update(reversible=args.reversible, flip=args.flip, channels_last=args.channels_last,
-                 sync_bn=args.sync_bn)
+                 sync_bn=args.sync_bn, exact=args.exact)
     given = {k: v for k, v in given.items() if v is not None}
     if args.resume:
         if "out" not in given:

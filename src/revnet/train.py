@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_mod
+from . import fidelity
 from .distributed import DistInfo, DistributedError, init_from_env, is_group_failure, lost_contact, shutdown
+from .fidelity import DRIFT_ACTIONS
 from .models import create_model, list_models
 
 __all__ = [
@@ -87,6 +89,11 @@ class TrainConfig:
     lr_scaling: str = "none"  # "none": lr as given; "linear": peak lr x world size (Goyal et al. 2017)
     sync_bn: bool = False  # under DDP, BatchNorm -> SyncBatchNorm (global-batch statistics; CUDA only)
     dist_timeout: float = 600.0  # seconds a rendezvous or collective waits for the other processes
+    exact: bool = False  # RevNet couplings in exact (fixed-point) mode: bit-exact rebuilds (revnet.set_exact)
+    grad_angle_every: int | None = None  # every N steps: angle of reversible vs plain-autograd gradient
+    drift_guard_every: int | None = None  # every N steps: rebuild each sequence's input and compare
+    drift_guard_threshold: float = 0.05  # guard: relative rebuild error (max abs / max |input|) tolerated
+    drift_guard_action: str = "warn"  # guard, past the threshold: "warn", "exact" or "store" (activations)
 
     def __post_init__(self) -> None:
         checks = [
@@ -109,6 +116,14 @@ class TrainConfig:
             (self.lr_scaling in ("none", "linear"),
              f"lr_scaling must be 'none' or 'linear', got {self.lr_scaling!r}"),
             (self.dist_timeout > 0, f"dist_timeout must be > 0 seconds, got {self.dist_timeout}"),
+            (not self.exact or self.model.startswith("revnet"),
+             f"exact mode needs a RevNet (its couplings), got model {self.model!r}"),
+            (all(n is None or n > 0 for n in (self.grad_angle_every, self.drift_guard_every)),
+             "grad_angle_every and drift_guard_every must be > 0 (or None: off)"),
+            (self.drift_guard_threshold > 0,
+             f"drift_guard_threshold must be > 0, got {self.drift_guard_threshold}"),
+            (self.drift_guard_action in DRIFT_ACTIONS,
+             f"drift_guard_action must be one of {DRIFT_ACTIONS}, got {self.drift_guard_action!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -318,6 +333,7 @@ def _device_for(config: TrainConfig, info: DistInfo) -> torch.device:
 
 def _setup(config: TrainConfig, info: DistInfo | None = None) -> _Run:
     from .autograd import set_reversible
+    from .coupling import set_exact
 
     info = info or DistInfo()
     device = _device_for(config, info)
@@ -329,6 +345,7 @@ def _setup(config: TrainConfig, info: DistInfo | None = None) -> _Run:
     model = create_model(config.model, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
                          **({} if config.norm == "batch" else {"norm_layer": _NORMS[config.norm]}))
     set_reversible(model, config.reversible)
+    set_exact(model, config.exact)
     model.to(device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
     net = _wrap_ddp(model, config, info, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -462,6 +479,31 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tens
     return loss_sum / steps, correct
 
 
+def _fidelity_rows(run: _Run, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, Any]]:
+    """Gradient-angle telemetry and the drift guard, when due, on the batch of the coming step.
+
+    Both leave the model, buffers and RNG as they were, so the step that follows is the
+    one a run without them takes (revnet.fidelity); the guard may switch a sequence to
+    exact mode or stored activations.
+    """
+    cfg, rows = run.config, []
+
+    def forward(m: nn.Module) -> torch.Tensor:
+        return m(_to_layout(x, cfg))
+
+    def loss_fn(m: nn.Module) -> torch.Tensor:
+        with _autocast(run.device, cfg.amp):
+            return F.cross_entropy(forward(m).float(), y, label_smoothing=cfg.label_smoothing)
+
+    if cfg.grad_angle_every and run.step % cfg.grad_angle_every == 0:
+        rows.append({"step": run.step, **fidelity.gradient_angle(run.model, loss_fn)})
+    if cfg.drift_guard_every and run.step % cfg.drift_guard_every == 0:
+        with _autocast(run.device, cfg.amp):
+            guard = fidelity.DriftGuard(cfg.drift_guard_threshold, cfg.drift_guard_action)
+            rows += guard.check(run.model, forward, run.step)
+    return rows
+
+
 class _Window:
     """Running sums between two log lines (kept on the device: no sync per step)."""
 
@@ -573,6 +615,10 @@ def _loop(run: _Run, metrics: Any, stop: dict[str, int], progress: bool) -> bool
             for x, y in run.train.epoch(epoch, start):
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr_at(run.step, run.total, cfg) * run.lr_scale
+                paused = time.perf_counter()
+                for row in _fidelity_rows(run, x, y):  # telemetry on this batch, before the step
+                    _emit(metrics, row, run)
+                window.start += time.perf_counter() - paused  # images/s counts training alone
                 try:
                     window.add(*_train_step(run, x, y), y.numel())
                 except RuntimeError as e:  # DDP's all-reduce in backward: a rank died or hung
@@ -678,7 +724,11 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def plot_run(run_dir: str | os.PathLike) -> Path:
-    """Draws loss, accuracy and learning rate against step into ``RUN_DIR/curves.png``."""
+    """Draws loss, accuracy and learning rate against step into ``RUN_DIR/curves.png``.
+
+    Runs with ``grad_angle_every`` get a panel of the gradient angle (whole model and per
+    stage), runs with ``drift_guard_every`` one of each sequence's rebuild error.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -687,7 +737,10 @@ def plot_run(run_dir: str | os.PathLike) -> Path:
     rows = read_metrics(run_dir)
     train = [r for r in rows if "loss" in r]
     test = [r for r in rows if "test_accuracy" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    angles = [r for r in rows if r.get("grad_angle_deg") is not None]
+    drift = [r for r in rows if isinstance(r.get("drift"), dict)]
+    panels = 3 + bool(angles) + bool(drift)
+    fig, axes = plt.subplots(1, panels, figsize=(13 * panels / 3, 3.6))
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     axes[0].plot([r["step"] for r in test], [r["test_loss"] for r in test], "o-", label="test")
     axes[0].set(title="loss", xlabel="step", yscale="log")
@@ -699,9 +752,40 @@ def plot_run(run_dir: str | os.PathLike) -> Path:
     for ax in axes[:2]:
         ax.legend()
         ax.grid(alpha=0.3)
+    if angles:
+        _plot_angles(axes[3], angles)
+    if drift:
+        _plot_drift(axes[-1], drift, [r for r in rows if r.get("event") == "drift"])
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     out = Path(run_dir) / "curves.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _plot_angles(ax: Any, rows: list[dict[str, Any]]) -> None:
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["grad_angle_deg"] for r in rows], "k.-", lw=2, label="whole model")
+    for stage in dict.fromkeys(k for r in rows for k in r.get("grad_angle_by_stage", {})):
+        vals = [(r["step"], r["grad_angle_by_stage"].get(stage)) for r in rows]
+        vals = [(a, v) for a, v in vals if v is not None]
+        if vals:
+            ax.plot(*zip(*vals, strict=True), ".-", lw=1, alpha=0.8, label=stage)
+    ax.set(title="reversible vs plain-autograd gradient", xlabel="step", ylabel="angle (degrees)")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
+def _plot_drift(ax: Any, rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+    for seq in dict.fromkeys(k for r in rows for k in r["drift"]):
+        vals = [(r["step"], r["drift"][seq]) for r in rows if r["drift"].get(seq)]
+        if vals:
+            ax.plot(*zip(*vals, strict=True), ".-", label=seq)
+    for e in events:
+        ax.axvline(e["step"], color="tab:red", alpha=0.4, lw=1)
+    ax.set(title="rebuild error (drift guard; red: events)", xlabel="step",
+           ylabel="max |x' - x| / max |x|", yscale="log")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
