@@ -954,7 +954,7 @@ def plot_drift(result: dict[str, Any], path: str | Path) -> Path:
     """Reconstruction error against depth (worst sequence), float modes as lines, exact mode
     as a note (its error is zero, off a log axis); saved as PNG."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), dpi=120)
     c = result["config"]
     for key, ax, label in (("rel_error", axes[0], "relative error (max |x' - x| / max |x|)"),
                            ("max_abs_error", axes[1], "max |x' - x|")):
@@ -968,18 +968,19 @@ def plot_drift(result: dict[str, Any], path: str | Path) -> Path:
         ax.set(xscale="log", yscale="log", xlabel="blocks inverted (N)", ylabel=label)
         ax.set_xticks(c["depths"], [str(d) for d in c["depths"]])
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
     exact = [s for s in result["summary"] if s["exact"]]
     if exact:
         worst = max((s["max_abs_error"] or 0.0) for s in exact)
         over = sum(s["range_errors"] for s in exact)
-        note = (f"exact mode ({', '.join(c['exact_precisions'])}): max error {worst:g} at every depth"
-                + (f"; {over} point(s) left the range" if over else ""))
-        axes[1].text(0.02, 0.02, note, transform=axes[1].transAxes, fontsize=8,
+        note = (f"exact mode ({', '.join(c['exact_precisions'])}):\nmax error {worst:g} at every depth"
+                + (f"\n({over} point(s) left the range: see the table)" if over else ""))
+        axes[1].text(0.98, 0.42, note, transform=axes[1].transAxes, fontsize=8, ha="right", va="center",
                      bbox={"facecolor": "white", "alpha": 0.8})
     fig.suptitle(f"{c['model']}: input of each reversible sequence rebuilt after N blocks "
                  f"(worst sequence; batch {c['batch']}, {c['image_size']}px, BN train mode)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
