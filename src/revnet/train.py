@@ -2,6 +2,8 @@
 
 A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON object per log line),
 ``last.pt`` and ``best.pt`` (written atomically), ``summary.json`` and ``curves.png``.
+Under ``torchrun`` the same loop runs DistributedDataParallel, rank 0 writing the run
+directory (docs/DISTRIBUTED.md).
 The learning rate is a pure function of the step, the data order and augmentation are
 pure functions of ``(seed, epoch, step)``, and the RNG states are checkpointed, so a
 resumed run ends with the same weights as an uninterrupted one.
@@ -544,17 +546,25 @@ class _Window:
 def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) -> dict[str, Any]:
     """Trains ``config.model`` on ``config.dataset``; returns the run's summary.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the process joins the process group (gloo on
+    CPU, nccl on CUDA; an existing group is reused) and trains a DistributedDataParallel
+    copy on its ``batch_size / world_size`` share of each global batch; rank 0 alone writes
+    the run directory (docs/DISTRIBUTED.md).
+
     Args:
         config: the run.
         resume: continue from ``config.out/last.pt`` (same configuration required).
-        progress: show a tqdm bar (else log lines through ``logging``).
+        progress: show a tqdm bar (else log lines through ``logging``); rank 0 only.
 
     Returns:
         The summary also written to ``summary.json`` (``interrupted`` is True when a
-        signal stopped the run early).
+        signal stopped the run early), the same on every rank.
 
     Raises:
         TrainingDivergedError: the loss became non-finite; ``last.pt`` is the last good state.
+        DistributedError: the process group failed (a rank died, the rendezvous or a
+            collective timed out); ``last.pt`` is the last complete checkpoint.
+        ValueError: among others, a batch size that the world size does not divide.
     """
     info = init_from_env(config.device, config.dist_timeout)
     try:
