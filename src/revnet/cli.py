@@ -189,8 +189,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not main_rank:
         return 130 if summary["interrupted"] else 0
     if summary["interrupted"]:
+        world = summary.get("world_size", 1)
+        again = f"revnet train --nproc {world} --resume" if world > 1 else "revnet train --resume"
         print(f"interrupted at step {summary['step']}/{summary['total_steps']}; checkpoint saved. "
-              f"Continue with: revnet train --resume --out {config.out}")
+              f"Continue with: {again} --out {config.out}"
+              + (" (or your torchrun command with --resume)" if world > 1 else ""))
         return 130
     print(f"test accuracy {summary['test_accuracy']:.4f}  (best {summary['best_test_accuracy']:.4f})  "
           f"in {summary['wall_seconds']:.0f} s, {summary['images_per_s']:.0f} img/s, "
