@@ -24,7 +24,7 @@ import revnet.cli as cli_mod
 from revnet import create_model
 from revnet.cli import main
 from revnet.distributed import DistributedError, init_from_env, launch_command
-from revnet.train import TrainConfig, fit, lr_at, per_process_batch
+from revnet.train import TrainConfig, evaluate_checkpoint, fit, lr_at, per_process_batch
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -141,6 +141,17 @@ def test_rank_zero_alone_logs_and_writes(ddp):
     assert r0["rev"]["test_accuracy"] == r1["rev"]["test_accuracy"]
     assert r0["rev"]["test_loss"] == r1["rev"]["test_loss"]
     assert not list(out.rglob("*.tmp"))
+
+
+def test_batchnorm_statistics_do_not_diverge_between_ranks(ddp):
+    """Each rank updates its running statistics with its own samples; evaluation (sharded over
+    ranks) must use rank 0's, those in the checkpoint: the DDP figures equal one process's
+    evaluation of last.pt on the whole test set."""
+    out, r0, r1, _ = ddp
+    alone = evaluate_checkpoint(out / "bn_rev" / "last.pt", device="cpu")
+    for r in (r0, r1):
+        assert r["bn_rev"]["test_accuracy"] == alone["test_accuracy"]
+        assert r["bn_rev"]["test_loss"] == pytest.approx(alone["test_loss"], rel=1e-5)
 
 
 def test_signal_on_one_rank_stops_all_and_resume_is_exact(ddp):
