@@ -92,16 +92,20 @@ def test_exact_under_bf16_autocast_keeps_a_float32_stream(in_dtype):
         assert torch.equal(seq.inverse(seq(x)), to_lattice(x.float()))
 
 
-def test_exact_whole_model_matches_plain_and_names_its_couplings():
+@pytest.mark.parametrize(("channels_last", "autocast"), [(False, False), (True, True)])
+def test_exact_whole_model_matches_plain_and_names_its_couplings(channels_last, autocast):
     model = RevNet((2, 2, 2), (8, 8, 16, 16), in_chans=1, exact=True)
     names = [c.name for c in model.modules() if isinstance(c, revnet.AdditiveCoupling)]
     assert names[0] == "stages.0.0.couplings.0" and all(names)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
     plain = copy.deepcopy(model)
     plain.reversible = False
-    x, target = torch.randn(4, 1, 10, 10), torch.randint(0, 10, (4,))
+    x, target = torch.randn(4, 1, 10, 10).contiguous(memory_format=fmt), torch.randint(0, 10, (4,))
     out = []
     for net in (model, plain):
-        loss = nn.functional.cross_entropy(net(x), target)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = nn.functional.cross_entropy(net(x).float(), target)
         out.append(torch.autograd.grad(loss, list(net.parameters())))
     for a, b in zip(*out, strict=True):
         assert torch.equal(a, b)

@@ -77,6 +77,11 @@ def exact_range(dtype: torch.dtype, bits: int = EXACT_BITS) -> float:
     return 2.0 ** (_MANTISSA_BITS[dtype] - bits)
 
 
+def _dense(v: torch.Tensor) -> bool:
+    """Whether ``v`` fills its memory (contiguous or channels-last), unlike a channel slice."""
+    return v.is_contiguous() or (v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last))
+
+
 def _check_bits(what: str, bits: Any) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits <= 52:
         raise ValueError(f"{what} must be an integer in [0, 52] (fraction bits of the lattice 2^-k), "
@@ -92,12 +97,13 @@ def to_lattice(x: torch.Tensor, bits: int = EXACT_BITS) -> torch.Tensor:
     comes back as -0.0; note that sums can turn it into +0.0).
     """
     scale = 2.0 ** bits
-    r = torch.round(x * scale) * (1.0 / scale)
+    with torch.no_grad():
+        r = torch.mul(x, scale).round_().mul_(1.0 / scale)
     if not (x.requires_grad and torch.is_grad_enabled()):
         return r
     # Straight-through: (x - x.detach()) is exactly zero in value and the identity in
-    # gradient, so the sum is r bit for bit (``x + (r - x).detach()`` would round).
-    return r.detach() + (x - x.detach())
+    # gradient, so the sum is r bit for bit.
+    return r + (x - x.detach())
 
 
 class Coupling(nn.Module):
@@ -260,16 +266,27 @@ class AdditiveCoupling(Coupling):
         # F sees x2 on the lattice: in the first block of a sequence x2 may not be, and the
         # backward recomputes F from the rebuilt (on-lattice) x2. Rounding is idempotent.
         x2 = to_lattice(self._stream(x2), self.exact_bits)
-        return to_lattice(super().run_f(x1, x2).to(x2.dtype), self.exact_bits)
+        return to_lattice(super().run_f(x1, self._branch_input(x2)).to(x2.dtype), self.exact_bits)
 
     def run_g(self, x2: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
         if not self.exact:
             return super().run_g(x2, y1)
-        # y1 is a coupling output, already on the lattice; rounding it again is a no-op in value
-        # but gives G a fresh tensor laid out as in plain autograd (the engine hands G a slice
-        # of the saved output, and BatchNorm reduces a strided slice in another order).
-        y1 = to_lattice(self._stream(y1), self.exact_bits)
-        return to_lattice(super().run_g(x2, y1).to(y1.dtype), self.exact_bits)
+        # y1 is a coupling output, already on the lattice. The engine's backward hands G a
+        # slice of the saved output, which BatchNorm would reduce in another order than the
+        # dense y1 of plain autograd: a copy laid out like that y1 keeps the bits equal.
+        y1 = self._stream(y1)
+        if not _dense(y1):
+            y1 = y1.clone(memory_format=torch.preserve_format)
+        return to_lattice(super().run_g(x2, self._branch_input(y1)).to(y1.dtype), self.exact_bits)
+
+    @staticmethod
+    def _branch_input(v: torch.Tensor) -> torch.Tensor:
+        """Under autocast, F and G take the (float32) stream in the autocast dtype, as they take
+        the bf16 stream in float mode: their normalisations and activations then run at the
+        same precision and speed. The cast is a fixed function of the exact stream, so the
+        recomputation sees the same bits and reconstruction stays exact."""
+        device = v.device.type
+        return v.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else v
 
     def entry(self, x: torch.Tensor) -> torch.Tensor:
         """``x``, or in exact mode ``x`` on the lattice in the stream's dtype (what comes back)."""
@@ -297,9 +314,12 @@ class AdditiveCoupling(Coupling):
 
     def _check_range(self, y: torch.Tensor) -> None:
         limit = exact_range(y.dtype, self.exact_bits)
-        top = y.detach().abs().max().item() if y.numel() else 0.0
-        if top < limit:  # False for NaN too
+        if not y.numel():
             return
+        lo, hi = torch.aminmax(y.detach())  # one pass, no temporary
+        if -limit < lo.item() and hi.item() < limit:  # False for NaN too
+            return
+        top = y.detach().abs().max().item()
         p = _MANTISSA_BITS[y.dtype]
         fit = p - math.floor(math.log2(top)) - 1 if math.isfinite(top) and top > 0 else None
         hint = (f"fewer fraction bits (exact_bits={fit} holds +-2^{p - fit}; pass it to "
