@@ -167,14 +167,21 @@ def init_from_env(device: str, timeout_s: float) -> DistInfo:
     if not dist.is_available():
         raise DistributedError("this PyTorch build has no torch.distributed; run in one process.")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    use_cuda = torch.cuda.is_available() and (device.startswith("cuda") or device == "auto")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DistributedError(f"device {device!r} requested but CUDA is not available; use --device cpu "
+                               f"(gloo).")
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise DistributedError(
+            f"LOCAL_RANK {local_rank} has no GPU: this node has {torch.cuda.device_count()}; start at most "
+            f"that many processes per node (--nproc-per-node).")
     backend = "nccl" if use_cuda and dist.is_nccl_available() else "gloo"
     if use_cuda:
         torch.cuda.set_device(local_rank)
     where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    eager = {"device_id": torch.device("cuda", local_rank)} if backend == "nccl" else {}
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                **({"device_id": torch.device("cuda", local_rank)} if use_cuda else {}))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **eager)
     except (RuntimeError, ValueError) as e:
         raise DistributedError(
             f"rank {rank}: could not join the process group at {where} within {timeout_s:g} s "
