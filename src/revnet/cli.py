@@ -217,7 +217,7 @@ def _memory_report(config: Any, image_size: int, in_chans: int) -> None:
     if not config.model.startswith("revnet"):
         return
     point = {"model": config.model, "batch": config.batch_size, "image_size": image_size,
-             "in_chans": in_chans,
+             "in_chans": in_chans, "exact": config.exact,
              "device": str(resolve_device(config.device))}
     try:
         rev = bench.measure(kind="revnet", **point)
