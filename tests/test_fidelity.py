@@ -130,12 +130,12 @@ def test_to_lattice_rounds_exactly_with_a_straight_through_gradient():
 def test_leaving_the_range_raises_a_clear_error():
     model = RevNet((2, 2, 2), (8, 8, 16, 16), in_chans=1, exact=True)
     with torch.no_grad():
-        model.stem.weight.mul_(1e4)  # activations far beyond +-256
+        model.stem.weight.mul_(1e5)  # activations far beyond +-4096
     with pytest.raises(OverflowError) as info:
         model(torch.randn(2, 1, 8, 8))
     msg = str(info.value)
     assert "stages.0.0.couplings.0" in msg  # which coupling
-    assert "max |y| = " in msg and "+-2^8 = 256" in msg  # how far, and the range
+    assert "max |y| = " in msg and "+-2^12 = 4096" in msg  # how far, and the range
     assert "Fix: fewer fraction bits (exact_bits=" in msg and "float64" in msg  # the fix
     # NaN is caught too, never silently passed on.
     seq = exact_seq(1)
