@@ -59,7 +59,7 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
         "type": int, "metavar": "N", "help": "every N steps, rebuild each reversible sequence's input and "
                                              "compare it with the stored one"}),
     ("--drift-guard-threshold", "drift_guard_threshold", {
-        "type": float, "help": "relative rebuild error that trips the guard (default 0.05)"}),
+        "type": float, "help": "relative rebuild error that trips the guard (default 0.1)"}),
     ("--drift-guard-action", "drift_guard_action", {
         "choices": ["warn", "exact", "store"], "help": "past the threshold: warn (default), switch the "
                                                        "sequence to exact mode, or store its activations"}),

@@ -94,7 +94,7 @@ class TrainConfig:
     exact: bool = False  # RevNet couplings in exact (fixed-point) mode: bit-exact rebuilds (revnet.set_exact)
     grad_angle_every: int | None = None  # every N steps: angle of reversible vs plain-autograd gradient
     drift_guard_every: int | None = None  # every N steps: rebuild each sequence's input and compare
-    drift_guard_threshold: float = 0.05  # guard: relative rebuild error (max abs / max |input|) tolerated
+    drift_guard_threshold: float = 0.1  # guard: relative rebuild error (max abs / max |input|) tolerated
     drift_guard_action: str = "warn"  # guard, past the threshold: "warn", "exact" or "store" (activations)
 
     def __post_init__(self) -> None:
