@@ -43,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from . import autograd as _autograd
 from . import fidelity
 from .autograd import ReversibleSequence
-from .coupling import merge, set_exact, split
+from .coupling import EXACT_BITS, merge, set_exact, split
 from .models import ResNet, RevNet, create_model
 
 __all__ = [
@@ -669,7 +669,7 @@ def drift(
     depths: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), precisions: Sequence[str] = DRIFT_PRECISIONS,
     exact_precisions: Sequence[str] = ("float32", "bf16"), batch: int = 16, image_size: int = 32,
     in_chans: int = 3, num_classes: int = 10, device: str = "cpu", seed: int = 0,
-    progress: Progress = None,
+    exact_bits: int = EXACT_BITS, progress: Progress = None,
 ) -> dict[str, Any]:
     """Reconstruction error of each reversible sequence's input after inverting N blocks.
 
@@ -689,6 +689,7 @@ def drift(
         precisions: float mode in ``"float64"``, ``"float32"``, ``"bf16"`` (autocast).
         exact_precisions: precisions also measured in exact mode (error 0 by design; a
             stream past the range is recorded as ``range_error``).
+        exact_bits: fraction bits of exact mode's lattice.
 
     Returns:
         ``points``: one per (weights, precision, exact, sequence, depth) with
@@ -713,7 +714,7 @@ def drift(
     for w, precision, exact in plan:
         net = create_model(model, num_classes=num_classes, in_chans=images.shape[1]).to(device)
         net.load_state_dict(weights[w])
-        set_exact(net, exact)
+        set_exact(net, exact, bits=exact_bits)
         net, x, ctx = _precision(net.train(), images, precision)
         with ctx:
             inputs = fidelity.sequence_inputs(net, lambda m, x=x: m(x))
@@ -749,7 +750,8 @@ def drift(
                             "range_errors": sum("range_error" in p for p in pts)})
     config = {"model": model, "trained": state_dict is not None, "depths": list(depths),
               "precisions": list(precisions), "exact_precisions": list(exact_precisions),
-              "batch": images.shape[0], "image_size": images.shape[-1], "in_chans": images.shape[1],
+              "exact_bits": exact_bits, "batch": images.shape[0], "image_size": images.shape[-1],
+              "in_chans": images.shape[1],
               "device": device, "seed": seed, "batchnorm": "train mode (batch statistics)"}
     return {"config": config, "points": points, "summary": summary}
 

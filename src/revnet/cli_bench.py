@@ -108,10 +108,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--batch", type=int, default=16, help="images in the batch (test split)")
     q.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64],
                    help="blocks N (beyond a sequence's length its blocks repeat cyclically)")
-    q.add_argument("--precisions", nargs="+", choices=bench.DRIFT_PRECISIONS,
+    q.add_argument("--precisions", nargs="*", choices=bench.DRIFT_PRECISIONS,
                    default=list(bench.DRIFT_PRECISIONS))
     q.add_argument("--exact-precisions", nargs="*", choices=["float32", "bf16"], default=["float32", "bf16"],
                    help="precisions also measured in exact mode")
+    q.add_argument("--exact-bits", type=int, default=None,
+                   help="fraction bits k of exact mode's lattice 2^-k (default: revnet's, 12)")
     q.add_argument("--cost-batch", type=int, default=128, help="batch of the exact-mode cost runs")
     q.add_argument("--repeats", type=int, default=7, help="timed steps per mode (cost)")
     q.add_argument("--no-cost", dest="cost", action="store_false",
@@ -300,7 +302,8 @@ def _cmd_drift(args: argparse.Namespace) -> int:
     try:
         result = bench.drift(model, state_dict=state, images=images, depths=depths,
                              precisions=args.precisions, exact_precisions=args.exact_precisions,
-                             num_classes=ds.num_classes, device=args.device, progress=tick)
+                             num_classes=ds.num_classes, device=args.device, progress=tick,
+                             **({} if args.exact_bits is None else {"exact_bits": args.exact_bits}))
     except ValueError as e:
         raise SystemExit(f"revnet bench drift: {e}") from None
     finally:
