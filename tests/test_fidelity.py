@@ -294,9 +294,21 @@ def test_drift_guard_acts_past_the_threshold(action, caplog):
         assert all(v == 0.0 for v in again[0]["drift"].values()) and len(again) == 1
     elif action == "store":
         assert not any(s.reversible for s in seqs.values())
-        assert again == [{"step": 8, "drift": {}, "drift_max_abs": {}}]  # nothing rebuilt any more
+        assert again == [{"step": 8, "drift": {}, "drift_max_abs": {}, "drift_input_max": {}}]  # none rebuilt
     else:
         assert len(again) == len(rows)
+
+
+def test_drift_guard_reduces_errors_over_processes():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        errors = {"b": {"max_abs_error": 2.0, "rel_error": 0.5, "input_max": 4.0},
+                  "a": {"max_abs_error": 1.0, "rel_error": 0.25, "input_max": 4.0}}
+        assert fidelity._reduce_max(errors) == errors  # one process: the max is its own
+    finally:
+        dist.destroy_process_group()
 
 
 def test_drift_guard_rejects_bad_settings():

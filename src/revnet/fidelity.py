@@ -79,11 +79,12 @@ def roundtrip(
 
 
 def reconstruction_error(x: torch.Tensor, rebuilt: torch.Tensor) -> dict[str, float]:
-    """``max_abs_error`` = max |rebuilt - x| and ``rel_error`` = that / max |x| (in float64)."""
+    """``max_abs_error`` = max |rebuilt - x|, ``rel_error`` = that / max |x|, and ``input_max``
+    = max |x| (in float64)."""
     x, rebuilt = x.detach().double(), rebuilt.detach().double()
     err = (rebuilt - x).abs().max().item() if x.numel() else 0.0
     scale = x.abs().max().item() if x.numel() else 0.0
-    return {"max_abs_error": err, "rel_error": err / scale if scale else err}
+    return {"max_abs_error": err, "rel_error": err / scale if scale else err, "input_max": scale}
 
 
 # --------------------------------------------------------------------------------------
@@ -183,8 +184,8 @@ def gradient_angle(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor
     if not named:
         raise ValueError("gradient_angle: the model has no trainable parameters.")
     params = [p for _, p in named]
-    seqs = [m for m in net.modules() if isinstance(m, ReversibleSequence)]
-    flags = [s.reversible for s in seqs]
+    # Every flag set_reversible may flip (sequences, and any unit with its own ``reversible``).
+    flags = [(m, m.reversible) for m in net.modules() if isinstance(getattr(m, "reversible", None), bool)]
     grads: list[list[torch.Tensor]] = []
     try:
         with preserved_state(net) as restore:
@@ -197,8 +198,8 @@ def gradient_angle(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor
                 grads.append([torch.zeros_like(p) if g is None else g.detach() for g, p in zip(got, params,
                                                                                              strict=True)])
     finally:
-        for s, flag in zip(seqs, flags, strict=True):
-            s.reversible = flag
+        for m, flag in flags:
+            m.reversible = flag
     rev, ref = grads
     groups: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for (name, _), a, b in zip(named, rev, ref, strict=True):
@@ -268,8 +269,9 @@ class DriftGuard:
 
         Returns:
             Rows for metrics.jsonl: one ``{"step", "drift": {sequence: rel_error},
-            "drift_max_abs": {...}}`` line, then one ``{"event": "drift", ...}`` line per
-            sequence past the threshold.
+            "drift_max_abs": {...}, "drift_input_max": {...}}`` line (``drift_input_max``:
+            the largest |activation| entering the sequence, against exact mode's range),
+            then one ``{"event": "drift", ...}`` line per sequence past the threshold.
         """
         net = _unwrap(model)
         inputs = sequence_inputs(net, forward)
@@ -287,7 +289,8 @@ class DriftGuard:
         errors = _reduce_max(errors)
         rows: list[dict[str, Any]] = [{
             "step": step, "drift": {n: e["rel_error"] for n, e in errors.items()},
-            "drift_max_abs": {n: e["max_abs_error"] for n, e in errors.items()}}]
+            "drift_max_abs": {n: e["max_abs_error"] for n, e in errors.items()},
+            "drift_input_max": {n: e["input_max"] for n, e in errors.items()}}]
         for name, e in errors.items():
             if not e["rel_error"] > self.threshold:
                 continue
@@ -309,10 +312,10 @@ def _reduce_max(errors: dict[str, dict[str, float]]) -> dict[str, dict[str, floa
     if not (dist.is_available() and dist.is_initialized()) or not errors:
         return errors
     names = sorted(errors)
-    flat = torch.tensor([[errors[n]["max_abs_error"], errors[n]["rel_error"]] for n in names],
-                        dtype=torch.float64)
+    keys = ("max_abs_error", "rel_error", "input_max")
+    flat = torch.tensor([[errors[n][k] for k in keys] for n in names], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         flat = flat.cuda()
     dist.all_reduce(flat, op=dist.ReduceOp.MAX)
-    return {n: {"max_abs_error": float(a), "rel_error": float(r)} for n, (a, r) in zip(names, flat.tolist(),
-                                                                                        strict=True)}
+    rows = flat.tolist()
+    return {n: dict(zip(keys, map(float, row), strict=True)) for n, row in zip(names, rows, strict=True)}
