@@ -73,6 +73,8 @@ def summarize(angle_dir: Path | None, exact_dirs: list[Path], parity: Path) -> d
                           "min": min(whole), "max": max(whole)} if whole else None,
             "angle_deg_by_stage_median": {k: statistics.median(v) for k, v in stages.items() if v},
             "drift_rel_error_max": max((v for r in drift for v in r["drift"].values()), default=None),
+            "stream_input_max": max((v for r in drift for v in r.get("drift_input_max", {}).values()),
+                                    default=None),
         }
     if exact_dirs:
         runs = [_summary(d) for d in exact_dirs]
