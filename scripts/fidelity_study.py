@@ -4,7 +4,7 @@ Runs `revnet train` one run at a time (the default recipe: RevNet-38, Fashion-MN
 autocast, 1.75 epochs):
 
 1. `--grad-angle-every 50 --drift-guard-every 50` (seed 0, float mode) into OUT/grad-angle;
-2. `--exact` for each seed into OUT/exact-seedN;
+2. `--exact --drift-guard-every 100` for each seed into OUT/exact-seedN;
 
 then writes docs/fidelity/training.json (angle and drift rows, accuracies, speeds, the
 float reference of docs/parity/results.json) and docs/fidelity/grad_angle.png:
@@ -31,6 +31,7 @@ import torch
 from revnet.train import read_metrics
 
 ANGLE_ARGS = ["--grad-angle-every", "50", "--drift-guard-every", "50"]
+EXACT_ARGS = ["--exact", "--drift-guard-every", "100"]  # the guard logs stream size and rebuild error
 
 
 def run(args: list[str], run_dir: Path, threads: int, extra: list[str]) -> Path:
@@ -77,7 +78,14 @@ def summarize(angle_dir: Path | None, exact_dirs: list[Path], parity: Path) -> d
                                     default=None),
         }
     if exact_dirs:
-        runs = [_summary(d) for d in exact_dirs]
+        runs = []
+        for d in exact_dirs:
+            drift = [r for r in read_metrics(d) if isinstance(r.get("drift"), dict)]
+            runs.append({**_summary(d),
+                         "drift_rel_error_max": max((v for r in drift for v in r["drift"].values()),
+                                                    default=None),
+                         "stream_input_max": max((v for r in drift for v in r["drift_input_max"].values()),
+                                                 default=None)})
         acc = [r["test_accuracy"] for r in runs]
         out["exact"] = {"runs": runs, "mean": statistics.mean(acc),
                         "std": statistics.stdev(acc) if len(acc) > 1 else 0.0}
@@ -135,7 +143,7 @@ def main() -> int:
     angle_dir = None
     if args.angle:
         angle_dir = run([*ANGLE_ARGS, "--seed", "0"], args.out / "grad-angle", args.threads, extra)
-    exact_dirs = [run(["--exact", "--seed", str(s)], args.out / f"exact-seed{s}", args.threads, extra)
+    exact_dirs = [run([*EXACT_ARGS, "--seed", str(s)], args.out / f"exact-seed{s}", args.threads, extra)
                   for s in args.seeds]
     result = summarize(angle_dir, exact_dirs, args.parity)
     result["command"] = "python scripts/fidelity_study.py " + " ".join(sys.argv[1:])
