@@ -113,7 +113,9 @@ def test_speed_against_a_git_revision():
         engine = bench.load_engine("HEAD")
     except RuntimeError:
         pytest.skip("not a git checkout")
-    assert engine.__name__ == "_ReversibleFunction"
+    assert callable(engine)
+    old = bench.load_engine("dcbf00b")  # one Function per sequence, adapted to the same call
+    assert old.__name__ == "_ReversibleFunction@dcbf00b"
     r = bench.speed("revnet38", kinds=("revnet",), reference=None, against="HEAD", batch=2, image_size=8,
                     repeats=1, warmup=0, inference_repeats=0)
     assert set(r["train"]) == {"revnet", "revnet@HEAD"} and "revnet/revnet@HEAD" in r["ratios"]

@@ -8,7 +8,7 @@ from conftest import rel_err
 from torch import nn
 
 import revnet
-from revnet.autograd import _ReversibleFunction
+from revnet.autograd import _KeepOutput, _ReversibleBlock
 
 
 def make_seq(blocks: int = 3, c: int = 4, *, bn: bool = True, dropout: float = 0.0,
@@ -57,11 +57,14 @@ def test_reversible_equals_plain_autograd(dtype, tol):
     assert_same(got, ref, tol)
 
 
-def test_grad_fn_is_the_reversible_function_and_only_output_is_saved():
+def test_graph_is_one_node_per_block_plus_the_output():
     seq = make_seq(16)
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
-    y = seq(x)
-    assert type(y.grad_fn).__name__ == _ReversibleFunction.__name__ + "Backward"
+    node, names = seq(x).grad_fn, []
+    while node is not None and type(node).__name__ != "AccumulateGrad":
+        names.append(type(node).__name__)
+        node = node.next_functions[0][0]
+    assert names == [_KeepOutput.__name__ + "Backward"] + [_ReversibleBlock.__name__ + "Backward"] * 16
 
 
 def saved_bytes(seq, x) -> int:
@@ -309,3 +312,66 @@ def test_odd_channels_in_sequence():
     seq = make_seq(1)
     with pytest.raises(ValueError, match=r"ReversibleSequence.*\(2, 7, 4, 4\).*odd"):
         seq(torch.randn(2, 7, 4, 4, dtype=torch.float64, requires_grad=True))
+
+
+# --- one Function per block: gradients leave as each block finishes --------------------
+
+def test_each_blocks_gradients_leave_before_the_previous_block_is_recomputed():
+    seq = make_seq(3)
+    events = []
+    seq[0].f.register_forward_pre_hook(
+        lambda m, a: events.append("recompute block 0") if torch.is_grad_enabled() else None)
+    seq[2].g[-1].weight.register_post_accumulate_grad_hook(lambda p: events.append("grad of block 2"))
+    seq[0].f[-1].weight.register_post_accumulate_grad_hook(lambda p: events.append("grad of block 0"))
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    seq(x).sum().backward()
+    assert events == ["grad of block 2", "recompute block 0", "grad of block 0"]
+
+
+def test_backward_of_a_block_out_of_order_is_refused():
+    seq = make_seq(2)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    y = seq(x)
+    first_block = y.grad_fn.next_functions[0][0].next_functions[0][0]
+    with pytest.raises(RuntimeError, match="Backward must start from the sequence's output"):
+        first_block.apply(torch.ones(2, 4, 5, 5, dtype=torch.float64),
+                          torch.ones(2, 4, 5, 5, dtype=torch.float64))
+
+
+# --- Recomputed: a non-invertible unit that keeps only its input ----------------------
+
+class Opener(revnet.autograd.Recomputed, nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3),
+                                  nn.Conv2d(4, 8, 3, stride=2, padding=1))
+
+    def forward(self, x):
+        return self.body(x) + torch.tanh(x[:, :, ::2, ::2]).repeat(1, 2, 1, 1)
+
+
+def test_recomputed_unit_equals_plain_and_keeps_only_its_input():
+    torch.manual_seed(0)
+    unit = Opener().double()
+    plain = copy.deepcopy(unit)
+    plain.reversible = False
+    x = torch.randn(4, 4, 6, 6, dtype=torch.float64)
+    hooks = []
+    unit.body[-1].weight.register_hook(lambda g: hooks.append(g))
+    got = run(unit, x, reversible=True, seed=7)
+    ref = run(plain, x, reversible=False, seed=7)
+    assert_same(got, ref, 1e-12)  # dropout mask replayed, same gradients
+    assert len(hooks) == 1  # the parameter's hook fired once
+    for (name, a), b in zip(unit.named_buffers(), plain.buffers(), strict=True):
+        assert torch.equal(a, b), name  # BatchNorm statistics updated once
+    xi = x.clone().requires_grad_()
+    assert saved_bytes(unit, xi) == xi.numel() * xi.element_size()
+    assert revnet.set_reversible(unit, False) == 1 and not unit.reversible
+
+
+def test_revnet_stage_openers_are_recomputed():
+    model = revnet.create_model("revnet38", dtype=torch.float64)
+    openers = [m for m in model.modules() if isinstance(m, revnet.autograd.Recomputed)]
+    assert len(openers) == 2 and all(m.reversible for m in openers)
+    model.reversible = False
+    assert not any(m.reversible for m in openers) and not model.reversible

@@ -38,24 +38,36 @@ def step(model: nn.Module, x: torch.Tensor, reversible: bool):
     return y.detach(), x.grad
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-4)],
-                         ids=["float64", "float32"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("name", revnet.list_models())
-def test_reversible_equals_plain_autograd(name, dtype, tol):
+def test_reversible_equals_plain_autograd(name, dtype):
+    """float64: reversible == plain autograd to 1e-10. float32: both are compared with the
+    float64 truth, and the reversible path must be about as accurate as plain autograd (at
+    batch 4 and tiny resolutions a deep bottleneck net is ill-conditioned: plain float32
+    itself can be 1% off there, so a fixed reversible-vs-plain tolerance tests luck)."""
     size = 32 if name in IMAGENET else 16
-    model = revnet.create_model(name, dtype=dtype)
-    ref = copy.deepcopy(model)
-    x = torch.randn(4, 3, size, size, dtype=dtype)
-    sequences = revnet.set_reversible(model, True)
-    assert (sequences > 0) == name.startswith("revnet")
-    y, gx = step(model, x, reversible=True)
-    y_ref, gx_ref = step(ref, x, reversible=False)
-    assert rel_err(y, y_ref) < tol
-    assert rel_err(gx, gx_ref) < tol
-    for (pname, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+    model = revnet.create_model(name, dtype=torch.float64)
+    x = torch.randn(4, 3, size, size, dtype=torch.float64)
+    truth = copy.deepcopy(model)
+    y_t, gx_t = step(truth, x, reversible=False)
+    model, ref = model.to(dtype), copy.deepcopy(model).to(dtype)
+    units = revnet.set_reversible(model, True)
+    assert (units > 0) == name.startswith("revnet")
+    y, gx = step(model, x.to(dtype), reversible=True)
+    y_ref, gx_ref = step(ref, x.to(dtype), reversible=False)
+    named = list(zip(model.named_parameters(), ref.parameters(), truth.parameters(), strict=True))
+    for (pname, p), *_ in named:
         assert p.grad is not None, f"{name}: {pname} got no gradient"
         assert p.grad.abs().sum() > 0, f"{name}: {pname} got a zero gradient"
-        assert rel_err(p.grad, q.grad) < tol, pname
+    if dtype == torch.float64:
+        pairs = [(y, y_ref), (gx, gx_ref), *((p.grad, q.grad) for (_, p), q, _ in named)]
+        assert max(rel_err(a, b) for a, b in pairs) < 1e-10
+    else:
+        assert rel_err(y, y_ref) == 0  # the forward is the same computation
+        rev = [rel_err(gx, gx_t), *(rel_err(p.grad, t.grad) for (_, p), _, t in named)]
+        plain = [rel_err(gx_ref, gx_t), *(rel_err(q.grad, t.grad) for _, q, t in named)]
+        for r, p_, (label) in zip(rev, plain, ["input", *(n for (n, _), *_ in named)], strict=True):
+            assert r <= 3 * p_ + 1e-5, f"{name}: {label}: reversible {r:.1e} vs plain float32 {p_:.1e}"
     for (bname, a), b in zip(model.named_buffers(), ref.buffers(), strict=True):
         assert torch.equal(a, b), f"{name}: buffer {bname} differs after one step"
 

