@@ -406,7 +406,8 @@ class _Recompute(torch.autograd.Function):
             if outer_rng is not None:
                 _set_rng(outer_rng, ctx.devices)
         wrt = ([xd] if ctx.needs_input_grad[0] else []) + [aliases[i] for i in used]
-        got = list(torch.autograd.grad(y, wrt, dy, allow_unused=True)) if wrt else []
+        out, y = _edge(y), None  # the output's values are not needed for backprop: drop them
+        got = list(torch.autograd.grad(out, wrt, dy, allow_unused=True)) if wrt else []
         dx = got.pop(0) if ctx.needs_input_grad[0] else None
         grads: list[torch.Tensor | None] = [None] * len(ctx.params)
         for i, g in zip(used, got, strict=True):
