@@ -375,3 +375,22 @@ def test_revnet_stage_openers_are_recomputed():
     assert len(openers) == 2 and all(m.reversible for m in openers)
     model.reversible = False
     assert not any(m.reversible for m in openers) and not model.reversible
+
+
+def test_fsdp_unit_inside_a_sequence_is_refused(monkeypatch):
+    import sys
+    import types
+
+    class FakeFSDPModule:  # stands for torch.distributed.fsdp.FSDPModule (needs a process group)
+        pass
+
+    fake = types.SimpleNamespace(FSDPModule=FakeFSDPModule)
+    monkeypatch.setitem(sys.modules, "torch.distributed.fsdp", fake)
+    seq = make_seq(2)
+    branch = seq[1].g
+    branch.__class__ = type("ShardedBranch", (FakeFSDPModule, type(branch)), {})
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"couplings\.1\.g is an FSDP unit"):
+        seq(x)
+    seq.reversible = False
+    seq(x).sum().backward()  # plain autograd is FSDP's own business

@@ -23,6 +23,7 @@ Rules kept here (DESIGN.md, "Rules of the engine"):
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -106,6 +107,7 @@ class ReversibleSequence(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.reversible and torch.is_grad_enabled() and (
                 x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            _refuse_sharded_units(self)
             return _run_reversible(self, x)
         x1, x2 = split(x, self.dim, "ReversibleSequence")
         for c in self.couplings:
@@ -121,6 +123,20 @@ class ReversibleSequence(nn.Module):
 
     def extra_repr(self) -> str:
         return f"reversible={self.reversible}"
+
+
+def _refuse_sharded_units(seq: ReversibleSequence) -> None:
+    """FSDP units inside a sequence lose gradients silently (docs/DISTRIBUTED.md): refuse them."""
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    if fsdp is None:  # FSDP never imported: nothing can be sharded
+        return
+    for name, m in seq.couplings.named_modules():
+        if isinstance(m, fsdp):
+            raise RuntimeError(
+                f"ReversibleSequence: couplings.{name or '*'} is an FSDP unit (fully_shard). The "
+                f"reversible backward runs F and G itself, so FSDP inside a sequence would drop "
+                f"gradients. Fix: apply fully_shard to the whole ReversibleSequence (or the stage "
+                f"holding it), or set it .reversible = False.")
 
 
 def set_reversible(module: nn.Module, enabled: bool) -> int:
