@@ -193,9 +193,10 @@ def test_cli_report_quick(tmp_path):
     out, doc = tmp_path / "benchmarks", tmp_path / "BENCHMARKS.md"
     subprocess.run([sys.executable, "-m", "revnet", "bench", "report", "--quick", "--out", str(out),
                     "--doc", str(doc)], check=True)
-    assert "## Targets" in doc.read_text()
+    text = doc.read_text()
+    assert "## Targets" in text and "## Data path" in text and "the training step's images/s" in text
     assert {p.name for p in out.iterdir()} >= {"memory.json", "memory.png", "speed.json", "speed.png",
-                                                "capacity.json", "capacity.png", "report.json"}
+                                                "capacity.json", "capacity.png", "data.json", "report.json"}
 
 
 def test_loader_throughput_counts_every_image_and_crosses_epochs():

@@ -241,34 +241,46 @@ def _cmd_capacity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_data(args: argparse.Namespace) -> int:
+def _run_data(recipe: str, dataset: str | None, data_dir: str | None, batch: int | None,
+              batches: int, repeats: int, warmup: int, device: str) -> dict[str, Any]:
+    """The loader of ``recipe`` (or ``dataset``) against its training step, images/s each."""
     from . import data
     from .train import RECIPES, TrainConfig
 
-    out = _setup(args)
-    if args.recipe not in RECIPES:
-        raise SystemExit(f"revnet bench data: unknown recipe {args.recipe!r}; known: {sorted(RECIPES)}")
-    cfg = {**TrainConfig().__dict__, **RECIPES[args.recipe]}
-    name = args.dataset or cfg["dataset"]
-    batch = args.batch or cfg["batch_size"]
-    ds = data.load_dataset(name, "train", args.data_dir, **(cfg["synthetic"] if name == "synthetic" else {}))
-    loader = data.Loader(ds, batch, train=True, device=args.device, pad=cfg["crop_pad"], flip=cfg["flip"])
-    batches, repeats = (20, 3) if args.quick else (args.batches, args.repeats)
+    if recipe not in RECIPES:
+        raise SystemExit(f"revnet bench data: unknown recipe {recipe!r}; known: {sorted(RECIPES)}")
+    cfg = {**TrainConfig().__dict__, **RECIPES[recipe]}
+    name = dataset or cfg["dataset"]
+    batch = batch or cfg["batch_size"]
+    ds = data.load_dataset(name, "train", data_dir, **(cfg["synthetic"] if name == "synthetic" else {}))
+    loader = data.Loader(ds, batch, train=True, device=device, pad=cfg["crop_pad"], flip=cfg["flip"])
     load = data.loader_throughput(loader, batches=batches)
     step = bench.train_step_rate(cfg["model"], batch=batch, image_size=ds.image_size[0],
                                  in_chans=ds.in_chans, amp=cfg["amp"], channels_last=cfg["channels_last"],
-                                 repeats=repeats, warmup=1 if args.quick else 2, device=args.device)
-    ratio = load["images_per_s"] / step["images_per_s"]
-    result = {"config": {"recipe": args.recipe, "dataset": name, "batch": batch, "device": args.device,
-                         "threads": step["config"]["threads"]},
-              "loader": load, "train_step": step, "ratio": ratio}
-    print(_text(["path", "images/s", "what"], [
+                                 repeats=repeats, warmup=warmup, device=device)
+    return {"config": {"recipe": recipe, "dataset": name, "batch": batch, "device": device,
+                       "model": cfg["model"], "amp": cfg["amp"], "crop_pad": cfg["crop_pad"],
+                       "flip": cfg["flip"], "threads": step["config"]["threads"]},
+            "loader": load, "train_step": step, "ratio": load["images_per_s"] / step["images_per_s"]}
+
+
+def data_table(result: dict[str, Any]) -> tuple[list[str], list[Row]]:
+    c, load, step = result["config"], result["loader"], result["train_step"]
+    return ["path", "images/s", "what"], [
         ("loader", f"{load['images_per_s']:,.0f}",
-         f"{name} batch {batch}: gather + crop (pad {cfg['crop_pad']}) + flip + normalise"),
+         f"{c['dataset']} batch {c['batch']}: gather + crop (pad {c['crop_pad']}) + flip + normalise"),
         ("training step", f"{step['images_per_s']:,.0f}",
-         f"{cfg['model']}, amp {cfg['amp']}, forward + backward + SGD"),
-    ]))
-    print(f"loader / training step = {ratio:.1f}x")
+         f"{c['model']}, amp {c['amp']}, forward + backward + SGD"),
+    ]
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    out = _setup(args)
+    quick = args.quick
+    result = _run_data(args.recipe, args.dataset, args.data_dir, args.batch, 20 if quick else args.batches,
+                       3 if quick else args.repeats, 1 if quick else 2, args.device)
+    print(_text(*data_table(result)))
+    print(f"loader / training step = {result['ratio']:.1f}x")
     print(f"wrote {_save(out, 'data', result)}")
     return 0
 
@@ -334,7 +346,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         doc = Path(args.doc)
         doc.write_text(render_report(saved["meta"], saved["memory"], saved["speed"], saved["capacity"],
                                      os.path.relpath(Path(args.from_json).parent, doc.parent),
-                                     saved.get("flatness")))
+                                     saved.get("flatness"), saved.get("data")))
         print(f"wrote {doc} from {args.from_json} (measured {saved['meta']['environment']['date']})")
         return 0
     out = _setup(args)
@@ -372,6 +384,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
         verify_max_units=36, **common), **(_QUICK_CAPACITY if quick else {}))
     print(_text(*capacity_table(capacity)))
     _report_files(out, "capacity", capacity, bench.plot_capacity)
+    try:  # the data path of the default training recipe (synthetic data if Fashion-MNIST is absent)
+        loader_vs_step = _run_data("fashion-mnist", None, None, None, 20 if quick else 200,
+                                   3 if quick else 7, 1 if quick else 2, args.device)
+    except (FileNotFoundError, ValueError):
+        loader_vs_step = _run_data("fashion-mnist", "synthetic", None, None, 20 if quick else 200,
+                                   3 if quick else 7, 1 if quick else 2, args.device)
+    print(_text(*data_table(loader_vs_step)))
+    _save(out, "data", loader_vs_step)
     flags = [("--quick", quick), (f"--budget {args.budget}", args.budget != "1GiB" and not quick),
              (f"--against {args.against}", args.against), (f"--threads {args.threads}", args.threads),
              (f"--device {args.device}", args.device != "cpu")]
@@ -380,10 +400,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
             "environment": env, "loadavg_end": bench.environment()["loadavg"],
             "minutes": (time.time() - started) / 60}
     _save(out, "report", {"meta": meta, "memory": memory, "flatness": flat, "speed": speeds,
-                          "capacity": capacity, "environment": env})
+                          "capacity": capacity, "data": loader_vs_step, "environment": env})
     doc = Path(args.doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(render_report(meta, memory, speeds, capacity, os.path.relpath(out, doc.parent), flat))
+    doc.write_text(render_report(meta, memory, speeds, capacity, os.path.relpath(out, doc.parent), flat,
+                                 loader_vs_step))
     print(f"wrote {doc} in {meta['minutes']:.1f} min")
     return 0
 
@@ -600,7 +621,8 @@ def _memcnn_rows(memory: dict[str, Any]) -> list[Row]:
 
 
 def render_report(meta: dict[str, Any], memory: dict[str, Any], speeds: list[dict[str, Any]],
-                  capacity: dict[str, Any], rel: str, flat: dict[str, Any] | None = None) -> str:
+                  capacity: dict[str, Any], rel: str, flat: dict[str, Any] | None = None,
+                  loader_vs_step: dict[str, Any] | None = None) -> str:
     """docs/BENCHMARKS.md: every number below comes from the results passed in."""
     env, h = meta["environment"], _headline(memory, speeds, flat)
     load0, load1 = env["loadavg"][0], meta["loadavg_end"][0]
@@ -696,6 +718,20 @@ def render_report(meta: dict[str, Any], memory: dict[str, Any], speeds: list[dic
         "A RevNet's depth limit is set by its weights alone and lies far beyond what a CPU can "
         "check in minutes: that figure is the line's extrapolation, marked as such.", "",
         _markdown(*capacity_table(capacity)), "",
+    ]
+    if loader_vs_step:
+        c = loader_vs_step["config"]
+        parts += [
+            "## Data path", "",
+            f"The in-memory loader of `revnet train --recipe {c['recipe']}` alone (index gather, batched "
+            "random crop and flip, normalisation) against that recipe's whole training step on random "
+            f"data, {c['threads']} torch thread{'s' if c['threads'] != 1 else ''} each "
+            "(`revnet bench data`):", "",
+            _markdown(*data_table(loader_vs_step)), "",
+            f"The loader delivers **{loader_vs_step['ratio']:.0f}x** the training step's images/s "
+            "(target: at least 20x).", "",
+        ]
+    parts += [
         "## How it is measured", "",
         "- CPU memory: each point runs in a fresh process with `MALLOC_MMAP_THRESHOLD_=65536` (freed "
         "tensors go back to the kernel at once, so resident memory follows live tensors). The model is "
@@ -705,8 +741,9 @@ def render_report(meta: dict[str, Any], memory: dict[str, Any], speeds: list[dic
         "free each gradient as it is accumulated (`register_post_accumulate_grad_hook`); capacity "
         "keeps them. Every point is also checked against the bytes the autograd graph saves for "
         "backward (`torch.autograd.graph.saved_tensors_hooks`).",
-        "- `revnet-checkpoint` wraps every coupling of every `ReversibleSequence` in "
-        "`torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`, on the same modules and weights. "
+        "- `revnet-checkpoint` wraps every coupling of every `ReversibleSequence`, and every stage "
+        "opener, in `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`, on the same modules "
+        "and weights. "
         "(Checkpointing also updates BatchNorm running statistics twice per step; the reversible engine "
         "updates them once.)",
         "- Times: `time.perf_counter` around one step, after warm-up; ratios are ratios of medians. "
