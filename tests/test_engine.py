@@ -394,3 +394,17 @@ def test_fsdp_unit_inside_a_sequence_is_refused(monkeypatch):
         seq(x)
     seq.reversible = False
     seq(x).sum().backward()  # plain autograd is FSDP's own business
+
+
+def test_bf16_stream_is_kept_in_float32_under_autocast():
+    """A bf16 input (a stem under autocast returns bf16) must not make the stream bf16: its
+    rebuild would lose ~1% per block and deep stacks would backprop through noise."""
+    torch.manual_seed(0)
+    seq = make_seq(16, dtype=torch.float32)
+    x = torch.randn(4, 8, 6, 6).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(seq, x, reversible=True)
+        ref = run(copy.deepcopy(seq), x, reversible=False)
+    assert got[0].dtype == torch.float32
+    assert got[1].dtype == torch.bfloat16  # the input's gradient in the input's dtype
+    assert_same(got, ref, 2e-2)

@@ -266,7 +266,9 @@ def test_gradient_angle_orders_precisions_and_is_zero_in_exact_mode():
     x, target = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     f32 = fidelity.gradient_angle(tiny_revnet(), loss_of(x, target))["grad_angle_deg"]
     b16 = fidelity.gradient_angle(tiny_revnet(), loss_of(x, target, autocast=True))["grad_angle_deg"]
-    assert 0 < f32 < 1e-2 < b16  # bf16 rebuilds are far less faithful
+    # Under autocast the residual stream stays float32 (ReversibleSequence), so bf16 rebuilds
+    # are as faithful as float32 ones (with a bf16 stream this angle was above 1e-2 degrees).
+    assert 0 < f32 < 1e-2 and 0 <= b16 < 1e-2
     exact = fidelity.gradient_angle(tiny_revnet(exact=True), loss_of(x, target, autocast=True))
     assert exact["grad_angle_deg"] == 0.0 and exact["grad_rel_diff"] == 0.0
     assert fidelity.stage_of(tiny_revnet(), "stages.1.0.f.0.weight") == "stages.1"

@@ -105,6 +105,11 @@ class ReversibleSequence(nn.Module):
         return self.couplings[i]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
+            # Under autocast the residual stream stays float32 (F and G still compute in bf16/fp16):
+            # a bf16 stream loses ~1% per block when rebuilt (docs/FIDELITY.md). Both modes do it,
+            # so reversible and plain backprop remain the same computation.
+            x = x.float()
         if self.reversible and torch.is_grad_enabled() and (
                 x.requires_grad or any(p.requires_grad for p in self.parameters())):
             _refuse_sharded_units(self)
