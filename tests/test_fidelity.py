@@ -186,13 +186,14 @@ def test_bench_drift_grows_with_depth_and_is_zero_in_exact_mode():
     model = revnet.create_model("revnet38", in_chans=1)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     result = bench.drift("revnet38", state_dict=trained, images=torch.randn(2, 1, 8, 8), depths=(1, 8),
-                         precisions=("float64", "float32", "bf16"), exact_precisions=("float32",))
+                         precisions=bench.DRIFT_PRECISIONS, exact_precisions=("float32",))
     by = {(s["weights"], s["precision"], s["exact"], s["depth"]): s for s in result["summary"]}
-    assert len(by) == 2 * 4 * 2 and {p["sequence"] for p in result["points"]} == {
+    assert len(by) == 2 * 5 * 2 and {p["sequence"] for p in result["points"]} == {
         "stages.0.0", "stages.1.1", "stages.2.1"}
     for w in ("fresh", "trained"):
-        f64, f32, b16 = (by[(w, p, False, 8)]["rel_error"] for p in ("float64", "float32", "bf16"))
-        assert 0 < f64 < 1e-12 < f32 < 1e-4 < b16  # float64 << float32 << bf16
+        f64, f32, b16, b16_model = (by[(w, p, False, 8)]["rel_error"] for p in bench.DRIFT_PRECISIONS)
+        assert 0 < f64 < 1e-12 < f32 < 1e-4 < b16_model  # float64 << float32 << a bf16 stream
+        assert b16 < 1e-2 < b16_model  # under autocast the engine keeps the stream in float32
         assert by[(w, "float32", False, 8)]["rel_error"] > by[(w, "float32", False, 1)]["rel_error"]
         assert by[(w, "float32", True, 8)]["rel_error"] == 0.0  # exact mode
     # Depths past a sequence's own length repeat its blocks.

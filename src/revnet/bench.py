@@ -682,16 +682,17 @@ def capacity(
 # Drift: how far rebuilt activations stray from the stored ones, and what exact mode costs
 # --------------------------------------------------------------------------------------
 
-DRIFT_PRECISIONS = ("float64", "float32", "bf16")
+DRIFT_PRECISIONS = ("float64", "float32", "bf16", "bf16-model")
 
 
 def _precision(net: nn.Module, x: torch.Tensor, precision: str
                ) -> tuple[nn.Module, torch.Tensor, contextlib.AbstractContextManager]:
     """``float64``/``float32``: model and input in that dtype; ``bf16``: float32 weights under
-    bf16 autocast, as ``revnet train --amp bf16`` runs (the residual stream is then bf16)."""
+    bf16 autocast, as ``revnet train --amp bf16`` runs (F and G in bf16, the residual stream
+    kept in float32 by the engine); ``bf16-model``: weights, input and stream all bf16."""
     if precision not in DRIFT_PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {DRIFT_PRECISIONS}.")
-    dtype = torch.float64 if precision == "float64" else torch.float32
+    dtype = {"float64": torch.float64, "bf16-model": torch.bfloat16}.get(precision, torch.float32)
     ctx = (torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16"
            else contextlib.nullcontext())
     return net.to(dtype), x.to(dtype), ctx
@@ -719,7 +720,7 @@ def drift(
             initialisation (seed ``seed``) is always measured too.
         images: the batch (normalised images); default: ``batch`` random normal images.
         depths: numbers of blocks N.
-        precisions: float mode in ``"float64"``, ``"float32"``, ``"bf16"`` (autocast).
+        precisions: float mode in :data:`DRIFT_PRECISIONS` (see ``_precision``).
         exact_precisions: precisions also measured in exact mode (error 0 by design; a
             stream past the range is recorded as ``range_error``).
         exact_bits: fraction bits of exact mode's lattice.
@@ -982,7 +983,8 @@ def plot_capacity(result: dict[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
-_PRECISION_COLORS = {"float64": "tab:green", "float32": "tab:blue", "bf16": "tab:red"}
+_PRECISION_COLORS = {"float64": "tab:green", "float32": "tab:blue", "bf16": "tab:orange",
+                     "bf16-model": "tab:red"}
 
 
 def plot_drift(result: dict[str, Any], path: str | Path) -> Path:

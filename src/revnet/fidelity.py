@@ -53,12 +53,15 @@ def roundtrip(
     Each block's inverse recomputes F and G under the RNG state of its forward (so
     dropout masks match) and BatchNorm normalises with batch statistics (train mode), as
     in the reversible backward; call it under the caller's autocast to replay that too.
-    Runs without grad.
+    Under autocast a bf16/fp16 ``x`` becomes a float32 stream first, as
+    :class:`ReversibleSequence` does. Runs without grad.
 
     Returns:
         ``(y, x_rebuilt)``: the output and the input rebuilt from it.
     """
     devices = [x.device] if x.is_cuda else []
+    if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
+        x = x.float()  # the engine's stream under autocast (ReversibleSequence.forward)
     with torch.no_grad():
         x1, x2 = split(x, dim)
         states = []
