@@ -169,7 +169,15 @@ class Coupling(nn.Module):
 
     def _run(self, label: str, fn: nn.Module, inp: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         version = inp._version
-        h = fn(inp)
+        device = inp.device.type
+        if inp.dtype == torch.float32 and torch.is_autocast_enabled(device):
+            # Under autocast the stream is float32 (ReversibleSequence) but F and G take it in the
+            # autocast dtype, as autocast's own layers would: their normalisations and activations
+            # run at that precision and speed. A fixed function of the stream, so the backward's
+            # recomputation sees the same bits.
+            h = fn(inp.to(torch.get_autocast_dtype(device)))
+        else:
+            h = fn(inp)
         if inp._version != version:
             # The half is needed again (y2 = x2 + G(y1) reads x2 after F ran), and the
             # reversible backward rebuilds it: a write into it breaks both.
