@@ -797,5 +797,8 @@ def _plot_drift(ax: Any, rows: list[dict[str, Any]], events: list[dict[str, Any]
         ax.axvline(e["step"], color="tab:red", alpha=0.4, lw=1)
     ax.set(title="rebuild error (drift guard; red: events)", xlabel="step",
            ylabel="max |x' - x| / max |x|", yscale="log")
-    ax.legend(fontsize=7)
+    if ax.get_lines():
+        ax.legend(fontsize=7)
+    else:  # zero does not go on a log axis: exact mode, or nothing rebuilt
+        ax.text(0.5, 0.5, "every check: 0", transform=ax.transAxes, ha="center")
     ax.grid(alpha=0.3)
