@@ -62,7 +62,7 @@ class TrainConfig:
     model: str = "revnet38"  # registry name (revnet.list_models())
     dataset: str = "fashion-mnist"  # one of revnet.data.DATASETS
     data_dir: str | None = None  # folder of the data set; None: revnet.data.default_data_dir
-    epochs: float = 1.75  # passes over the training set, may be fractional (ignored when steps is set)
+    epochs: float = 1.6  # passes over the training set, may be fractional (ignored when steps is set)
     steps: int | None = None  # total optimiser steps; overrides epochs
     batch_size: int = 128  # global: samples per optimiser step over all processes (each gets 1/world_size)
     lr: float = 0.2  # peak learning rate
