@@ -163,7 +163,9 @@ def test_cli_speed_prints_ratios_and_writes_files(tmp_path, capsys):
                      "--inference-repeats", "1", "--reference", "none", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "revnet/revnet-plain" in printed and "images/s" in printed
-    assert (tmp_path / "speed.png").exists() and "ratios" in json.loads((tmp_path / "speed.json").read_text())
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert (tmp_path / "speed.png").exists() and "ratios" in saved
+    assert saved["config"]["channels_last"]  # the default layout, as revnet train's
 
 
 def test_cli_budget_errors(capsys):

@@ -408,3 +408,16 @@ def test_bf16_stream_is_kept_in_float32_under_autocast():
     assert got[0].dtype == torch.float32
     assert got[1].dtype == torch.bfloat16  # the input's gradient in the input's dtype
     assert_same(got, ref, 2e-2)
+
+
+def test_branches_take_the_float32_stream_in_the_autocast_dtype():
+    seen = []
+    seq = make_seq(2, dtype=torch.float32)
+    seq[0].f.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+    x = torch.randn(2, 8, 5, 5).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = seq(x)
+    assert y.dtype == torch.float32 and seen == [torch.bfloat16]  # stream float32, F's input bf16
+    seen.clear()
+    seq(torch.randn(2, 8, 5, 5)).sum().backward()  # outside autocast: float32 throughout
+    assert seen == [torch.float32, torch.float32]  # forward and the backward's recomputation

@@ -21,8 +21,8 @@ class _StageOpener(Recomputed, RevDownsample):
     """A :class:`RevDownsample` that, in reversible mode, keeps only its input for backward.
 
     Its input is the previous stage's output, which that stage's reversible sequence keeps
-    anyway, so the openers add no stored activations: at RevNet-164, batch 128, this took
-    the step's activation peak from 505 to 345 MiB (``revnet bench memory``).
+    anyway, so the openers add no stored activations (the paper stores them); at RevNet-164
+    they were most of what a step kept (``revnet bench memory`` shows the result).
     """
 
 
