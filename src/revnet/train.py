@@ -135,9 +135,10 @@ class TrainConfig:
 RECIPES: dict[str, dict[str, Any]] = {
     # Sized for a 2-core laptop CPU: RevNet-38 on Fashion-MNIST in a few minutes.
     "fashion-mnist": {},
-    # The longer Fashion-MNIST recipe (docs/PARITY.md): 20 epochs with crop (pad 2) + flip,
-    # about an hour and a half on a 2-core CPU; aims at >= 94% test accuracy.
-    "fashion-mnist-long": dict(epochs=20, crop_pad=2, flip=True),
+    # The longer Fashion-MNIST recipe (docs/PARITY.md): 30 epochs with crop (pad 2) + flip,
+    # about an hour and a half on a 2-core CPU; aims at >= 94% final test accuracy (20 epochs
+    # ended at 93.96%).
+    "fashion-mnist-long": dict(epochs=30, crop_pad=2, flip=True),
     # Gomez et al. 2017, Sec. 5 / official CIFAR config: batch 100, lr 0.1 -> 0.01 at 40k
     # -> 0.001 at 60k, 80k iterations, momentum 0.9, weight decay 2e-4, crop (pad 4) + flip.
     "paper-cifar": dict(
