@@ -385,3 +385,36 @@ def test_exact_training_runs_under_bf16_and_bad_configs_are_refused(tmp_path):
     config = _train_config(args)
     assert (config.exact, config.grad_angle_every, config.drift_guard_every, config.drift_guard_action) == (
         True, 50, 10, "store")
+
+
+def test_resume_keeps_what_the_drift_guard_switched(tmp_path, monkeypatch):
+    """The guard's switches live outside the state dict; last.pt carries them, so a run
+    stopped after a switch and resumed ends with the weights of an uninterrupted one."""
+    import os
+    import signal
+
+    from revnet import train as train_mod
+    from revnet.train import evaluate_checkpoint, fit
+
+    guard = dict(drift_guard_every=4, drift_guard_threshold=1e-12, drift_guard_action="exact")
+    fit(tiny_config(tmp_path, "full", **guard))
+    real, count = train_mod._train_step, {"n": 0}
+
+    def interrupted(run, x, y):
+        out = real(run, x, y)
+        count["n"] += 1
+        if count["n"] == 2:  # after the switch at step 0, before the next check at step 4
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(train_mod, "_train_step", interrupted)
+    assert fit(tiny_config(tmp_path, "part", **guard))["interrupted"]
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
+    assert state["engine_modes"]["exact"] and all(state["engine_modes"]["exact"].values())
+    fit(tiny_config(tmp_path, "part", **guard), resume=True)
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    full = evaluate_checkpoint(tmp_path / "full" / "last.pt")
+    assert evaluate_checkpoint(tmp_path / "part" / "last.pt")["test_accuracy"] == full["test_accuracy"]

@@ -30,6 +30,8 @@ from torch import nn
 
 from . import data as data_mod
 from . import fidelity
+from .autograd import Recomputed, ReversibleSequence
+from .coupling import AdditiveCoupling, set_exact
 from .distributed import DistInfo, DistributedError, init_from_env, is_group_failure, lost_contact, shutdown
 from .fidelity import DRIFT_ACTIONS
 from .models import create_model, list_models
@@ -399,10 +401,35 @@ def _checkpoint(run: _Run) -> dict[str, Any]:
         "step": run.step,
         "best": run.best,
         "rng": _rng_state(run.device),
+        "engine_modes": _engine_modes(run.model),
         "config": asdict(run.config),
         "world_size": run.dist.world_size,
         "torch": torch.__version__,
     }
+
+
+def _engine_modes(model: nn.Module) -> dict[str, dict[str, bool]]:
+    """The per-module engine switches, which the drift guard may flip during a run.
+
+    ``reversible`` of every sequence and recomputed unit, ``exact`` of every additive
+    coupling, by module path. They live outside the state dict, so ``last.pt`` carries
+    them apart: a resumed run must not fall back to the float rebuild the guard left.
+    """
+    out: dict[str, dict[str, bool]] = {"reversible": {}, "exact": {}}
+    for name, m in model.named_modules():
+        if isinstance(m, ReversibleSequence | Recomputed):
+            out["reversible"][name] = bool(m.reversible)
+        if isinstance(m, AdditiveCoupling):
+            out["exact"][name] = bool(m.exact)
+    return out
+
+
+def _set_engine_modes(model: nn.Module, modes: dict[str, dict[str, bool]]) -> None:
+    found = dict(model.named_modules())
+    for name, flag in modes.get("reversible", {}).items():
+        found[name].reversible = flag
+    for name, flag in modes.get("exact", {}).items():
+        set_exact(found[name], flag, prefix=name)
 
 
 _RESUME_MAY_DIFFER = {"out", "device", "data_dir", "dist_timeout"}
@@ -441,6 +468,8 @@ def _restore(run: _Run, path: Path) -> None:
         run.scaler.load_state_dict(state["scaler"])
     run.step, run.best = state["step"], state["best"]
     _set_rng_state(state["rng"], run.device)
+    if "engine_modes" in state:  # older checkpoints lack it
+        _set_engine_modes(run.model, state["engine_modes"])
 
 
 def _config_fields(d: dict[str, Any]) -> dict[str, Any]:
@@ -723,6 +752,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *, data_dir: str | None = None,
     fields.update(device=device, **({"data_dir": data_dir} if data_dir else {}))
     run = _setup(TrainConfig(**fields))
     run.model.load_state_dict(state["model"])
+    _set_engine_modes(run.model, state.get("engine_modes", {}))
     return {"checkpoint": str(path), "step": state["step"],
             **evaluate(run.model, run.test, run.config, run.device)}
 
