@@ -7,6 +7,8 @@ then writes a table (test accuracy mean +- std, wall time, memory) and the curve
 
 Extra arguments after `--` go to every `revnet train` (e.g. `-- --epochs 10`).
 Runs already finished in --out are reused, so an interrupted study continues.
+Only the part of --doc/PARITY.md between the two parity-study markers is rewritten; the
+rest of the page (the longer recipe) is kept.
 """
 
 from __future__ import annotations
@@ -96,18 +98,40 @@ def plot(runs: dict[str, list[Path]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_doc(rows: dict, args: argparse.Namespace, extra: list[str], doc: Path) -> None:
+BEGIN, END = "<!-- parity-study: begin (written by scripts/parity_study.py) -->", "<!-- parity-study: end -->"
+
+
+def _commit() -> str:
+    """The revnet commit, from the checkout holding the imported package."""
+    here = {"cwd": Path(bench.__file__).resolve().parent}
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True, **here)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, **here).stdout.strip()
+        return out.stdout.strip() + (" with uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def write_doc(rows: dict, args: argparse.Namespace, extra: list[str], doc: Path, commit: str) -> None:
     cmd = "python scripts/parity_study.py " + " ".join(
         ["--seeds", *map(str, args.seeds), "--jobs", str(args.jobs), "--out", str(args.out),
          "--doc", str(args.doc)] + (["--", *extra] if extra else []))
+    cfg = rows["RevNet-38 (reversible)"]["config"]
+    length = f"{cfg['epochs']:g} epochs" if cfg.get("epochs") else f"{cfg['steps']} steps"
+    aug = ", ".join(name for name, on in ((f"crop (pad {cfg['crop_pad']})", cfg["crop_pad"]),
+                                          ("flip", cfg["flip"])) if on)
+    precision = f"{cfg['amp']} autocast" if cfg["amp"] != "none" else "float32"
     lines = [
-        "# Parity study: do RevNets train as well as ResNets?", "",
+        BEGIN, "",
         f"Produced by `{cmd}` on {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, {args.jobs} runs at a time with {args.threads} thread(s) each "
-        "(so wall times are comparable within this table, not with a run that has the whole machine).",
-        "", "Recipe: `revnet train` defaults (Fashion-MNIST: bf16 autocast, 1.75 epochs, batch 128, "
-        "SGD lr 0.2 one-cycle, flip; see `config.json` of each run)"
-        + (f" plus `{' '.join(extra)}`" if extra else "") + ".", "",
+        f"torch {torch.__version__}, revnet at commit {commit}, {args.jobs} runs at a time with "
+        f"{args.threads} thread(s) each (so wall times are comparable within this table, not with a "
+        "run that has the whole machine).",
+        "", f"Recipe: `revnet train` defaults (Fashion-MNIST: {precision}, {length}, batch "
+        f"{cfg['batch_size']}, SGD lr {cfg['lr']:g} {cfg['schedule']}, {aug or 'no augmentation'}; see "
+        "`config.json` of each run)" + (f" plus `{' '.join(extra)}`" if extra else "") + ".", "",
         "| configuration | params | test accuracy (mean +- std) | per seed | wall s | img/s "
         "| activation memory / step |",
         "|---|---|---|---|---|---|---|",
@@ -126,9 +150,15 @@ def write_doc(rows: dict, args: argparse.Namespace, extra: list[str], doc: Path)
         "reconstruction error).",
         "- Activation memory: one training step at the recipe's batch, measured in a fresh process "
         "(`revnet.bench.measure`, VmHWM - VmRSS on CPU, parameter gradients excluded).",
-        "", "![curves](parity/curves.png)", "",
+        "", "![curves](parity/curves.png)", "", END,
     ]
-    doc.write_text("\n".join(lines))
+    text = doc.read_text() if doc.is_file() else "# Parity study: do RevNets train as well as ResNets?\n\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + "\n".join(lines) + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+    doc.write_text(text)
 
 
 def main() -> int:
@@ -142,6 +172,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("runs/parity"))
     p.add_argument("--doc", type=Path, default=Path("docs"))
     args = p.parse_args(argv)
+    commit = _commit()  # before the runs: what they train with
     args.out.mkdir(parents=True, exist_ok=True)
     (args.doc / "parity").mkdir(parents=True, exist_ok=True)
     jobs = [(label, seed) for seed in args.seeds for label in CONFIGS]
@@ -151,7 +182,7 @@ def main() -> int:
     rows = summarize(runs, extra)
     (args.doc / "parity" / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot(runs, args.doc / "parity" / "curves.png")
-    write_doc(rows, args, extra, args.doc / "PARITY.md")
+    write_doc(rows, args, extra, args.doc / "PARITY.md", commit)
     print((args.doc / "PARITY.md").read_text())
     return 0
 
