@@ -182,6 +182,7 @@ def test_fashion_bad_files(tmp_path: pathlib.Path, kind: str, match: str) -> Non
     with pytest.raises(ValueError, match=match) as info:
         load_dataset("fashion-mnist", "test", data_dir=tmp_path)
     assert "idx" in str(info.value)  # names the file
+    assert "apt-get install --reinstall dataset-fashion-mnist" in str(info.value)  # and how to get it
 
 
 @pytest.mark.skipif(not SYSTEM_FASHION.is_dir(), reason="dataset-fashion-mnist not installed")
@@ -256,6 +257,7 @@ def test_cifar_bad_pickles(tmp_path: pathlib.Path, batch: object, match: str) ->
     with pytest.raises(ValueError, match=match) as info:
         load_dataset("cifar10", "test", data_dir=tmp_path)
     assert "test_batch" in str(info.value)
+    assert "tar -xzf cifar-10-python.tar.gz" in str(info.value)  # how to get a good one
 
 
 def test_cifar_other_pickle_flavours(tmp_path: pathlib.Path) -> None:

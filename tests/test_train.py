@@ -80,6 +80,21 @@ def test_resume_after_sigterm_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert resumed["test_accuracy"] == full["test_accuracy"]
 
 
+def test_signal_during_the_last_step_completes_the_run(tmp_path, monkeypatch):
+    _interrupt_at(monkeypatch, 4)
+    summary = fit(tiny(tmp_path, "run", steps=4))
+    assert not summary["interrupted"] and summary["step"] == 4
+    assert summary["test_accuracy"] is not None  # the final evaluation ran
+
+
+def test_resuming_a_finished_run_is_refused_and_keeps_its_summary(tmp_path):
+    fit(tiny(tmp_path, "run", steps=3))
+    before = (tmp_path / "run" / "summary.json").read_text()
+    with pytest.raises(ValueError, match=r"finished run \(step 3 of 3\).*revnet eval"):
+        fit(tiny(tmp_path, "run", steps=3), resume=True)
+    assert (tmp_path / "run" / "summary.json").read_text() == before
+
+
 def test_sigterm_in_a_real_process_saves_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "revnet", "train", "--dataset", "synthetic", "--steps", "100000",

@@ -270,14 +270,21 @@ def _load_fashion(root: pathlib.Path, split: str) -> tuple[np.ndarray, np.ndarra
             f"{', '.join(b + '[.gz]' for b in missing)} in {where}. {_FASHION_HELP}"
         )
     images_path, labels_path = paths
-    images = _read_idx(images_path, ndim=3)  # (N, H, W)
-    labels = _read_idx(labels_path, ndim=1)  # (N,)
-    if images.shape[0] != labels.shape[0]:
+    try:
+        images = _read_idx(images_path, ndim=3)  # (N, H, W)
+        labels = _read_idx(labels_path, ndim=1)  # (N,)
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"Fashion-MNIST: {images_path} holds {images.shape[0]} images but {labels_path} "
+                f"holds {labels.shape[0]} labels."
+            )
+        _check_labels(labels, 10, labels_path)
+    except ValueError as e:
         raise ValueError(
-            f"Fashion-MNIST: {images_path} holds {images.shape[0]} images but {labels_path} "
-            f"holds {labels.shape[0]} labels."
-        )
-    _check_labels(labels, 10, labels_path)
+            f"{e} Get intact files with `apt-get install --reinstall dataset-fashion-mnist` "
+            f"(Debian/Ubuntu; {_FASHION_SYSTEM_DIR}), or point --data-dir / REVNET_DATA at a "
+            "folder holding the four Fashion-MNIST IDX files."
+        ) from e
     return images[:, None], labels, folder
 
 
@@ -348,7 +355,13 @@ def _load_cifar(
         )
     images, labels = [], []
     for n in names:
-        x, y = _read_cifar_batch(folder / n, spec)
+        try:
+            x, y = _read_cifar_batch(folder / n, spec)
+        except ValueError as e:
+            raise ValueError(
+                f"{e} Replace it: extract the standard archive {spec.archive} again "
+                f"(`tar -xzf {spec.archive} -C DATA_DIR`)."
+            ) from e
         images.append(x)
         labels.append(y)
     return np.concatenate(images), np.concatenate(labels), folder

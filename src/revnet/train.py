@@ -621,6 +621,10 @@ def _fit(config: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> d
     info.raise_together(error)
     if resume:
         _restore(run, last)
+        if run.step >= run.total:
+            raise ValueError(f"resume: {last} is a finished run (step {run.step} of {run.total}); its "
+                             f"results are in {run.out / 'summary.json'} and `revnet eval {last}` tests it "
+                             f"again. To train more, start a new --out with more --epochs/--steps.")
         log.info("resumed from %s at step %d", last, run.step)
     if info.enabled:
         log.info("DDP: %d processes (%s), %d samples per process per step, peak lr %g", info.world_size,
@@ -688,10 +692,10 @@ def _loop(run: _Run, metrics: Any, stop: dict[str, int], progress: bool) -> bool
                     if run.dist.is_main:
                         _save_atomic(_checkpoint(run), run.out / "last.pt")
                 window.start += time.perf_counter() - paused  # images/s counts training alone
+                if done:  # a signal during the last step: the run is complete all the same
+                    break
                 if stopping:
                     return True
-                if done:
-                    break
     return False
 
 
