@@ -178,6 +178,9 @@ def test_eval_rejects_foreign_files(tmp_path):
         evaluate_checkpoint(bad)
     with pytest.raises(FileNotFoundError):
         evaluate_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable torch checkpoint"):
+        evaluate_checkpoint(tmp_path / "notes.txt")
 
 
 def test_cli_train_eval_plot(tmp_path, capsys):
@@ -193,8 +196,17 @@ def test_cli_train_eval_plot(tmp_path, capsys):
     assert main(["plot", str(out)]) == 0
     assert (out / "curves.png").is_file()
     assert main(["plot", str(tmp_path)]) == 1
+    with (out / "metrics.jsonl").open("a") as f:  # a process killed mid-write leaves half a line
+        f.write('{"step": 4, "lo')
+    assert main(["plot", str(out)]) == 0
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "metrics.jsonl").write_text("garbage\n")
+    assert main(["plot", str(tmp_path / "junk")]) == 1
+    assert "no JSON object per line" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--resume needs --out"):
         main(["train", "--resume"])
+    with pytest.raises(SystemExit, match="paper-imagenet documents .* Pass --dataset"):
+        main(["train", "--recipe", "paper-imagenet"])
 
 
 def test_bf16_autocast_training_and_fractional_epochs(tmp_path):

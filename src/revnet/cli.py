@@ -111,6 +111,12 @@ def _train_config(args: argparse.Namespace) -> Any:
         base["milestones"] = tuple(base.get("milestones", ()))
     else:
         recipe = args.recipe or "fashion-mnist"
+        if recipe == "paper-imagenet" and "dataset" not in given:
+            raise SystemExit(
+                "revnet train: --recipe paper-imagenet documents the paper's ImageNet schedule "
+                "(RevNet-104, batch 256, 600k steps); revnet ships no ImageNet loader, and without "
+                "--dataset it would train on Fashion-MNIST. Pass --dataset to run the schedule on "
+                "another data set.")
         base = {**dataclasses.asdict(TrainConfig()), **RECIPES[recipe], "recipe": recipe}
     fields = {**base, **given}
     if "out" not in given and not args.resume:
@@ -249,7 +255,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
     try:
         print(plot_run(args.run_dir))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"revnet plot: {e}", file=sys.stderr)
         return 1
     return 0

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import signal
 import time
 from collections.abc import Iterator
@@ -749,7 +750,11 @@ def evaluate_checkpoint(path: str | os.PathLike, *, data_dir: str | None = None,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"eval: no checkpoint at {path}.")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"eval: {path} is not a readable torch checkpoint ({type(e).__name__}: {e}); "
+                         f"pass a last.pt or best.pt written by `revnet train`.") from e
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"eval: {path} is not a revnet training checkpoint (no 'model'/'config').")
     fields = _config_fields(state["config"])
@@ -765,7 +770,24 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"plot: no metrics.jsonl in {run_dir}; is it a run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, bad = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            row = None
+            bad.append(number)
+        if isinstance(row, dict):
+            rows.append(row)
+        elif row is not None:
+            bad.append(number)
+    if bad and not rows:
+        raise ValueError(f"plot: {path} holds no JSON object per line (line {bad[0]} is not one); "
+                         f"is it a revnet run's metrics file?")
+    if bad:  # a process killed mid-write leaves a partial line; the rest is still good
+        log.warning("%s: skipped %d line(s) that are not JSON objects (first: line %d)",
+                    path, len(bad), bad[0])
+    return rows
 
 
 def plot_run(run_dir: str | os.PathLike) -> Path:
