@@ -228,3 +228,5 @@ def test_cli_data_prints_the_ratio(tmp_path, capsys):
     saved = json.loads((tmp_path / "data.json").read_text())
     rates = saved["loader"]["images_per_s"], saved["train_step"]["images_per_s"]
     assert saved["ratio"] == pytest.approx(rates[0] / rates[1])
+    assert saved["config"]["crop_pad"] > 0 and saved["config"]["flip"]  # all augmentation is timed
+    assert "gather + random crop (pad 2) + random flip + normalise" in printed
