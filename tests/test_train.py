@@ -80,6 +80,20 @@ def test_resume_after_sigterm_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert resumed["test_accuracy"] == full["test_accuracy"]
 
 
+def test_fp16_with_grad_scaler_trains_and_resumes_exactly(tmp_path, monkeypatch):
+    full = fit(tiny(tmp_path, "full", steps=6, amp="fp16"))
+    state = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    assert state["scaler"] is not None and state["scaler"]["scale"] > 0  # the GradScaler's state is kept
+    _interrupt_at(monkeypatch, 3)
+    assert fit(tiny(tmp_path, "part", steps=6, amp="fp16"))["interrupted"]
+    monkeypatch.undo()
+    resumed = fit(tiny(tmp_path, "part", steps=6, amp="fp16"), resume=True)
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["scaler"] == b["scaler"] and resumed["test_accuracy"] == full["test_accuracy"]
+
+
 def test_signal_during_the_last_step_completes_the_run(tmp_path, monkeypatch):
     _interrupt_at(monkeypatch, 4)
     summary = fit(tiny(tmp_path, "run", steps=4))
