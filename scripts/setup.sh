@@ -26,10 +26,23 @@ digest=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then
   exit 0
 fi
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-# torch is pinned (pyproject.toml) to the 2.13.0 CPU wheel; installing it first, alone,
-# keeps pip from resolving a multi-GB CUDA build for any other requirement.
-.venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+if [ ! -x .venv/bin/pip ]; then  # (a venv made without ensurepip has python but no pip)
+  "$PYTHON" -m venv --clear .venv || {
+    echo "setup: '$PYTHON -m venv' failed; on Debian/Ubuntu install python3-venv" \
+         "(apt-get install python3-venv), or point PYTHON at another python >= 3.10." >&2
+    exit 1
+  }
+fi
+# torch is pinned (pyproject.toml) to 2.13.0 and installed first, alone, so that no other
+# requirement makes pip resolve a CUDA build. A local CPU wheel (pip's find-links) is used
+# as it is; otherwise, on Linux, PyPI's wheel would pull several GB of CUDA libraries, so
+# PyTorch's CPU index is added (TORCH_INDEX overrides it; TORCH_INDEX= keeps PyPI's build).
+pip=(.venv/bin/python -m pip --disable-pip-version-check)
+if [ -z "${TORCH_INDEX+set}" ] && [ "$(uname -s)" = Linux ] \
+    && ! "${pip[@]}" install -q --dry-run --no-deps --no-index "torch==2.13.0" >/dev/null 2>&1; then
+  TORCH_INDEX=https://download.pytorch.org/whl/cpu
+fi
+"${pip[@]}" install -q "torch==2.13.0" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"}
+"${pip[@]}" install -q -e ".[dev]"
 .venv/bin/python -c "import torch, revnet; print('setup: torch', torch.__version__, '| revnet', revnet.__version__)"
 echo "$digest" > "$stamp"
