@@ -94,6 +94,35 @@ def test_fp16_with_grad_scaler_trains_and_resumes_exactly(tmp_path, monkeypatch)
     assert a["scaler"] == b["scaler"] and resumed["test_accuracy"] == full["test_accuracy"]
 
 
+def test_amp_auto_picks_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    for fast, expected in ((True, "bf16"), (False, "none")):
+        monkeypatch.setattr(train_mod, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert train_mod.resolve_amp("auto", cpu) == expected
+        assert train_mod.resolve_amp("fp16", cpu) == "fp16"  # an explicit choice is kept
+    assert TrainConfig().amp == "auto"
+    _interrupt_at(monkeypatch, 2)
+    assert fit(tiny(tmp_path, "run", steps=4, amp="auto"))["interrupted"]  # no fast bf16 (patched)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["amp"] == "none"  # what ran
+    with pytest.raises(ValueError, match="amp: saved 'none' vs now 'bf16'"):
+        fit(tiny(tmp_path, "run", steps=4, amp="bf16"), resume=True)
+    assert fit(tiny(tmp_path, "run", steps=4, amp="auto"), resume=True)["step"] == 4  # same machine
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
+    flags = {"x86 AMX": "flags\t\t: fpu sse avx512f amx_bf16 amx_tile\n",
+             "x86 AVX2 only": "flags\t\t: fpu sse avx2 fma\n",
+             "Arm with BF16": "Features\t: fp asimd sve bf16 i8mm\n"}
+    real_read = train_mod.Path.read_text
+    for name, text in flags.items():
+        monkeypatch.setattr(train_mod.Path, "read_text",
+                            lambda self, *a, text=text, **k: text if str(self) == "/proc/cpuinfo"
+                            else real_read(self, *a, **k))
+        train_mod.cpu_has_fast_bf16.cache_clear()
+        assert train_mod.cpu_has_fast_bf16() == (name != "x86 AVX2 only"), name
+    train_mod.cpu_has_fast_bf16.cache_clear()
+
+
 def test_signal_during_the_last_step_completes_the_run(tmp_path, monkeypatch):
     _interrupt_at(monkeypatch, 4)
     summary = fit(tiny(tmp_path, "run", steps=4))

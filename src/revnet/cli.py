@@ -36,7 +36,9 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--label-smoothing", "label_smoothing", {"type": float}),
     ("--seed", "seed", {"type": int}),
     ("--device", "device", {"help": "auto (cuda if present), cpu, cuda, cuda:N"}),
-    ("--amp", "amp", {"choices": ["none", "bf16", "fp16"], "help": "mixed precision"}),
+    ("--amp", "amp", {"choices": ["auto", "none", "bf16", "fp16"],
+                      "help": "mixed precision; auto (default): bf16 on GPUs that have it (else fp16) and "
+                              "on CPUs with native bf16 (AVX512-BF16, AMX, Arm BF16), else none (float32)"}),
     ("--eval-every", "eval_every", {"type": int, "help": "steps between evaluations (default: each epoch)"}),
     ("--log-every", "log_every", {"type": int}),
     ("--ckpt-every", "ckpt_every", {"type": int}),

@@ -245,12 +245,15 @@ def _cmd_capacity(args: argparse.Namespace) -> int:
 def _run_data(recipe: str, dataset: str | None, data_dir: str | None, batch: int | None,
               batches: int, repeats: int, warmup: int, device: str) -> dict[str, Any]:
     """The loader of ``recipe`` (or ``dataset``) against its training step, images/s each."""
+    import torch
+
     from . import data
-    from .train import RECIPES, TrainConfig
+    from .train import RECIPES, TrainConfig, resolve_amp
 
     if recipe not in RECIPES:
         raise SystemExit(f"revnet bench data: unknown recipe {recipe!r}; known: {sorted(RECIPES)}")
     cfg = {**TrainConfig().__dict__, **RECIPES[recipe]}
+    cfg["amp"] = resolve_amp(cfg["amp"], torch.device(device))
     name = dataset or cfg["dataset"]
     batch = batch or cfg["batch_size"]
     ds = data.load_dataset(name, "train", data_dir, **(cfg["synthetic"] if name == "synthetic" else {}))

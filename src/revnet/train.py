@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -80,7 +81,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     seed: int = 0  # model init, data order and augmentation
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
-    amp: str = "bf16"  # "none", "bf16" or "fp16" (fp16 uses a GradScaler); bf16 is fast on AMX CPUs
+    amp: str = "auto"  # "auto" (resolve_amp), "none", "bf16" or "fp16" (fp16 uses a GradScaler)
     reversible: bool = True  # False: the same model with plain backprop (the baseline)
     channels_last: bool = True  # memory layout of activations (faster convolutions on CPU)
     eval_every: int | None = None  # evaluate every N steps; None: at each epoch's end
@@ -111,7 +112,7 @@ class TrainConfig:
             (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}"),
             (self.schedule in ("onecycle", "step"),
              f"schedule must be 'onecycle' or 'step', got {self.schedule!r}"),
-            (self.amp in ("none", "bf16", "fp16"), f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}"),
+            (self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}"),
             (0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), got {self.warmup}"),
             (self.log_every > 0 and self.ckpt_every > 0, "log_every and ckpt_every must be > 0"),
             (self.norm in _NORMS, f"norm must be one of {sorted(_NORMS)}, got {self.norm!r}"),
@@ -196,6 +197,40 @@ def peak_memory_bytes(device: torch.device) -> int:
     import resource  # fallback off Linux: ru_maxrss is KiB on Linux, bytes on macOS
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic natively (x86 AVX512-BF16 or AMX, Arm BF16).
+
+    Without it bf16 autocast is emulated and slower than float32. Read from /proc/cpuinfo;
+    False where that file does not exist (macOS, Windows).
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = {f for line in text.splitlines() if line.startswith(("flags", "Features"))
+             for f in line.split(":", 1)[1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The precision ``amp="auto"`` means on ``device``; other values are returned as they are.
+
+    CUDA: bf16 where the GPU supports it, else fp16 (with a GradScaler). CPU: bf16 where the
+    CPU has native bf16 (:func:`cpu_has_fast_bf16`), else "none" (float32).
+    """
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_fast_bf16() else "none"
+    return "none"
 
 
 def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -343,6 +378,10 @@ def _setup(config: TrainConfig, info: DistInfo | None = None) -> _Run:
 
     info = info or DistInfo()
     device = _device_for(config, info)
+    if config.amp == "auto":  # resolved once: config.json and checkpoints hold the precision used
+        config = dataclasses.replace(config, amp=resolve_amp(config.amp, device))
+        if info.is_main:
+            log.info("amp auto: %s on %s", config.amp, device)
     per_rank = per_process_batch(config, info.world_size)
     torch.manual_seed(config.seed)
     extra = dict(config.synthetic) if config.dataset == "synthetic" else {}
@@ -632,7 +671,7 @@ def _fit(config: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> d
                  info.backend, run.train.batch_size, config.lr * run.lr_scale)
     if info.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
-        _write_json(asdict(config), run.out / "config.json")
+        _write_json(asdict(run.config), run.out / "config.json")
     t0 = time.perf_counter()
     # Under torchrun a Ctrl-C reaches each worker twice (from the terminal and from torchrun):
     # within the grace period the second one does not abort the checkpoint being written.
