@@ -101,19 +101,6 @@ def plot(runs: dict[str, list[Path]], path: Path) -> None:
 BEGIN, END = "<!-- parity-study: begin (written by scripts/parity_study.py) -->", "<!-- parity-study: end -->"
 
 
-def _commit() -> str:
-    """The revnet commit, from the checkout holding the imported package."""
-    here = {"cwd": Path(bench.__file__).resolve().parent}
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, check=True, **here)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True, **here).stdout.strip()
-        return out.stdout.strip() + (" with uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-
-
 def write_doc(rows: dict, args: argparse.Namespace, extra: list[str], doc: Path, commit: str) -> None:
     cmd = "python scripts/parity_study.py " + " ".join(
         ["--seeds", *map(str, args.seeds), "--jobs", str(args.jobs), "--out", str(args.out),
@@ -172,7 +159,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("runs/parity"))
     p.add_argument("--doc", type=Path, default=Path("docs"))
     args = p.parse_args(argv)
-    commit = _commit()  # before the runs: what they train with
+    # Before the runs: the commit they train with (bench.environment reads the package's checkout).
+    commit = bench.environment()["git_commit"] or "unknown (not a git checkout)"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.doc / "parity").mkdir(parents=True, exist_ok=True)
     jobs = [(label, seed) for seed in args.seeds for label in CONFIGS]

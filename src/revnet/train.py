@@ -508,8 +508,7 @@ def _restore(run: _Run, path: Path) -> None:
         run.scaler.load_state_dict(state["scaler"])
     run.step, run.best = state["step"], state["best"]
     _set_rng_state(state["rng"], run.device)
-    if "engine_modes" in state:  # older checkpoints lack it
-        _set_engine_modes(run.model, state["engine_modes"])
+    _set_engine_modes(run.model, state.get("engine_modes", {}))  # older checkpoints lack it
 
 
 def _config_fields(d: dict[str, Any]) -> dict[str, Any]:
