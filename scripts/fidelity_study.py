@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from revnet.train import read_metrics
+from revnet.training import read_metrics
 
 ANGLE_ARGS = ["--grad-angle-every", "50", "--drift-guard-every", "50"]
 EXACT_ARGS = ["--exact", "--drift-guard-every", "100"]  # the guard logs stream size and rebuild error

@@ -25,9 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from revnet.environment import environment
 
-from revnet import bench
-from revnet.train import read_metrics
+from revnet.bench.memory import measure
+from revnet.bench.sizes import format_bytes
+from revnet.training import read_metrics
 
 CONFIGS = {  # label -> revnet train arguments
     "RevNet-38 (reversible)": ["--model", "revnet38"],
@@ -59,7 +61,7 @@ def summarize(runs: dict[str, list[Path]], extra: list[str]) -> dict:
         cfg = s[0]["config"]
         kind = "resnet" if cfg["model"].startswith("resnet") else (
             "revnet" if cfg["reversible"] else "revnet-plain")
-        mem = bench.measure(kind=kind, model=cfg["model"], batch=cfg["batch_size"],
+        mem = measure(kind=kind, model=cfg["model"], batch=cfg["batch_size"],
                             image_size=s[0]["image_size"])
         rows[label] = {
             "seeds": [r["config"]["seed"] for r in s], "test_accuracy": acc,
@@ -127,7 +129,7 @@ def write_doc(rows: dict, args: argparse.Namespace, extra: list[str], doc: Path,
         per = ", ".join(f"{a:.4f}" for a in r["test_accuracy"])
         lines.append(f"| {label} | {r['params'] / 1e6:.3f}M | {100 * r['mean']:.2f} +- {100 * r['std']:.2f} "
                      f"| {per} | {r['wall_seconds']:.0f} | {r['images_per_s']:.0f} "
-                     f"| {bench.format_bytes(r['activation_bytes'])} |")
+                     f"| {format_bytes(r['activation_bytes'])} |")
     rev, res = rows["RevNet-38 (reversible)"], rows["ResNet-32"]
     plain = rows["RevNet-38 (plain backprop)"]
     lines += [
@@ -136,7 +138,7 @@ def write_doc(rows: dict, args: argparse.Namespace, extra: list[str], doc: Path,
         "(same weights at step 0 and the same batches; they differ only by floating-point "
         "reconstruction error).",
         "- Activation memory: one training step at the recipe's batch, measured in a fresh process "
-        "(`revnet.bench.measure`, VmHWM - VmRSS on CPU, parameter gradients excluded).",
+        "(`revnet.measure`, VmHWM - VmRSS on CPU, parameter gradients excluded).",
         "", "![curves](parity/curves.png)", "", END,
     ]
     text = doc.read_text() if doc.is_file() else "# Parity study: do RevNets train as well as ResNets?\n\n"
@@ -159,8 +161,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("runs/parity"))
     p.add_argument("--doc", type=Path, default=Path("docs"))
     args = p.parse_args(argv)
-    # Before the runs: the commit they train with (bench.environment reads the package's checkout).
-    commit = bench.environment()["git_commit"] or "unknown (not a git checkout)"
+    # Before the runs: the commit they train with (environment reads the package's checkout).
+    commit = environment()["git_commit"] or "unknown (not a git checkout)"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.doc / "parity").mkdir(parents=True, exist_ok=True)
     jobs = [(label, seed) for seed in args.seeds for label in CONFIGS]

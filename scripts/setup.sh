@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv and installs revnet with its dev tools; with --data, also the Debian
-# package that ships Fashion-MNIST (needs root and apt-get). Safe to run again.
+# Creates .venv and installs revnet with its training and dev tools, torch pinned by
+# scripts/constraints.txt; with --data, also the Debian package that ships Fashion-MNIST
+# (needs root and apt-get). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +23,8 @@ fi
 
 # The stamp records what was installed, so a second run takes a second.
 stamp=.venv/.revnet-installed
-digest=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+constraints=scripts/constraints.txt
+digest=$(cat pyproject.toml scripts/setup.sh "$constraints" | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then
   exit 0
 fi
@@ -33,16 +35,18 @@ if [ ! -x .venv/bin/pip ]; then  # (a venv made without ensurepip has python but
     exit 1
   }
 fi
-# torch is pinned (pyproject.toml) to 2.13.0 and installed first, alone, so that no other
-# requirement makes pip resolve a CUDA build. A local CPU wheel (pip's find-links) is used
-# as it is; otherwise, on Linux, PyPI's wheel would pull several GB of CUDA libraries, so
-# PyTorch's CPU index is added (TORCH_INDEX overrides it; TORCH_INDEX= keeps PyPI's build).
+# torch is pinned by the constraints file (the package asks only for a floor) and installed
+# first, alone, so that no other requirement makes pip resolve a CUDA build. A local CPU
+# wheel (pip's find-links) is used as it is; otherwise, on Linux, PyPI's wheel would pull
+# several GB of CUDA libraries, so PyTorch's CPU index is added (TORCH_INDEX overrides it;
+# TORCH_INDEX= keeps PyPI's build).
+torch_pin=$(grep -E '^torch==' "$constraints")
 pip=(.venv/bin/python -m pip --disable-pip-version-check)
 if [ -z "${TORCH_INDEX+set}" ] && [ "$(uname -s)" = Linux ] \
-    && ! "${pip[@]}" install -q --dry-run --no-deps --no-index "torch==2.13.0" >/dev/null 2>&1; then
+    && ! "${pip[@]}" install -q --dry-run --no-deps --no-index "$torch_pin" >/dev/null 2>&1; then
   TORCH_INDEX=https://download.pytorch.org/whl/cpu
 fi
-"${pip[@]}" install -q "torch==2.13.0" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"}
-"${pip[@]}" install -q -e ".[dev]"
+"${pip[@]}" install -q "$torch_pin" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"}
+"${pip[@]}" install -q -c "$constraints" -e ".[dev]"
 .venv/bin/python -c "import torch, revnet; print('setup: torch', torch.__version__, '| revnet', revnet.__version__)"
 echo "$digest" > "$stamp"

@@ -1,15 +1,34 @@
-"""revnet: memory-free backpropagation for PyTorch (Gomez et al., NeurIPS 2017)."""
+"""revnet: memory-free backpropagation for PyTorch (Gomez et al., NeurIPS 2017).
 
-from .autograd import ReversibleSequence, set_reversible
-from .coupling import AdditiveCoupling, AffineCoupling, Coupling, set_exact
+The package in four parts, each importing only the parts below it:
+
+- ``revnet.engine``: reversible couplings and the backward that rebuilds activations;
+- ``revnet.models``: the model zoo (RevNets and their ResNet baselines) and its registry;
+- ``revnet.training``: ``revnet train`` as a library (``fit(config)``): data, loop, checkpoints;
+- ``revnet.bench``: the measurements behind ``revnet bench`` (memory, speed, capacity, drift);
+
+and ``revnet.cli``, the command line. ``import revnet`` loads the engine and the zoo only,
+which need nothing but torch.
+"""
+
+from ._version import __version__
+from .engine import (
+    AdditiveCoupling,
+    AffineCoupling,
+    Coupling,
+    Recomputed,
+    ReversibleSequence,
+    set_exact,
+    set_reversible,
+)
 from .models import ResNet, RevNet, create_model, list_models, register_model
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "AdditiveCoupling",
     "AffineCoupling",
     "Coupling",
+    "Recomputed",
     "ResNet",
     "RevNet",
     "ReversibleSequence",

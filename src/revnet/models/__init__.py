@@ -1,6 +1,12 @@
-"""The model zoo: the paper's RevNets and their ResNet baselines."""
+"""The model zoo: the paper's RevNets and their ResNet baselines, and the registry.
 
-from ._registry import create_model, list_models, register_model
+- :mod:`.layers`: residual functions, stage openers, stems and the head;
+- :mod:`.classifier`: the ``stem -> stages -> head`` frame both families share;
+- :mod:`.resnet`, :mod:`.revnet`: the builders and their registered constructors;
+- :mod:`.registry`: ``register_model``, ``create_model``, ``list_models``.
+"""
+
+from .registry import create_model, list_models, register_model
 from .resnet import ResNet
 from .revnet import RevNet
 

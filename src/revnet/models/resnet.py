@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import BasicResidual, BottleneckResidual, Head, ResidualUnit, shortcut
-from ._common import EXPANSION, Classifier, check_config, make_stem
-from ._registry import register_model
+from .classifier import EXPANSION, Classifier, check_config, make_stem
+from .layers import BasicResidual, BottleneckResidual, Head, ResidualUnit, shortcut
+from .registry import register_model
 
 __all__ = ["ResNet"]
 

@@ -8,11 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..autograd import Recomputed, ReversibleSequence, set_reversible
-from ..coupling import AdditiveCoupling, set_exact
-from ..layers import BasicResidual, BottleneckResidual, Head, RevDownsample, shortcut
-from ._common import EXPANSION, Classifier, check_config, make_stem
-from ._registry import register_model
+from ..engine import AdditiveCoupling, Recomputed, ReversibleSequence, set_exact, set_reversible
+from .classifier import EXPANSION, Classifier, check_config, make_stem
+from .layers import BasicResidual, BottleneckResidual, Head, RevDownsample, shortcut
+from .registry import register_model
 
 __all__ = ["RevNet"]
 

@@ -1,0 +1,237 @@
+"""Activation memory of one training step, each point in a fresh process (DESIGN.md, "How to measure").
+
+On CPU a point runs in a fresh process with ``MALLOC_MMAP_THRESHOLD_=65536`` (freed
+tensors leave the process at once); the peak resident set of one training step is read
+from ``/proc/self/status`` after the high-water mark was reset just before the step. On
+CUDA, ``torch.cuda.max_memory_allocated``. Either way the bytes saved for backward are
+counted too, as a cross-check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine import set_exact
+from .modes import KINDS, Progress, SavedBytes, build, depth_of, make_batch, run_mode, sync
+
+__all__ = ["measure", "memory_point", "memory_sweep", "step_memory"]
+
+def proc_status(field: str) -> int:
+    """A memory line of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}; CPU memory needs Linux.")
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _drop_grad(p: torch.Tensor) -> None:
+    p.grad = None  # post-accumulate-grad hook: gradients leave the measurement at once
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
+
+
+def step_memory(
+    model: nn.Module, inputs: torch.Tensor, loss_fn: Callable[[Any], torch.Tensor] | None = None, *,
+    grads: str = "freed", warmup_inputs: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """Memory of one training step of any model, in this process: forward, ``loss_fn``, backward.
+
+    The step runs once to warm up (on ``warmup_inputs``, default ``inputs``), gradients
+    are freed, then it runs again under measurement: on CUDA the allocator's peak, on CPU
+    (Linux) the peak resident set above the level before the step. On CPU the process's
+    large allocations are made to go back to the system when freed (glibc's mmap
+    threshold, as ``MALLOC_MMAP_THRESHOLD_=65536``), so the peak follows live tensors; a
+    fresh process (:func:`measure`) is cleaner still, since nothing earlier is cached.
+
+    Args:
+        model: the model, in the mode to measure (e.g. after :func:`revnet.set_reversible`).
+        inputs: one batch as the model takes it.
+        loss_fn: ``loss_fn(output) -> scalar``; default ``output.float().square().mean()``.
+        grads: ``"freed"``: each parameter's gradient is dropped the moment it has been
+            accumulated, so the peak holds activations, workspace and gradients still in
+            flight: the activation measurement. ``"kept"``: gradients stay, as in an
+            ordinary step: what the step needs in all.
+        warmup_inputs: batch of the warm-up step.
+
+    Returns:
+        ``peak_bytes`` (the step's peak above the level before it), ``grad_bytes`` (the
+        parameter gradients), ``activation_bytes`` (``peak_bytes``, or with ``"kept"``
+        ``peak_bytes - grad_bytes``, a lower bound), ``saved_bytes`` (distinct storages
+        the autograd graph keeps for backward, parameters excluded: the cross-check),
+        ``total_bytes`` (weights, buffers, the batch, gradients and the peak),
+        ``params`` and ``method``.
+    """
+    if grads not in ("freed", "kept"):
+        raise ValueError(f"step_memory: grads must be 'freed' or 'kept', got {grads!r}.")
+    loss_fn = loss_fn or _square_mean
+    dev = inputs.device
+    cuda = dev.type == "cuda"
+    if not cuda:
+        _return_freed_memory()
+    level = (lambda: torch.cuda.memory_allocated(dev)) if cuda else (lambda: proc_status("VmRSS"))
+
+    def step(saved: SavedBytes | None = None, x: torch.Tensor = inputs) -> None:
+        # Only the forward is counted: what backward recomputes and frees is not kept.
+        with saved if saved is not None else contextlib.nullcontext():
+            loss = loss_fn(model(x))
+        loss.backward()
+
+    step(x=inputs if warmup_inputs is None else warmup_inputs)
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    sync(dev)
+    before = level()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    else:
+        reset_peak_rss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    hooks = [p.register_post_accumulate_grad_hook(_drop_grad) for p in params] if grads == "freed" else []
+    saved = SavedBytes(model)
+    try:
+        step(saved)
+        sync(dev)
+    finally:
+        for h in hooks:
+            h.remove()
+    peak = torch.cuda.max_memory_allocated(dev) if cuda else proc_status("VmHWM")
+    grad_bytes = sum(map(nbytes, params))
+    # Tensors only (not the interpreter, libraries or thread stacks), as CUDA's allocator counts.
+    resident = sum(map(nbytes, [*model.parameters(), *model.buffers(), inputs]))
+    kept = grad_bytes if grads == "kept" else 0
+    return {"params": sum(p.numel() for p in params), "grads": grads, "peak_bytes": peak - before,
+            "grad_bytes": grad_bytes, "activation_bytes": peak - before - kept, "saved_bytes": saved.total,
+            "total_bytes": resident + grad_bytes - kept + peak - before,
+            "method": "cuda.max_memory_allocated" if cuda else "VmHWM-VmRSS"}
+
+
+def _square_mean(output: torch.Tensor) -> torch.Tensor:
+    return output.float().square().mean()
+
+
+def _return_freed_memory() -> None:
+    """glibc: allocations of 64 KiB and more get their own mappings, returned to the system when freed.
+
+    What ``MALLOC_MMAP_THRESHOLD_=65536`` does at start-up (then this is a no-op); without it
+    glibc keeps freed blocks, and a step that reuses them shows no peak in resident memory.
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+
+
+def memory_point(
+    kind: str, units: int | None = None, *, model: str | None = None, block: str = "basic",
+    batch: int = 32, image_size: int = 32, in_chans: int = 3, warmup_batch: int | None = None,
+    grads: str = "freed", device: str = "cpu", dtype: str = "float32", seed: int = 0, exact: bool = False,
+) -> dict[str, Any]:
+    """Memory of one training step (forward, cross-entropy, backward) of a zoo network, in this process.
+
+    Prefer :func:`measure`, which gives CPU points a fresh process. See :func:`step_memory`
+    (``grads``, and what is returned besides the configuration).
+
+    Args:
+        kind: one of :data:`KINDS`.
+        units: units per stage of a sweep network (:func:`revnet.bench.modes.build`), or
+        model: a registered model.
+        warmup_batch: batch of the warm-up step (default ``batch``).
+        exact: a RevNet's couplings in exact mode (:func:`revnet.set_exact`).
+    """
+    torch.manual_seed(seed)
+    net = build(kind, units, model=model, block=block, in_chans=in_chans, device=device,
+                dtype=getattr(torch, dtype))
+    if exact and not set_exact(net, True):
+        raise ValueError(f"memory_point: exact mode needs a RevNet, got kind {kind!r}.")
+    x, y = make_batch(net, batch, image_size, in_chans)
+    with run_mode(net, kind):
+        warm_x, warm_y = make_batch(net, warmup_batch or batch, image_size, in_chans)
+        labels = {len(warm_y): warm_y, len(y): y}  # by batch size: the warm-up's may differ
+        result = step_memory(net, x, lambda out: F.cross_entropy(out, labels[out.shape[0]]), grads=grads,
+                             warmup_inputs=warm_x)
+    result["total_bytes"] += nbytes(y)  # the batch: images and labels
+    return {
+        "kind": kind, "units": units, "model": model, "block": block,
+        "depth": depth_of(kind, units, block) if model is None else int(re.sub(r"\D", "", model)),
+        "batch": batch, "image_size": image_size, "in_chans": in_chans, "device": device,
+        "dtype": dtype, "exact": exact, **result,
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+    }
+
+
+def measure(timeout: float = 1800.0, **point: Any) -> dict[str, Any]:
+    """:func:`memory_point` in a fresh process on CPU (in this one on CUDA).
+
+    Raises:
+        RuntimeError: the worker process failed; its stderr is in the message.
+    """
+    if torch.device(point.get("device", "cpu")).type == "cuda":
+        return memory_point(**point)
+    src = str(Path(__file__).resolve().parents[2])  # the folder holding the revnet package
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
+               PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
+               OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.run([sys.executable, "-m", "revnet.bench.worker", json.dumps(point)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory worker for {point} exited with {proc.returncode}:\n"
+                           f"{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def memory_sweep(
+    units: Sequence[int] = (1, 3, 9, 18, 36), kinds: Sequence[str] = KINDS, *,
+    models: Sequence[str] = (), block: str = "basic", batch: int = 32, model_batch: int = 128,
+    image_size: int = 32, device: str = "cpu", dtype: str = "float32", progress: Progress = None,
+) -> dict[str, Any]:
+    """Memory across depth, plus the paper's named models.
+
+    Depths are matched: a RevNet with ``n`` units per stage (``12n+2`` layers, basic) is
+    compared with a ResNet with ``2n`` units per stage (``6(2n)+2`` layers).
+
+    Args:
+        units: RevNet units per stage to sweep (the ResNet gets twice as many).
+        kinds: which of :data:`KINDS` to run.
+        models: registered models to measure at ``model_batch``; RevNets run in every
+            RevNet kind of ``kinds``, ResNets as ``resnet``.
+        block: residual function of the sweep networks.
+        batch: batch of the sweep points.
+        progress: called with each finished point.
+    """
+    plan = [{"kind": k, "units": 2 * n if k == "resnet" else n, "block": block, "batch": batch}
+            for n in units for k in kinds]
+    for name in models:
+        rev = name.startswith("revnet")
+        plan += [{"kind": k, "model": name, "batch": model_batch}
+                 for k in kinds if (k != "resnet") == rev]
+    points = []
+    for p in plan:
+        points.append(measure(**p, image_size=image_size, device=device, dtype=dtype))
+        if progress is not None:
+            progress(points[-1])
+    config = {"units": list(units), "kinds": list(kinds), "models": list(models), "block": block,
+              "batch": batch, "model_batch": model_batch, "image_size": image_size,
+              "device": device, "dtype": dtype}
+    return {"config": config, "points": points}

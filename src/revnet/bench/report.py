@@ -1,0 +1,246 @@
+"""docs/BENCHMARKS.md, rendered from the results of one ``revnet bench report`` run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .modes import PAPER_PAIRS, RESNET_CHANNELS, REVNET_CHANNELS
+from .sizes import format_bytes
+from .tables import (
+    Row,
+    augmentation,
+    capacity_table,
+    data_table,
+    markdown_table,
+    memory_table,
+    mib,
+    models_table,
+    speed_table,
+)
+
+__all__ = ["render_report"]
+
+_MEMCNN_MB = {"32/38": (238.6, 85.6), "110/110": (810.7, 85.7), "164/164": (2452.8, 432.7)}
+
+
+def _point(memory: dict[str, Any], kind: str, model: str | None = None,
+           units: int | None = None) -> dict[str, Any] | None:
+    return next((p for p in memory["points"] if p["kind"] == kind and p["model"] == model
+                 and (units is None or p["units"] == units)), None)
+
+
+def _act(p: dict[str, Any] | None) -> float | None:
+    return None if p is None else p["activation_bytes"]
+
+
+def _growth(res: dict[str, Any]) -> tuple[int, int, float | None, float | None]:
+    """RevNet from 3 (or the fewest) to the most units of a sweep: activation, saved growth."""
+    units = res["config"]["units"]
+    lo, hi = (3 if 3 in units else min(units)), max(units)
+    a, b = _point(res, "revnet", units=lo), _point(res, "revnet", units=hi)
+    if a is None or b is None:
+        return lo, hi, None, None
+    return (lo, hi, b["activation_bytes"] / a["activation_bytes"] - 1,
+            b["saved_bytes"] / a["saved_bytes"] - 1)
+
+
+def _headline(memory: dict[str, Any], speeds: list[dict[str, Any]],
+              flat: dict[str, Any] | None = None) -> dict[str, float | None]:
+    """The issue's target figures, from the results (None where a run did not measure it)."""
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None or not b else a / b
+
+    h: dict[str, float | None] = {}
+    for res, rev in (("resnet110", "revnet110"), ("resnet164", "revnet164"), ("resnet32", "revnet38")):
+        h[f"{rev}/{res}"] = ratio(_act(_point(memory, "revnet", rev)), _act(_point(memory, "resnet", res)))
+    for tag, res in (("sweep", memory), ("flat", flat)):
+        h[f"growth {tag}"], h[f"saved growth {tag}"] = _growth(res)[2:] if res else (None, None)
+    h["revnet38 revnet/checkpoint memory"] = ratio(_act(_point(memory, "revnet", "revnet38")),
+                                                    _act(_point(memory, "revnet-checkpoint", "revnet38")))
+    for sp in speeds[:2]:
+        tag = "channels_last" if sp["config"]["channels_last"] else "contiguous"
+        for key in ("revnet/revnet-plain", "revnet/revnet-checkpoint", "inference revnet/revnet-plain"):
+            h[f"{key} ({tag})"] = sp["ratios"].get(key)
+    return h
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _check(v: float | None, ok: bool) -> str:
+    return "n/a" if v is None else ("met" if ok else "**not met**")
+
+
+def _targets(h: dict[str, float | None], memory: dict[str, Any], flat: dict[str, Any] | None) -> list[Row]:
+    rows: list[Row] = []
+    for sweep in (flat, memory):
+        if not sweep:
+            continue
+        lo, hi, g, sg = _growth(sweep)
+        measured = "n/a" if g is None or sg is None else f"{g:+.1%} (saved for backward: {sg:+.1%})"
+        rows.append([f"RevNet activation memory, {lo} -> {hi} units per stage, batch "
+                     f"{sweep['config']['batch']}", "grows <= 5%", measured,
+                     _check(g, g is not None and g <= 0.05)])
+    for rev, res, limit in (("revnet110", "resnet110", 10), ("revnet164", "resnet164", 8)):
+        r = h[f"{rev}/{res}"]
+        rows.append([f"{rev} / {res} activation memory, batch 128", f"<= 1/{limit}",
+                     "n/a" if r is None else f"1/{1 / r:.1f}", _check(r, r is not None and r <= 1 / limit)])
+    for tag in ("contiguous", "channels_last"):
+        r = h.get(f"revnet/revnet-plain ({tag})")
+        rows.append([f"revnet38 step, reversible / plain autograd ({tag})", "<= 1.25",
+                     _fmt(r, ".3f"), _check(r, r is not None and r <= 1.25)])
+        r = h.get(f"revnet/revnet-checkpoint ({tag})")
+        rows.append([f"revnet38 step, reversible / checkpoint ({tag})", "<= 1.00",
+                     _fmt(r, ".3f"), _check(r, r is not None and r <= 1.0)])
+    r = h["revnet38 revnet/checkpoint memory"]
+    rows.append(["revnet38 activation memory, reversible / checkpoint", "< 1", _fmt(r, ".3f"),
+                 _check(r, r is not None and r < 1)])
+    for tag in ("contiguous", "channels_last"):
+        r = h.get(f"inference revnet/revnet-plain ({tag})")
+        over = None if r is None else r - 1
+        rows.append([f"inference overhead of reversible mode ({tag})", "<= 2%",
+                     "n/a" if over is None else f"{over:+.1%}", _check(r, over is not None and over <= 0.02)])
+    return rows
+
+
+def _memcnn_rows(memory: dict[str, Any]) -> list[Row]:
+    rows = []
+    for (res, rev), (m_res, m_rev) in zip(PAPER_PAIRS, _MEMCNN_MB.values(), strict=True):
+        a, b = _act(_point(memory, "resnet", res)), _act(_point(memory, "revnet", rev))
+        ours = "n/a" if a is None or b is None else f"{mib(a)} vs {mib(b)} ({a / b:.1f}x)"
+        rows.append([f"{res} vs {rev}", ours, f"{m_res} vs {m_rev} MB ({m_res / m_rev:.1f}x)"])
+    return rows
+
+
+def render_report(meta: dict[str, Any], memory: dict[str, Any], speeds: list[dict[str, Any]],
+                  capacity: dict[str, Any], rel: str, flat: dict[str, Any] | None = None,
+                  loader_vs_step: dict[str, Any] | None = None) -> str:
+    """docs/BENCHMARKS.md: every number below comes from the results passed in."""
+    env, h = meta["environment"], _headline(memory, speeds, flat)
+    load0, load1 = env["loadavg"][0], meta["loadavg_end"][0]
+    busy = max(load0, load1) > env["torch_threads"] + 0.5  # more than this run's own threads
+    mc, sc0 = memory["config"], speeds[0]["config"]
+    parts = [
+        "# Benchmarks: memory, speed and capacity of reversible backprop",
+        "",
+        f"Generated by `{meta['command']}` ({meta['minutes']:.1f} min). Do not edit by hand: rerun it.",
+        "",
+        f"- machine: {env['cpu']}, {env['cpu_count']} cores (torch threads: {env['torch_threads']}), "
+        f"{mib(env['memory_bytes'] or 0)} MiB RAM{', GPU ' + env['cuda'] if env['cuda'] else ''}",
+        f"- software: torch {env['torch']}, Python {env['python']}, {env['platform']}",
+        f"- date: {env['date']}, git commit {env['git_commit']}",
+        f"- load average (1 min) at start / end: {load0:.2f} / {load1:.2f}"
+        + (" -- **the machine was busy with other work: absolute times are inflated; the ratios "
+           "alternate the runs in one process and are the figures to read.**" if busy else ""),
+        "",
+        "## Targets",
+        "",
+        markdown_table(["what", "target", "measured", ""], _targets(h, memory, flat)),
+        "",
+        "## Activation memory across depth",
+        "",
+        f"![activation memory against depth]({rel}/memory.png)",
+        "",
+        f"One training step (forward, cross-entropy, backward) at batch {mc['batch']}, "
+        f"{mc['image_size']}x{mc['image_size']} images, {mc['device']}, {mc['dtype']}. "
+        f"ResNet: widths {'-'.join(map(str, RESNET_CHANNELS))} with 2n units per stage "
+        f"(6(2n)+2 layers); RevNet: widths {'-'.join(map(str, REVNET_CHANNELS))} with n units "
+        "per stage (12n+2 layers), so each row compares networks of equal depth and about equal "
+        "parameters. The three RevNet columns are the same network and weights trained three ways. "
+        "Each parameter gradient is freed the moment it is accumulated, so the figures hold "
+        "activations, workspace and the gradients still in flight. The reversible engine runs one "
+        "autograd Function per block, so a block's parameter gradients leave as soon as that block's "
+        "backward ends, and the stage openers (which cannot be inverted) keep only their input, "
+        "which the stage before them keeps anyway, and are recomputed in backward. The three kinds "
+        "differ in what they keep: `revnet-checkpoint` keeps every block's input (its openers are "
+        "checkpointed too); `revnet-plain` and `resnet` keep every activation. The bytes saved for "
+        "backward (the cross-check) show the activations alone.",
+        "",
+        markdown_table(*memory_table(memory)),
+        "",
+    ]
+    if mc["models"]:
+        parts += [
+            f"## The paper's models at batch {mc['model_batch']}",
+            "",
+            "`activation` = peak of the step above the level before it, each parameter gradient "
+            "being freed the moment it has been accumulated (so the figure holds activations, "
+            "workspace and gradients still in flight); `saved` = distinct tensors the autograd graph "
+            "keeps for backward (the cross-check); `step total` = weights, buffers, the batch and all "
+            "gradients plus that peak.",
+            "",
+            markdown_table(*models_table(memory)),
+            "",
+            "Against the published reference points (MemCNN, CIFAR-10 at batch 128, PyTorch on a GPU; "
+            "our CPU figures count activations only and differ in what is stored, so compare the ratios):",
+            "",
+            markdown_table(["pair", "this machine, activation MiB", "MemCNN"], _memcnn_rows(memory)),
+            "",
+        ]
+    parts += ["## Speed", "", f"![training step time]({rel}/speed.png)", "",
+              "One training step = forward + cross-entropy + backward; the optimizer update (the same "
+              "for all) is left out. Runs alternate in one process, the order rotated every repeat; "
+              "medians with quartiles. `revnet` runs the same model and weights as `revnet-plain` and "
+              "`revnet-checkpoint`; the ResNet is a separate model, timed in the same loop for scale. "
+              "Inference: `eval()` under `torch.no_grad()`.", ""]
+    for sp in speeds:
+        c = sp["config"]
+        layout = "channels_last" if c["channels_last"] else "contiguous (NCHW)"
+        parts += [f"**{c['model']}, batch {c['batch']}, {c['image_size']}px, {c['device']}, {layout}, "
+                  f"{c['threads']} torch thread{'s' if c['threads'] != 1 else ''}, {c['repeats']} repeats "
+                  f"after {c['warmup']} warm-up**", "",
+                  markdown_table(*speed_table(sp)), "",
+                  "Spread of the per-repeat ratios: " + "; ".join(
+                      f"{k} {v['median']:.3f} (min {v['min']:.3f}, max {v['max']:.3f})"
+                      for k, v in sp["pair_ratios"].items()), ""]
+    ab = "measured above" if sc0.get("against") else "not measured in this run: pass --against REV"
+    parts += ["For scale: the paper reports 1.5-2x per update for its implementation, the theory 1.33x "
+              "(four passes instead of three), and MemCNN RevNet-164 1.47x slower than ResNet-164.", "",
+              "Engine before/after: runs named `revnet@REV` use the reversible engine of git revision REV "
+              f"on the same model and weights, alternated with the current one ({ab}).", ""]
+    cc = capacity["config"]
+    parts += [
+        f"## Capacity under {format_bytes(cc['budget_bytes'])}", "",
+        f"![largest batch under the budget]({rel}/capacity.png)", "",
+        "Memory here is the whole training step, gradients kept as in ordinary training: weights, "
+        "buffers, the batch, gradients, activations and workspace. It is "
+        "affine in batch and in depth, so a line through two small probes predicts the limit; real steps "
+        f"then check it (batches up to {cc['verify_max_batch']}, RevNet depths up to "
+        f"{cc['verify_max_units']} units per stage). `first over` is the smallest probe that did not fit. "
+        "A RevNet's depth limit is set by its weights alone and lies far beyond what a CPU can "
+        "check in minutes: that figure is the line's extrapolation, marked as such.", "",
+        markdown_table(*capacity_table(capacity)), "",
+    ]
+    if loader_vs_step:
+        c = loader_vs_step["config"]
+        parts += [
+            "## Data path", "",
+            f"The in-memory loader of `revnet train --recipe {c['recipe']}` alone (index gather, batched "
+            f"{augmentation(c)}, normalisation) against that recipe's whole training step on random "
+            f"data, {c['threads']} torch thread{'s' if c['threads'] != 1 else ''} each "
+            "(`revnet bench data`):", "",
+            markdown_table(*data_table(loader_vs_step)), "",
+            f"The loader delivers **{loader_vs_step['ratio']:.0f}x** the training step's images/s "
+            "(target: at least 20x).", "",
+        ]
+    parts += [
+        "## How it is measured", "",
+        "- CPU memory: each point runs in a fresh process with `MALLOC_MMAP_THRESHOLD_=65536` (freed "
+        "tensors go back to the kernel at once, so resident memory follows live tensors). The model is "
+        "built and one warm-up step runs; gradients are freed; the peak-RSS mark is reset "
+        "(`/proc/self/clear_refs`), the step runs, and `VmHWM` minus the `VmRSS` before the step is its "
+        "peak. On CUDA: `torch.cuda.max_memory_allocated` around the same step. Activation figures "
+        "free each gradient as it is accumulated (`register_post_accumulate_grad_hook`); capacity "
+        "keeps them. Every point is also checked against the bytes the autograd graph saves for "
+        "backward (`torch.autograd.graph.saved_tensors_hooks`).",
+        "- `revnet-checkpoint` wraps every coupling of every `ReversibleSequence`, and every stage "
+        "opener, in `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`, on the same modules "
+        "and weights. "
+        "(Checkpointing also updates BatchNorm running statistics twice per step; the reversible engine "
+        "updates them once.)",
+        "- Times: `time.perf_counter` around one step, after warm-up; ratios are ratios of medians. "
+        "This machine is shared and noisy, so read the ratios; absolute times move with the load.",
+        "",
+    ]
+    return "\n".join(parts)

@@ -1,0 +1,222 @@
+"""Step time: the same model and weights trained several ways, alternated in one process.
+
+Times are medians of repeats alternated between the compared runs, after warm-up; the
+figures to read are the ratios (these machines are shared and noisy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import statistics
+import subprocess
+import time
+import types
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine import ReversibleSequence
+from ..engine import reversible as _reversible
+from ..models import RevNet, create_model
+from .modes import Progress, build, make_batch, run_mode, sync, time_stats, train_step
+
+__all__ = ["load_engine", "speed", "train_step_rate"]
+
+def speed(
+    model: str = "revnet38", *, kinds: Sequence[str] = ("revnet", "revnet-plain", "revnet-checkpoint"),
+    reference: str | None = "resnet32", against: str | None = None, batch: int = 128,
+    image_size: int = 32, repeats: int = 7, warmup: int = 2, inference_repeats: int = 15,
+    channels_last: bool = False, device: str = "cpu", dtype: str = "float32", seed: int = 0,
+    progress: Progress = None,
+) -> dict[str, Any]:
+    """Training-step and inference time of one RevNet run in several ways, alternated.
+
+    One training step is forward, cross-entropy and backward (every parameter gets its
+    gradient); the optimizer update, the same in every mode, is left out. The kinds run
+    on the same model and weights; ``reference`` (a registered ResNet) is timed in the
+    same loop for scale, and ``against`` (a git revision) adds the reversible run with
+    that revision's engine, to measure an engine change side by side. The order is
+    rotated every repeat. Inference is ``eval()`` under ``torch.no_grad()``, reversible
+    against plain, where both must cost the same.
+
+    Returns:
+        ``train`` and ``inference``: per run, median / quartiles / min in seconds and
+        images/s; ``ratios``: ratios of medians (``"revnet/revnet-plain"``, ...), and
+        ``pair_ratios``: the spread of the per-repeat ratios.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError("speed: repeats must be >= 1 and warmup >= 0.")
+    torch.manual_seed(seed)
+    dt = getattr(torch, dtype)
+    net = build("revnet", model=model, device=device, dtype=dt)
+    Engine = Callable[..., torch.Tensor] | None
+    runs: list[tuple[str, str, nn.Module, Engine]] = [(k, k, net, None) for k in kinds]
+    if against is not None:
+        runs.append((f"revnet@{against}", "revnet", net, load_engine(against)))
+    if reference is not None:
+        runs.append((reference, "resnet", build("resnet", model=reference, device=device, dtype=dt), None))
+    for _, _, m, _ in runs:
+        m.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    x, y = make_batch(net, batch, image_size, channels_last=channels_last)
+
+    def timed(kind: str, m: nn.Module, function: Engine) -> float:
+        m.zero_grad(set_to_none=True)
+        with run_mode(m, kind), _engine(function):
+            sync(device)
+            t = time.perf_counter()
+            train_step(m, x, y)
+            sync(device)
+            return time.perf_counter() - t
+
+    times: dict[str, list[float]] = {run[0]: [] for run in runs}
+    for _, *run in runs:
+        for _ in range(warmup):
+            timed(*run)
+    for r in range(repeats):
+        for name, *run in runs[r % len(runs):] + runs[:r % len(runs)]:
+            times[name].append(timed(*run))
+        if progress is not None:
+            progress({"repeat": r, "times": {k: v[-1] for k, v in times.items()}})
+    train = {name: time_stats(v, batch) for name, v in times.items()}
+    infer = _inference_times(net, x, inference_repeats, device) if inference_repeats else {}
+    ratios, pairs = {}, {}
+    base = kinds[0]
+    for other in [k for k in times if k != base]:
+        key = f"{base}/{other}"
+        ratios[key] = train[base]["median_s"] / train[other]["median_s"]
+        per = [a / b for a, b in zip(times[base], times[other], strict=True)]
+        pairs[key] = {"median": statistics.median(per), "min": min(per), "max": max(per)}
+    if infer:
+        key = "inference revnet/revnet-plain"
+        ratios[key] = infer["revnet"]["median_s"] / infer["revnet-plain"]["median_s"]
+        per = [a / b for a, b in zip(infer["revnet"]["times_s"], infer["revnet-plain"]["times_s"],
+                                     strict=True)]
+        pairs[key] = {"median": statistics.median(per), "min": min(per), "max": max(per)}
+    config = {"model": model, "kinds": list(kinds), "reference": reference, "against": against,
+              "batch": batch, "image_size": image_size, "repeats": repeats, "warmup": warmup,
+              "inference_repeats": inference_repeats, "channels_last": channels_last,
+              "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "seed": seed}
+    return {"config": config, "train": train, "inference": infer, "ratios": ratios,
+            "pair_ratios": pairs}
+
+
+def train_step_rate(
+    model: str = "revnet38", *, batch: int = 128, image_size: int = 32, in_chans: int = 3,
+    amp: str = "none", channels_last: bool = False, reversible: bool = True, repeats: int = 7,
+    warmup: int = 2, device: str = "cpu", seed: int = 0,
+) -> dict[str, Any]:
+    """Images per second of whole training steps as ``revnet train`` runs them.
+
+    Forward (under bf16/fp16 autocast if ``amp``), cross-entropy, backward and an SGD
+    (Nesterov, weight decay) update, on one random batch; median of ``repeats`` after
+    ``warmup``. The data path is left out: this is the rate the loader has to keep up with.
+    """
+    if amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"train_step_rate: amp must be 'none', 'bf16' or 'fp16', got {amp!r}.")
+    if repeats < 1 or warmup < 0:
+        raise ValueError("train_step_rate: repeats must be >= 1 and warmup >= 0.")
+    torch.manual_seed(seed)
+    net = create_model(model, num_classes=10, in_chans=in_chans).to(device)
+    if isinstance(net, RevNet):
+        net.reversible = reversible
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net.to(memory_format=fmt).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x, y = make_batch(net, batch, image_size, in_chans, channels_last=channels_last)
+    dev = torch.device(device)
+    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                if amp != "none" else contextlib.nullcontext())
+
+    def step() -> float:
+        sync(device)
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        sync(device)
+        return time.perf_counter() - t
+
+    for _ in range(warmup):
+        step()
+    result = time_stats([step() for _ in range(repeats)], batch)
+    config = {"model": model, "batch": batch, "image_size": image_size, "in_chans": in_chans, "amp": amp,
+              "channels_last": channels_last, "reversible": reversible, "repeats": repeats,
+              "warmup": warmup, "device": device, "threads": torch.get_num_threads(), "seed": seed}
+    return {"config": config, **result}
+
+
+# Where the reversible engine's per-block Functions lived, newest first. Either file's relative
+# imports (``.coupling``, ...) resolve to the current package's engine modules.
+_ENGINE_FILES = ("src/revnet/engine/reversible.py", "src/revnet/autograd.py")
+
+
+def load_engine(rev: str) -> Callable[..., torch.Tensor]:
+    """The reversible engine of git revision ``rev`` of this checkout (for ``against``).
+
+    Returns ``run(seq, x)``, what a :class:`ReversibleSequence` calls in reversible mode
+    (revisions that ran one ``_ReversibleFunction`` per sequence are adapted to it).
+
+    Raises:
+        RuntimeError: not a git checkout, or ``rev`` has no engine file where it is looked for.
+    """
+    root = Path(__file__).resolve().parents[3]
+    errors = []
+    for path in _ENGINE_FILES:
+        try:
+            source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True,
+                                    text=True, check=True, timeout=30).stdout
+            break
+        except (OSError, subprocess.SubprocessError) as e:
+            errors.append(f"{path}: {e}")
+    else:
+        raise RuntimeError(f"cannot read the engine of git revision {rev!r} in {root}: {'; '.join(errors)}")
+    module = types.ModuleType("revnet.engine._at_" + re.sub(r"\W", "_", rev))
+    module.__package__ = "revnet.engine"  # its relative imports resolve to this version's modules
+    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
+    if hasattr(module, "_run_reversible"):
+        return module._run_reversible
+    function = module._ReversibleFunction
+
+    def run(seq: ReversibleSequence, x: torch.Tensor) -> torch.Tensor:
+        return function.apply(x, seq, *(p for p in seq.parameters() if p.requires_grad))
+
+    run.__name__ = f"{function.__name__}@{rev}"
+    return run
+
+
+@contextlib.contextmanager
+def _engine(run: Callable[..., torch.Tensor] | None) -> Iterator[None]:
+    """Runs every ReversibleSequence through ``run`` (another revision's engine)."""
+    current = _reversible._run_reversible
+    if run is not None:
+        _reversible._run_reversible = run
+    try:
+        yield
+    finally:
+        _reversible._run_reversible = current
+
+
+def _inference_times(net: nn.Module, x: torch.Tensor, repeats: int, device: str) -> dict[str, Any]:
+    times: dict[str, list[float]] = {"revnet": [], "revnet-plain": []}
+    net.eval()
+    try:
+        with torch.no_grad():
+            for r in range(repeats + 1):  # the first round warms up
+                for kind in (("revnet", "revnet-plain") if r % 2 else ("revnet-plain", "revnet")):
+                    with run_mode(net, kind):
+                        sync(device)
+                        t = time.perf_counter()
+                        net(x)
+                        sync(device)
+                    if r:
+                        times[kind].append(time.perf_counter() - t)
+    finally:
+        net.train()
+    return {k: time_stats(v, x.shape[0]) for k, v in times.items()}

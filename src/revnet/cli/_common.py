@@ -1,0 +1,20 @@
+"""What every command shares: the process's rank, and the check for the ``train`` extra."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+__all__ = ["EXTRAS", "missing_extras", "rank"]
+
+EXTRAS = ("numpy", "tqdm", "matplotlib")  # what `pip install 'revnet[train]'` adds to torch
+
+
+def rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 prints."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def missing_extras() -> list[str]:
+    """The packages of the ``train`` extra that are not installed."""
+    return [name for name in EXTRAS if importlib.util.find_spec(name) is None]

@@ -1,0 +1,403 @@
+"""``revnet bench memory | speed | capacity | data | drift | report``: parsing, running, printing.
+
+The measurements live in :mod:`revnet.bench`; this module runs them with progress bars,
+prints tables, saves JSON (with the configuration and the machine beside every result)
+and plots, and ``report`` writes docs/BENCHMARKS.md from what one run produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..bench.capacity import capacity
+from ..bench.data import data_path
+from ..bench.drift import DRIFT_PRECISIONS, drift, exact_cost
+from ..bench.environment import environment
+from ..bench.memory import memory_sweep
+from ..bench.modes import KINDS, PAPER_PAIRS
+from ..bench.plots import plot_capacity, plot_drift, plot_memory, plot_speed
+from ..bench.report import render_report
+from ..bench.sizes import parse_bytes
+from ..bench.speed import speed
+from ..bench.tables import (
+    capacity_table,
+    data_table,
+    drift_table,
+    exact_cost_table,
+    memory_table,
+    models_table,
+    speed_table,
+    text_table,
+)
+from ..training.datasets import load_dataset
+from ..training.loader import normalize
+
+__all__ = ["add_parser"]
+
+_QUICK_MEMORY = {"units": [1, 3], "batch": 8, "models": [], "model_batch": 16}
+_QUICK_SPEED = {"batch": 16, "repeats": 3, "warmup": 1, "inference_repeats": 5}
+_QUICK_CAPACITY = {"budget": "256MiB", "models": ["resnet32", "revnet38"], "depth_batch": 16,
+                   "verify_max_batch": 512, "verify_max_units": 3}
+
+
+# --------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Registers ``revnet bench`` and its subcommands."""
+    p = sub.add_parser("bench", help="measure memory, speed and capacity (RevNet vs the alternatives)",
+                       description="Memory and speed of reversible backprop against a ResNet, plain "
+                                   "autograd and torch.utils.checkpoint, on this machine.")
+    p.set_defaults(needs_extras=True)
+    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+
+    def common(q: argparse.ArgumentParser, out: str) -> None:
+        q.add_argument("--out", default=out, help=f"folder for JSON and PNG (default {out})")
+        q.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+        q.add_argument("--image-size", type=int, default=32)
+        q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+        q.add_argument("--quick", action="store_true", help="tiny configuration, about a minute")
+
+    q = bsub.add_parser("memory", help="activation memory of one training step across depth")
+    common(q, "runs/bench")
+    q.add_argument("--units", type=int, nargs="+", default=[1, 3, 9, 18, 36],
+                   help="RevNet units per stage (the ResNet gets twice as many: same depth)")
+    q.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    q.add_argument("--models", nargs="*", default=[m for pair in PAPER_PAIRS for m in pair],
+                   help="registered models measured at --model-batch (none: skip)")
+    q.add_argument("--batch", type=int, default=32, help="batch of the depth sweep")
+    q.add_argument("--model-batch", type=int, default=128, help="batch of the named models")
+    q.add_argument("--block", choices=["basic", "bottleneck"], default="basic")
+    q.set_defaults(func=_cmd_memory)
+
+    q = bsub.add_parser("speed", help="training-step and inference time, alternated in one process")
+    common(q, "runs/bench")
+    q.add_argument("--model", default="revnet38")
+    q.add_argument("--reference", default="resnet32", help="a ResNet timed alongside (none: skip)")
+    q.add_argument("--batch", type=int, default=128)
+    q.add_argument("--repeats", type=int, default=7)
+    q.add_argument("--warmup", type=int, default=2)
+    q.add_argument("--inference-repeats", type=int, default=15)
+    q.add_argument("--contiguous", dest="channels_last", action="store_false",
+                   help="NCHW memory layout (default: channels_last, as revnet train; faster on CPU)")
+    q.add_argument("--channels-last", dest="channels_last", action="store_true", default=True,
+                   help=argparse.SUPPRESS)  # the default; kept so older commands still run
+    q.add_argument("--against", default=None, metavar="GIT_REV",
+                   help="also time the reversible engine of this git revision (e.g. before a change)")
+    q.set_defaults(func=_cmd_speed)
+
+    q = bsub.add_parser("capacity", help="largest batch and depth that train under a memory budget")
+    common(q, "runs/bench")
+    q.add_argument("--budget", default="2GiB", type=_budget, help="e.g. 2GiB, 512MiB (whole step: "
+                                                                  "weights, gradients, activations)")
+    q.add_argument("--models", nargs="+", default=["resnet110", "revnet110"])
+    q.add_argument("--depth-batch", type=int, default=128, help="batch of the depth search")
+    q.add_argument("--verify-max-batch", type=int, default=2048,
+                   help="check predictions with real steps up to this batch")
+    q.add_argument("--verify-max-units", type=int, default=36,
+                   help="... and up to this many RevNet units per stage")
+    q.set_defaults(func=_cmd_capacity)
+
+    q = bsub.add_parser("data", help="the data path alone (loader + augmentation) against the training step")
+    q.add_argument("--recipe", default="fashion-mnist-long", help="training recipe whose data, batch, "
+                   "augmentation, model and amp are measured (revnet train --recipe; default "
+                   "fashion-mnist-long: the default recipe with crop as well as flip)")
+    q.add_argument("--dataset", default=None, help="override the recipe's data set")
+    q.add_argument("--data-dir", default=None, help="folder of the data set (default: as revnet train)")
+    q.add_argument("--batch", type=int, default=None, help="override the recipe's batch size")
+    q.add_argument("--batches", type=int, default=200, help="loader batches timed")
+    q.add_argument("--repeats", type=int, default=7, help="training steps timed")
+    q.add_argument("--out", default="runs/bench", help="folder for data.json (default runs/bench)")
+    q.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    q.add_argument("--quick", action="store_true", help="few batches and steps, seconds")
+    q.set_defaults(func=_cmd_data)
+
+    q = bsub.add_parser("drift", help="reconstruction error against depth (float64/float32/bf16), "
+                        "fresh and trained weights; exact mode's cost",
+                        description="Rebuilds each reversible sequence's input after N blocks and "
+                                    "reports the error; measures what exact mode costs in time and memory.")
+    q.add_argument("--model", default=None,
+                   help="registered RevNet (default: the checkpoint's, else revnet38)")
+    q.add_argument("--checkpoint", default=None, help="trained weights: a revnet train checkpoint "
+                   "(e.g. runs/x/best.pt); fresh weights are measured either way")
+    q.add_argument("--dataset", default=None, help="images of the batch (default: the checkpoint's, "
+                   "else fashion-mnist)")
+    q.add_argument("--data-dir", default=None)
+    q.add_argument("--batch", type=int, default=16, help="images in the batch (test split)")
+    q.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64],
+                   help="blocks N (beyond a sequence's length its blocks repeat cyclically)")
+    q.add_argument("--precisions", nargs="*", choices=DRIFT_PRECISIONS,
+                   default=list(DRIFT_PRECISIONS))
+    q.add_argument("--exact-precisions", nargs="*", choices=["float32", "bf16"], default=["float32", "bf16"],
+                   help="precisions also measured in exact mode")
+    q.add_argument("--exact-bits", type=int, default=None,
+                   help="fraction bits k of exact mode's lattice 2^-k (default: revnet's, 12)")
+    q.add_argument("--cost-batch", type=int, default=128, help="batch of the exact-mode cost runs")
+    q.add_argument("--repeats", type=int, default=7, help="timed steps per mode (cost)")
+    q.add_argument("--no-cost", dest="cost", action="store_false",
+                   help="skip the exact-mode cost measurement")
+    q.add_argument("--out", default="runs/bench", help="folder for drift.json and drift.png")
+    q.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    q.add_argument("--quick", action="store_true", help="depths 1-4, small batches, seconds")
+    q.set_defaults(func=_cmd_drift)
+
+    q = bsub.add_parser("report", help="all of the above, plus docs/BENCHMARKS.md")
+    common(q, "docs/benchmarks")
+    q.add_argument("--doc", default="docs/BENCHMARKS.md", help="markdown file to write")
+    q.add_argument("--budget", default="1GiB", type=_budget,
+                   help="budget of the capacity section (default 1GiB: its checks stay within minutes)")
+    q.add_argument("--against", default=None, metavar="GIT_REV",
+                   help="also time the engine of this git revision, side by side (before/after)")
+    q.add_argument("--from", dest="from_json", default=None, metavar="REPORT_JSON",
+                   help="measure nothing: render --doc again from a report.json this command wrote")
+    q.set_defaults(func=_cmd_report)
+
+
+def _budget(text: str) -> str:
+    try:
+        parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+# --------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------
+
+def _setup(args: argparse.Namespace) -> Path:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _progress(total: int, desc: str) -> tuple[Callable[[dict[str, Any]], None], Callable[[], None]]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="pt", leave=False)
+    return (lambda _: bar.update()), bar.close
+
+
+def _save(out: Path, name: str, result: dict[str, Any]) -> Path:
+    result = {**result, "environment": result.get("environment") or environment()}
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
+
+
+def _run_memory(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
+    kw = {"units": args.units, "kinds": args.kinds, "models": args.models, "batch": args.batch,
+          "model_batch": args.model_batch, "block": args.block, "image_size": args.image_size,
+          "device": args.device, **over}
+    n_models = sum(len([k for k in kw["kinds"] if (k != "resnet") == m.startswith("revnet")])
+                   for m in kw["models"])
+    tick, close = _progress(len(kw["units"]) * len(kw["kinds"]) + n_models, "memory")
+    try:
+        return memory_sweep(**kw, progress=tick)
+    finally:
+        close()
+
+
+def _run_speed(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
+    kw = {"model": args.model, "reference": None if str(args.reference).lower() == "none" else args.reference,
+          "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
+          "inference_repeats": args.inference_repeats, "channels_last": args.channels_last,
+          "against": getattr(args, "against", None), "image_size": args.image_size,
+          "device": args.device, **over}
+    tick, close = _progress(kw["repeats"], "speed " + ("channels_last" if kw["channels_last"] else ""))
+    try:
+        return speed(**kw, progress=tick)
+    finally:
+        close()
+
+
+def _run_capacity(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
+    kw = {"models": args.models, "depth_batch": args.depth_batch, "verify_max_batch": args.verify_max_batch,
+          "verify_max_units": args.verify_max_units, "image_size": args.image_size,
+          "device": args.device, **over}
+    budget = parse_bytes(kw.pop("budget", args.budget))
+    tick, close = _progress(0, "capacity probes")
+    try:
+        return capacity(budget, **kw, progress=tick)
+    finally:
+        close()
+
+
+def _cmd_memory(args: argparse.Namespace) -> int:
+    out = _setup(args)
+    result = _run_memory(args, **(_QUICK_MEMORY if args.quick else {}))
+    print(text_table(*memory_table(result)))
+    if result["config"]["models"]:
+        print()
+        print(text_table(*models_table(result)))
+    _report_files(out, "memory", result, plot_memory)
+    return 0
+
+
+def _cmd_speed(args: argparse.Namespace) -> int:
+    out = _setup(args)
+    result = _run_speed(args, **(_QUICK_SPEED if args.quick else {}))
+    print(text_table(*speed_table(result)))
+    print(" ".join(f"{k} = {v:.3f}" for k, v in result["ratios"].items()))
+    _report_files(out, "speed", result, plot_speed)
+    return 0
+
+
+def _cmd_capacity(args: argparse.Namespace) -> int:
+    out = _setup(args)
+    result = _run_capacity(args, **(_QUICK_CAPACITY if args.quick else {}))
+    print(text_table(*capacity_table(result)))
+    _report_files(out, "capacity", result, plot_capacity)
+    return 0
+
+
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    out = _setup(args)
+    quick = args.quick
+    try:
+        result = data_path(args.recipe, dataset=args.dataset, data_dir=args.data_dir, batch=args.batch,
+                           batches=20 if quick else args.batches, repeats=3 if quick else args.repeats,
+                           warmup=1 if quick else 2, device=args.device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"revnet bench data: {e}") from None
+    print(text_table(*data_table(result)))
+    print(f"loader / training step = {result['ratio']:.1f}x")
+    print(f"wrote {_save(out, 'data', result)}")
+    return 0
+
+
+def _cmd_drift(args: argparse.Namespace) -> int:
+    out = _setup(args)
+    state, cfg = None, {}
+    if args.checkpoint:
+        try:
+            saved = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        except FileNotFoundError:
+            raise SystemExit(f"revnet bench drift: no checkpoint at {args.checkpoint}.") from None
+        if not isinstance(saved, dict) or "model" not in saved or "config" not in saved:
+            raise SystemExit(f"revnet bench drift: {args.checkpoint} is not a revnet train checkpoint "
+                             f"(no 'model'/'config').")
+        state, cfg = saved["model"], saved["config"]
+    model = args.model or cfg.get("model", "revnet38")
+    name = args.dataset or cfg.get("dataset", "fashion-mnist")
+    extra = dict(cfg.get("synthetic") or {}) if name == "synthetic" else {}
+    try:
+        ds = load_dataset(name, "test", args.data_dir or cfg.get("data_dir"), **extra)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"revnet bench drift: cannot load the batch: {e}") from None
+    quick = args.quick
+    batch = 4 if quick else args.batch
+    images = normalize(ds.images[:batch], ds.mean, ds.std)
+    depths = [1, 2, 4] if quick else args.depths
+    runs = (len(args.precisions) + len(args.exact_precisions)) * (2 if state else 1)
+    tick, close = _progress(runs, "drift")
+    try:
+        result = drift(model, state_dict=state, images=images, depths=depths,
+                             precisions=args.precisions, exact_precisions=args.exact_precisions,
+                             num_classes=ds.num_classes, device=args.device, progress=tick,
+                             **({} if args.exact_bits is None else {"exact_bits": args.exact_bits}))
+    except ValueError as e:
+        raise SystemExit(f"revnet bench drift: {e}") from None
+    finally:
+        close()
+    result["config"].update(checkpoint=args.checkpoint, dataset=name)
+    print(text_table(*drift_table(result)))
+    if args.cost:
+        result["cost"] = exact_cost(
+            model, batch=8 if quick else args.cost_batch, image_size=ds.image_size[0], in_chans=ds.in_chans,
+            repeats=2 if quick else args.repeats, warmup=1 if quick else 2, device=args.device)
+        print()
+        print(text_table(*exact_cost_table(result["cost"])))
+    result["args"] = {k: v for k, v in vars(args).items() if k != "func"}
+    _report_files(out, "drift", result, plot_drift)
+    return 0
+
+
+def _report_files(out: Path, name: str, result: dict[str, Any], plot: Callable[..., Path]) -> None:
+    print(f"wrote {_save(out, name, result)} and {plot(result, out / f'{name}.png')}")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        doc = Path(args.doc)
+        doc.write_text(render_report(saved["meta"], saved["memory"], saved["speed"], saved["capacity"],
+                                     os.path.relpath(Path(args.from_json).parent, doc.parent),
+                                     saved.get("flatness"), saved.get("data")))
+        print(f"wrote {doc} from {args.from_json} (measured {saved['meta']['environment']['date']})")
+        return 0
+    out = _setup(args)
+    quick, started, env = args.quick, time.time(), environment()
+    ns = argparse.Namespace
+    common = {"image_size": args.image_size, "device": args.device}
+    memory = _run_memory(ns(
+        units=[1, 3, 9, 18, 36], kinds=list(KINDS), batch=32, model_batch=128, block="basic",
+        models=[m for pair in PAPER_PAIRS for m in pair], **common),
+        **(_QUICK_MEMORY | {"models": ["resnet32", "revnet38"]} if quick else {}))
+    _report_files(out, "memory", memory, plot_memory)
+    # The flatness target at the paper's batch, where activations dominate the peak.
+    flat = _run_memory(ns(units=[3, 36], kinds=["revnet"], batch=128, model_batch=128, block="basic",
+                          models=[], **common), **({"units": [1, 3], "batch": 16} if quick else {}))
+    _save(out, "memory_flatness", flat)
+    speeds = []
+    plan = [{"channels_last": True, "against": args.against}, {"channels_last": False}]
+    if not quick:
+        # The paper's deepest CIFAR pair, for MemCNN's "RevNet-164 1.47x slower than ResNet-164".
+        plan.append({"model": "revnet164", "reference": "resnet164", "batch": 32, "repeats": 5,
+                     "kinds": ["revnet", "revnet-plain"], "inference_repeats": 0})
+        if args.against:  # where per-block Python overhead shows: many small blocks
+            plan.append({"model": "revnet110", "reference": None, "batch": 8, "repeats": 15,
+                         "kinds": ["revnet", "revnet-plain"], "inference_repeats": 0,
+                         "against": args.against})
+    for over in plan:
+        base = ns(model="revnet38", reference="resnet32", batch=128, repeats=7, warmup=2,
+                  inference_repeats=15, channels_last=True, **common)
+        speeds.append(_run_speed(base, **over, **(_QUICK_SPEED if quick else {})))
+        print(text_table(*speed_table(speeds[-1])))
+    _save(out, "speed", {"runs": speeds})
+    plot_speed(speeds[0], out / "speed.png")
+    capacity = _run_capacity(ns(
+        budget=args.budget, models=["resnet110", "revnet110"], depth_batch=128, verify_max_batch=2048,
+        verify_max_units=36, **common), **(_QUICK_CAPACITY if quick else {}))
+    print(text_table(*capacity_table(capacity)))
+    _report_files(out, "capacity", capacity, plot_capacity)
+    # The data path with all augmentation on (crop + flip: the default recipe's model and step),
+    # on synthetic data of the same shape if Fashion-MNIST is absent.
+    data_kw = {"batches": 20 if quick else 200, "repeats": 3 if quick else 7, "warmup": 1 if quick else 2,
+               "device": args.device}
+    try:
+        loader_vs_step = data_path("fashion-mnist-long", **data_kw)
+    except (FileNotFoundError, ValueError):
+        loader_vs_step = data_path("fashion-mnist-long", dataset="synthetic", **data_kw)
+    print(text_table(*data_table(loader_vs_step)))
+    _save(out, "data", loader_vs_step)
+    flags = [("--quick", quick), (f"--budget {args.budget}", args.budget != "1GiB" and not quick),
+             (f"--against {args.against}", args.against), (f"--threads {args.threads}", args.threads),
+             (f"--device {args.device}", args.device != "cpu")]
+    meta = {"command": " ".join([f"revnet bench report --out {args.out} --doc {args.doc}",
+                                 *(f for f, on in flags if on)]),
+            "environment": env, "loadavg_end": environment()["loadavg"],
+            "minutes": (time.time() - started) / 60}
+    _save(out, "report", {"meta": meta, "memory": memory, "flatness": flat, "speed": speeds,
+                          "capacity": capacity, "data": loader_vs_step, "environment": env})
+    doc = Path(args.doc)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(render_report(meta, memory, speeds, capacity, os.path.relpath(out, doc.parent), flat,
+                                 loader_vs_step))
+    print(f"wrote {doc} in {meta['minutes']:.1f} min")
+    return 0

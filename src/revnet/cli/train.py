@@ -1,0 +1,228 @@
+"""``revnet train``: flags onto a :class:`TrainConfig`, the run, and what it printed."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..bench.memory import measure
+from ..bench.sizes import format_bytes
+from ..training.config import RECIPES, TrainConfig
+from ..training.distributed import DistributedError, launch_command
+from ..training.loop import TrainingDivergedError, fit
+from ..training.run import per_process_batch, resolve_device
+from ._common import rank
+
+__all__ = ["add_parser"]
+
+
+# flag -> TrainConfig field; every flag defaults to None so that only what the user
+# typed overrides the recipe (or, with --resume, the saved configuration).
+_TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--model", "model", {"help": "model name (see `revnet models`); default revnet38"}),
+    ("--dataset", "dataset", {"help": "fashion-mnist (default), cifar10, cifar100 or synthetic"}),
+    ("--data-dir", "data_dir", {"help": "data folder (default: $REVNET_DATA or the system location)"}),
+    ("--epochs", "epochs", {"type": float, "help": "passes over the training set (may be fractional)"}),
+    ("--steps", "steps", {"type": int, "help": "total optimiser steps (overrides --epochs)"}),
+    ("--batch-size", "batch_size", {"type": int, "help": "global batch: samples per optimiser step over "
+                                     "all processes (each of N processes takes batch/N); default 128"}),
+    ("--lr", "lr", {"type": float, "help": "peak learning rate"}),
+    ("--momentum", "momentum", {"type": float}),
+    ("--weight-decay", "weight_decay", {"type": float}),
+    ("--schedule", "schedule", {"choices": ["onecycle", "step"]}),
+    ("--crop-pad", "crop_pad", {"type": int, "help": "random-crop padding in pixels (0: none)"}),
+    ("--label-smoothing", "label_smoothing", {"type": float}),
+    ("--seed", "seed", {"type": int}),
+    ("--device", "device", {"help": "auto (cuda if present), cpu, cuda, cuda:N"}),
+    ("--amp", "amp", {"choices": ["auto", "none", "bf16", "fp16"],
+                      "help": "mixed precision; auto (default): bf16 on GPUs that have it (else fp16) and "
+                              "on CPUs with native bf16 (AVX512-BF16, AMX, Arm BF16), else none (float32)"}),
+    ("--eval-every", "eval_every", {"type": int, "help": "steps between evaluations (default: each epoch)"}),
+    ("--log-every", "log_every", {"type": int}),
+    ("--ckpt-every", "ckpt_every", {"type": int}),
+    ("--out", "out", {"help": "run directory (default runs/MODEL-DATASET-TIME)"}),
+    ("--norm", "norm", {"choices": ["batch", "group"],
+                        "help": "batch (BatchNorm, default) or group (GroupNorm: per-sample statistics)"}),
+    ("--accum-steps", "accum_steps", {"type": int, "help": "micro-batches per optimiser step on each process "
+                                      "(gradient accumulation; DDP all-reduces only the last); default 1"}),
+    ("--lr-scaling", "lr_scaling", {"choices": ["none", "linear"],
+                                    "help": "none (default): peak lr = --lr whatever the number of processes "
+                                            "(the batch is global); linear: peak lr = --lr x world size "
+                                            "(Goyal et al. 2017), for a --batch-size grown with the "
+                                            "world size"}),
+    ("--dist-timeout", "dist_timeout", {"type": float, "help": "seconds the rendezvous and each collective "
+                                        "wait for the other processes before failing (default 600)"}),
+    ("--grad-angle-every", "grad_angle_every", {
+        "type": int, "metavar": "K", "help": "every K steps, log the angle between the reversible and the "
+                                             "plain-autograd gradient (docs/FIDELITY.md)"}),
+    ("--drift-guard-every", "drift_guard_every", {
+        "type": int, "metavar": "N", "help": "every N steps, rebuild each reversible sequence's input and "
+                                             "compare it with the stored one"}),
+    ("--drift-guard-threshold", "drift_guard_threshold", {
+        "type": float, "help": "relative rebuild error that trips the guard (default 0.1)"}),
+    ("--drift-guard-action", "drift_guard_action", {
+        "choices": ["warn", "exact", "store"], "help": "past the threshold: warn (default), switch the "
+                                                       "sequence to exact mode, or store its activations"}),
+]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Registers ``revnet train``."""
+    p = sub.add_parser("train", help="train a model (default: RevNet-38 on Fashion-MNIST)",
+                       description="Train a model; every run writes config, metrics, checkpoints, "
+                                   "a summary and curves into its run directory.")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="starting values: fashion-mnist (default), paper-cifar, paper-imagenet")
+    for flag, dest, kw in _TRAIN_FLAGS:
+        p.add_argument(flag, dest=dest, default=None, **kw)
+    p.add_argument("--no-reversible", dest="reversible", action="store_false", default=None,
+                   help="plain backprop on the same model (the baseline)")
+    p.add_argument("--exact", dest="exact", action="store_true", default=None,
+                   help="exact (fixed-point) couplings: bit-exact reconstruction at any depth")
+    p.add_argument("--no-flip", dest="flip", action="store_false", default=None)
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
+    p.add_argument("--sync-bn", dest="sync_bn", action="store_true", default=None,
+                   help="under DDP, convert BatchNorm to SyncBatchNorm (statistics over the global batch; "
+                        "CUDA only)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="run on N processes on this machine: launches `torchrun --standalone "
+                        "--nproc-per-node N -m revnet train ...` (see docs/DISTRIBUTED.md)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--no-memory-report", dest="memory_report", action="store_false",
+                   help="skip the reversible-vs-plain activation memory comparison at the end")
+    p.set_defaults(func=_cmd_train, needs_extras=True)
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    given = {dest: getattr(args, dest) for _, dest, _ in _TRAIN_FLAGS}
+    given.update(reversible=args.reversible, flip=args.flip, channels_last=args.channels_last,
+                 sync_bn=args.sync_bn, exact=args.exact)
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.resume:
+        if "out" not in given:
+            raise SystemExit("revnet train: --resume needs --out RUN_DIR (the run to continue).")
+        saved = Path(given["out"]) / "config.json"
+        if not saved.is_file():
+            raise SystemExit(f"revnet train: --resume: no {saved}; is --out a run directory?")
+        base = json.loads(saved.read_text())
+        base["milestones"] = tuple(base.get("milestones", ()))
+    else:
+        recipe = args.recipe or "fashion-mnist"
+        if recipe == "paper-imagenet" and "dataset" not in given:
+            raise SystemExit(
+                "revnet train: --recipe paper-imagenet documents the paper's ImageNet schedule "
+                "(RevNet-104, batch 256, 600k steps); revnet ships no ImageNet loader, and without "
+                "--dataset it would train on Fashion-MNIST. Pass --dataset to run the schedule on "
+                "another data set.")
+        base = {**dataclasses.asdict(TrainConfig()), **RECIPES[recipe], "recipe": recipe}
+    fields = {**base, **given}
+    if "out" not in given and not args.resume:
+        fields["out"] = f"runs/{fields['model']}-{fields['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        return TrainConfig(**fields)
+    except ValueError as e:
+        raise SystemExit(f"revnet train: {e}") from None
+
+
+def _launch(args: argparse.Namespace, config: Any) -> int:
+    """``revnet train --nproc N ...``: the same command under torchrun on N local processes."""
+    if args.nproc < 1:
+        raise SystemExit(f"revnet train: --nproc must be >= 1, got {args.nproc}.")
+    if "WORLD_SIZE" in os.environ:
+        raise SystemExit("revnet train: --nproc inside torchrun; drop --nproc (torchrun already "
+                         "started the processes).")
+    try:
+        per_process_batch(config, args.nproc)
+    except ValueError as e:
+        raise SystemExit(f"revnet train: {e}") from None
+    rest = list(args.argv)
+    i = rest.index("train")
+    rest = rest[i + 1:]
+    for j, a in enumerate(rest):  # drop --nproc N / --nproc=N
+        if a == "--nproc":
+            del rest[j:j + 2]
+            break
+        if a.startswith("--nproc="):
+            del rest[j]
+            break
+    if "--out" not in rest and not any(a.startswith("--out=") for a in rest):
+        rest += ["--out", config.out]  # one run directory, not one timestamp per process
+    cmd = launch_command(args.nproc, rest)
+    print("launching: " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd)
+
+    # Ctrl-C reaches torchrun and its workers from the terminal already; a SIGTERM sent to
+    # this process alone is passed on, so the workers save a checkpoint and stop.
+    def forward(signum: int, _frame: Any) -> None:
+        if signum == signal.SIGTERM:
+            proc.send_signal(signum)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    config = _train_config(args)
+    if args.nproc is not None:
+        return _launch(args, config)
+    main_rank = rank() == 0
+    if main_rank:
+        print(f"training {config.model} on {config.dataset} "
+              f"({'reversible' if config.reversible else 'plain backprop'}) -> {config.out}")
+    try:
+        summary = fit(config, resume=args.resume, progress=sys.stderr.isatty())
+    except (TrainingDivergedError, DistributedError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"revnet train{'' if main_rank else f' (rank {rank()})'}: {e}", file=sys.stderr)
+        return 1
+    if not main_rank:
+        return 130 if summary["interrupted"] else 0
+    if summary["interrupted"]:
+        world = summary.get("world_size", 1)
+        again = f"revnet train --nproc {world} --resume" if world > 1 else "revnet train --resume"
+        print(f"interrupted at step {summary['step']}/{summary['total_steps']}; checkpoint saved. "
+              f"Continue with: {again} --out {config.out}"
+              + (" (or your torchrun command with --resume)" if world > 1 else ""))
+        return 130
+    print(f"test accuracy {summary['test_accuracy']:.4f}  (best {summary['best_test_accuracy']:.4f})  "
+          f"in {summary['wall_seconds']:.0f} s, {summary['images_per_s']:.0f} img/s, "
+          f"peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB")
+    print(f"run directory: {config.out} (curves.png, metrics.jsonl, summary.json, best.pt)")
+    if args.memory_report:  # one process's step: its share of the batch, one micro-batch
+        micro = config.batch_size // (summary["world_size"] * config.accum_steps)
+        _memory_report(dataclasses.replace(config, batch_size=micro, accum_steps=1),
+                       summary["image_size"], summary["in_chans"])
+    return 0
+
+
+def _memory_report(config: Any, image_size: int, in_chans: int) -> None:
+    """What reversibility saved: activation memory of one training step, reversible vs plain.
+
+    Each side is measured in a fresh process (revnet.bench.memory.measure), as `revnet bench memory` does.
+    """
+    if not config.model.startswith("revnet"):
+        return
+    point = {"model": config.model, "batch": config.batch_size, "image_size": image_size,
+             "in_chans": in_chans, "exact": config.exact,
+             "device": str(resolve_device(config.device))}
+    try:
+        rev = measure(kind="revnet", **point)
+        plain = measure(kind="revnet-plain", **point)
+    except (RuntimeError, OSError) as e:  # a report, not the job: say so and go on
+        print(f"(activation memory comparison skipped: {e})", file=sys.stderr)
+        return
+    a, b = rev["activation_bytes"], plain["activation_bytes"]
+    print(f"activation memory of one {config.model} training step at batch {config.batch_size} "
+          f"({rev['method']}): reversible {format_bytes(a)} vs plain backprop "
+          f"{format_bytes(b)}: {b / max(a, 1):.1f}x less, {format_bytes(b - a)} saved")

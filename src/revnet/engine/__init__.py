@@ -1,0 +1,27 @@
+"""The engine: reversible blocks whose backward rebuilds their inputs instead of storing them.
+
+- :mod:`.coupling`: the math of a block (additive and affine couplings), plain autograd;
+- :mod:`.lattice`: exact mode's fixed-point lattice (bit-exact inverses);
+- :mod:`.reversible`: :class:`ReversibleSequence` and its per-block autograd Functions
+  (the paper's Algorithm 1);
+- :mod:`.recompute`: units that cannot be inverted keep only their input (:class:`Recomputed`);
+- :mod:`.replay` and :mod:`.grads`: what a recomputation replays (RNG, autocast, BatchNorm)
+  and how it returns parameter gradients;
+- :mod:`.fidelity`: reconstruction error, gradient angle and the drift guard.
+
+Imports nothing else of revnet: a user who only wants the engine reads this folder.
+"""
+
+from .coupling import AdditiveCoupling, AffineCoupling, Coupling, set_exact
+from .recompute import Recomputed
+from .reversible import ReversibleSequence, set_reversible
+
+__all__ = [
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "Coupling",
+    "Recomputed",
+    "ReversibleSequence",
+    "set_exact",
+    "set_reversible",
+]

@@ -1,0 +1,91 @@
+"""Recomputed units: modules that cannot be inverted keep only their input for backward.
+
+A RevNet stage opens with a unit that changes resolution or width, so its input cannot
+be rebuilt from its output. The paper stores its activations; here, in reversible mode,
+it keeps only its input (which the stage before keeps anyway) and runs again in backward
+under the engine's rules: parameter gradients returned, BatchNorm statistics updated
+once, RNG and autocast replayed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .grads import grad_edge, param_slots, swapped
+from .replay import autocast_state, batchnorm_stats_frozen, cuda_devices, get_rng, replay_autocast, set_rng
+
+__all__ = ["Recomputed"]
+
+
+class Recomputed:
+    """Mixin for a unit that cannot be inverted (a RevNet stage opener) to store no activations.
+
+    While ``reversible`` is True and grad is enabled, calling the module keeps only its
+    input for backward, and backward runs it again under the engine's rules (parameter
+    gradients returned, BatchNorm statistics updated once, RNG and autocast replayed).
+    Put it first among the bases; the module's own ``forward`` is left as it is::
+
+        class MyOpener(Recomputed, nn.Module):
+            def forward(self, x): ...
+
+    Its input is usually kept anyway (as the output of the reversible sequence before it),
+    so the unit then costs no memory beyond the transient of its own recomputation.
+    """
+
+    reversible: bool = True
+    preserve_rng_state: bool = True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        module: nn.Module = self  # type: ignore[assignment]
+        if self.reversible and torch.is_grad_enabled():
+            params = [p for p in module.parameters() if p.requires_grad]
+            if x.requires_grad or params:
+                return _Recompute.apply(x, module, self.preserve_rng_state, *params)
+        return nn.Module.__call__(module, x)
+
+
+class _Recompute(torch.autograd.Function):
+    """``y = module(x)`` keeping only ``x``; backward runs the module again with a graph."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, module: nn.Module, keep_rng: bool,
+                *params: torch.Tensor) -> torch.Tensor:
+        ctx.devices = cuda_devices(x)
+        ctx.rng = get_rng(ctx.devices) if keep_rng else None
+        y = nn.Module.__call__(module, x)  # grad mode is off here: no graph
+        ctx.save_for_backward(x)
+        ctx.module, ctx.params, ctx.autocast = module, params, autocast_state()
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        module: nn.Module = ctx.module
+        index = {id(p): i for i, p in enumerate(ctx.params)}
+        aliases = [p.detach().requires_grad_() for p in ctx.params]  # as in _ReversibleBlock
+        slots = param_slots(module, index)
+        used = list(dict.fromkeys(i for _, _, i in slots))
+        outer_rng = get_rng(ctx.devices) if ctx.rng is not None else None
+        try:
+            if ctx.rng is not None:
+                set_rng(ctx.rng, ctx.devices)
+            with (replay_autocast(ctx.autocast), batchnorm_stats_frozen(module), torch.enable_grad(),
+                  swapped(slots, aliases)):
+                xd = x.detach().requires_grad_(ctx.needs_input_grad[0])
+                y = nn.Module.__call__(module, xd)
+        finally:
+            if outer_rng is not None:
+                set_rng(outer_rng, ctx.devices)
+        wrt = ([xd] if ctx.needs_input_grad[0] else []) + [aliases[i] for i in used]
+        out, y = grad_edge(y), None  # the output's values are not needed for backprop: drop them
+        got = list(torch.autograd.grad(out, wrt, dy, allow_unused=True)) if wrt else []
+        dx = got.pop(0) if ctx.needs_input_grad[0] else None
+        grads: list[torch.Tensor | None] = [None] * len(ctx.params)
+        for i, g in zip(used, got, strict=True):
+            grads[i] = g
+        return (dx, None, None, *grads)

@@ -1,0 +1,23 @@
+"""Training as a library: ``fit(TrainConfig(...)) -> summary``, what ``revnet train`` runs.
+
+- :mod:`.config`: :class:`TrainConfig`, the recipes and the learning-rate schedule;
+- :mod:`.precision`: which autocast dtype a run uses;
+- :mod:`.datasets` and :mod:`.loader`: data sets in memory, batched and augmented on the device;
+- :mod:`.run`: the model, optimizer and loaders of one process;
+- :mod:`.loop`: :func:`fit`, the training loop and its telemetry;
+- :mod:`.evaluate`: test accuracy of a model or a checkpoint;
+- :mod:`.checkpoint` and :mod:`.signals`: checkpoints, resume, stopping on a signal;
+- :mod:`.distributed`: process groups under ``torchrun`` (DDP);
+- :mod:`.plots`: a run's curves.
+
+Needs the ``train`` extra (numpy for the data files, tqdm, matplotlib) to run; imports
+with torch alone.
+"""
+
+from .config import RECIPES, TrainConfig, lr_at
+from .evaluate import evaluate_checkpoint
+from .loop import TrainingDivergedError, fit
+from .plots import plot_run, read_metrics
+
+__all__ = ["RECIPES", "TrainConfig", "TrainingDivergedError", "evaluate_checkpoint", "fit", "lr_at",
+           "plot_run", "read_metrics"]

@@ -1,0 +1,141 @@
+"""Checkpoints: what ``last.pt`` and ``best.pt`` hold, written atomically, and resuming from them.
+
+The learning rate is a pure function of the step, the data order and augmentation are
+pure functions of ``(seed, epoch, step)``, and the RNG states and engine switches are
+saved, so a resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine import AdditiveCoupling, Recomputed, ReversibleSequence, set_exact
+from .config import TrainConfig
+from .run import Run
+
+__all__ = ["checkpoint_state", "config_fields", "engine_modes", "restore", "save_atomic", "set_engine_modes",
+           "write_json"]
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """Writes to a temporary file beside ``path``, then renames: never a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj: Any, path: Path) -> None:
+    """``obj`` as indented JSON, written atomically like :func:`save_atomic`."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def checkpoint_state(run: Run) -> dict[str, Any]:
+    """What ``last.pt``/``best.pt`` hold: weights, optimizer, scaler, step, RNG, engine switches, config."""
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler else None,
+        "step": run.step,
+        "best": run.best,
+        "rng": _rng_state(run.device),
+        "engine_modes": engine_modes(run.model),
+        "config": asdict(run.config),
+        "world_size": run.dist.world_size,
+        "torch": torch.__version__,
+    }
+
+
+def engine_modes(model: nn.Module) -> dict[str, dict[str, bool]]:
+    """The per-module engine switches, which the drift guard may flip during a run.
+
+    ``reversible`` of every sequence and recomputed unit, ``exact`` of every additive
+    coupling, by module path. They live outside the state dict, so ``last.pt`` carries
+    them apart: a resumed run must not fall back to the float rebuild the guard left.
+    """
+    out: dict[str, dict[str, bool]] = {"reversible": {}, "exact": {}}
+    for name, m in model.named_modules():
+        if isinstance(m, ReversibleSequence | Recomputed):
+            out["reversible"][name] = bool(m.reversible)
+        if isinstance(m, AdditiveCoupling):
+            out["exact"][name] = bool(m.exact)
+    return out
+
+
+def set_engine_modes(model: nn.Module, modes: dict[str, dict[str, bool]]) -> None:
+    """Applies switches recorded by :func:`engine_modes`."""
+    found = dict(model.named_modules())
+    for name, flag in modes.get("reversible", {}).items():
+        found[name].reversible = flag
+    for name, flag in modes.get("exact", {}).items():
+        set_exact(found[name], flag, prefix=name)
+
+
+_RESUME_MAY_DIFFER = {"out", "device", "data_dir", "dist_timeout"}
+
+
+def _check_resumable(state: dict[str, Any], run: Run, path: Path) -> None:
+    saved = TrainConfig(**config_fields(state["config"]))
+    diff = {k: (getattr(saved, k), getattr(run.config, k)) for k in asdict(saved)
+            if k not in _RESUME_MAY_DIFFER and getattr(saved, k) != getattr(run.config, k)}
+    if diff:
+        lines = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"resume: {path} was written with a different configuration ({lines}); "
+                         f"resume with the same settings or start a new --out.")
+    world = state.get("world_size", 1)
+    if run.config.lr_scaling == "linear" and world != run.dist.world_size:
+        raise ValueError(f"resume: {path} was trained on {world} processes with --lr-scaling linear "
+                         f"(lr x {world}); resume on {world} processes too, or the learning rate "
+                         f"would jump to x {run.dist.world_size}.")
+
+
+def restore(run: Run, path: Path) -> None:
+    """Loads ``path`` on rank 0 and hands it to every rank (no shared file system needed)."""
+    state: dict[str, Any] | None = None
+    error: BaseException | None = None
+    if run.dist.is_main:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            _check_resumable(state, run, path)
+        except (OSError, ValueError, RuntimeError) as e:
+            error = e
+    run.dist.raise_together(error)
+    state = run.dist.broadcast(state)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None and state["scaler"] is not None:
+        run.scaler.load_state_dict(state["scaler"])
+    run.step, run.best = state["step"], state["best"]
+    _set_rng_state(state["rng"], run.device)
+    set_engine_modes(run.model, state.get("engine_modes", {}))  # older checkpoints lack it
+
+
+def config_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict back to TrainConfig arguments (JSON turns tuples into lists)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {k: v for k, v in d.items() if k in names}
+    if "milestones" in out:
+        out["milestones"] = tuple(out["milestones"])
+    return out

@@ -1,0 +1,64 @@
+"""Test loss and accuracy: of the model being trained, and of a saved checkpoint."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import config_fields, set_engine_modes
+from .config import TrainConfig
+from .distributed import DistInfo
+from .loader import Loader
+from .precision import autocast
+from .run import build_run, to_layout
+
+__all__ = ["evaluate", "evaluate_checkpoint"]
+
+
+def evaluate(model: nn.Module, loader: Loader, config: TrainConfig, device: torch.device,
+             info: DistInfo | None = None) -> dict:
+    """Test loss and accuracy over the whole loader (no grad: reversibility costs nothing).
+
+    Under DDP each rank evaluates its shard of the test set (``loader`` built with its rank)
+    and the sums are all-reduced, so every rank returns the same figures.
+    """
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    with torch.no_grad(), autocast(device, config.amp):
+        for x, y in loader.epoch(0):
+            logits = model(to_layout(x, config)).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            count += y.numel()
+    model.train()
+    if info is not None:
+        loss_sum, correct, count = info.sum([loss_sum, correct, count], device)
+    return {"test_loss": loss_sum / max(count, 1), "test_accuracy": correct / max(count, 1)}
+
+
+def evaluate_checkpoint(path: str | os.PathLike, *, data_dir: str | None = None,
+                        device: str = "auto") -> dict[str, Any]:
+    """Test accuracy of a checkpoint written by :func:`fit` (``last.pt`` or ``best.pt``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval: no checkpoint at {path}.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"eval: {path} is not a readable torch checkpoint ({type(e).__name__}: {e}); "
+                         f"pass a last.pt or best.pt written by `revnet train`.") from e
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"eval: {path} is not a revnet training checkpoint (no 'model'/'config').")
+    fields = config_fields(state["config"])
+    fields.update(device=device, **({"data_dir": data_dir} if data_dir else {}))
+    run = build_run(TrainConfig(**fields))
+    run.model.load_state_dict(state["model"])
+    set_engine_modes(run.model, state.get("engine_modes", {}))
+    return {"checkpoint": str(path), "step": state["step"],
+            **evaluate(run.model, run.test, run.config, run.device)}

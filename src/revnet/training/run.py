@@ -1,0 +1,138 @@
+"""Everything one training process works on: the model, optimizer, data and its place in the job."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine import set_exact, set_reversible
+from ..models import create_model
+from .config import NORMS, TrainConfig
+from .datasets import load_dataset
+from .distributed import DistInfo, wrap_ddp
+from .loader import Loader
+from .precision import resolve_amp
+
+__all__ = ["Run", "build_run", "peak_memory_bytes", "per_process_batch", "resolve_device", "to_layout"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: CUDA if present, else the CPU; otherwise the device named, checked to exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu.")
+    return device
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: CUDA allocator peak, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource  # fallback off Linux: ru_maxrss is KiB on Linux, bytes on macOS
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def to_layout(x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """The batch in the memory layout the run trains in (channels_last by default)."""
+    return x.contiguous(memory_format=torch.channels_last) if config.channels_last else x
+
+
+@dataclass
+class Run:
+    """Everything the loop mutates, in one place (saved to and restored from last.pt)."""
+
+    config: TrainConfig
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    train: Loader
+    test: Loader
+    total: int
+    out: Path
+    net: nn.Module | None = None  # what the loop trains: the model, or its DistributedDataParallel wrapper
+    dist: DistInfo = field(default_factory=DistInfo)
+    lr_scale: float = 1.0  # peak lr = config.lr * lr_scale (world size with lr_scaling="linear")
+    step: int = 0
+    best: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def per_process_batch(config: TrainConfig, world_size: int) -> int:
+    """Samples each process sees per optimiser step: ``batch_size / world_size`` (exactly)."""
+    if config.batch_size % world_size:
+        raise ValueError(
+            f"batch size {config.batch_size} is global (all processes together) and does not divide "
+            f"evenly over {world_size} processes; pass a multiple of {world_size}, e.g. --batch-size "
+            f"{max(world_size, config.batch_size // world_size * world_size)}.")
+    per = config.batch_size // world_size
+    if per % config.accum_steps:
+        raise ValueError(
+            f"the per-process batch {per} (= {config.batch_size} / {world_size} processes) is not "
+            f"divisible by --accum-steps {config.accum_steps}; pick a batch size that is a multiple of "
+            f"{world_size * config.accum_steps}.")
+    return per
+
+
+def device_for(config: TrainConfig, info: DistInfo) -> torch.device:
+    """The configured device; under torchrun on CUDA, this process's ``cuda:LOCAL_RANK``."""
+    device = resolve_device(config.device)
+    if info.enabled and device.type == "cuda":
+        if config.device not in ("auto", "cuda"):
+            raise ValueError(f"under torchrun each process uses cuda:LOCAL_RANK; got --device "
+                             f"{config.device!r}. Pass --device cuda (or auto).")
+        device = torch.device("cuda", info.local_rank)
+    return device
+
+
+def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
+    """Resolves the device and precision, loads the data, builds the model, optimizer and loaders."""
+    info = info or DistInfo()
+    device = device_for(config, info)
+    if config.amp == "auto":  # resolved once: config.json and checkpoints hold the precision used
+        config = dataclasses.replace(config, amp=resolve_amp(config.amp, device))
+        if info.is_main:
+            log.info("amp auto: %s on %s", config.amp, device)
+    per_rank = per_process_batch(config, info.world_size)
+    torch.manual_seed(config.seed)
+    extra = dict(config.synthetic) if config.dataset == "synthetic" else {}
+    train_ds = load_dataset(config.dataset, "train", config.data_dir, **extra)
+    test_ds = load_dataset(config.dataset, "test", config.data_dir, **extra)
+    model = create_model(config.model, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
+                         **({} if config.norm == "batch" else {"norm_layer": NORMS[config.norm]}))
+    set_reversible(model, config.reversible)
+    set_exact(model, config.exact)
+    model.to(device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
+    net = wrap_ddp(model, info, device, sync_bn=config.sync_bn)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                nesterov=config.nesterov, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
+    # Each global step takes the next batch_size samples of a seeded per-epoch permutation;
+    # rank r trains on its slice r of them (revnet.training.loader.Loader).
+    train = Loader(train_ds, per_rank, train=True, device=device, seed=config.seed,
+                   pad=config.crop_pad, flip=config.flip, augment=config.crop_pad > 0 or config.flip,
+                   rank=info.rank, world_size=info.world_size)
+    # Evaluation is sharded too: each rank takes its part of every global test batch.
+    test_batch = min(max(per_rank, 256), max(1, math.ceil(len(test_ds) / info.world_size)))
+    test = Loader(test_ds, test_batch, train=False, device=device, rank=info.rank, world_size=info.world_size)
+    total = config.steps or max(1, round(config.epochs * len(train)))
+    lr_scale = float(info.world_size) if config.lr_scaling == "linear" else 1.0
+    return Run(config, device, model, optimizer, scaler, train, test, total, Path(config.out),
+               net=net, dist=info, lr_scale=lr_scale)

@@ -1,0 +1,235 @@
+"""The benchmarks on tiny configurations: result shapes, the memory trends, the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import rel_err
+
+from revnet import ReversibleSequence, cli
+from revnet.bench import capacity, environment, memory, modes, sizes, speed
+from revnet.bench.data import loader_throughput
+from revnet.bench.report import render_report
+from revnet.training.datasets import load_dataset
+from revnet.training.loader import Loader
+
+TINY = {"image_size": 32, "batch": 4}  # 32px keeps the main tensors above the 64 KiB mmap threshold
+
+
+def test_parse_bytes():
+    assert sizes.parse_bytes("2GiB") == 2 * 2**30
+    assert sizes.parse_bytes("512MiB") == 512 * 2**20
+    assert sizes.parse_bytes(" 1.5 GB ") == 1_500_000_000
+    assert sizes.parse_bytes("4096") == 4096
+    for bad in ["", "lots", "2 parsecs", "-1GiB", "0", "GiB"]:
+        with pytest.raises(ValueError, match="size"):
+            sizes.parse_bytes(bad)
+
+
+def test_depth_matches_the_paper_names():
+    assert modes.depth_of("resnet", 5) == 32 and modes.depth_of("revnet", 3) == 38
+    assert modes.depth_of("resnet", 18) == modes.depth_of("revnet", 9) == 110
+    assert modes.depth_of("resnet", 18, "bottleneck") == modes.depth_of("revnet", 9, "bottleneck") == 164
+    with pytest.raises(ValueError, match="not a RevNet"):
+        modes.build("revnet", model="resnet32")
+    with pytest.raises(ValueError, match="unknown kind"):
+        modes.build("densenet", 3)
+
+
+def test_the_three_revnet_modes_give_the_same_gradients_on_the_same_weights():
+    net = modes.build("revnet", 2, dtype=torch.float64)
+    x, y = modes.make_batch(net, 4, 8)
+    grads = {}
+    for kind in ("revnet-plain", "revnet", "revnet-checkpoint"):
+        net.zero_grad(set_to_none=True)
+        with modes.run_mode(net, kind):
+            modes.train_step(net, x, y)
+        grads[kind] = [p.grad.clone() for p in net.parameters()]
+    # run_mode puts everything back as it was.
+    assert sum(isinstance(m, ReversibleSequence) for m in net.modules()) == 3
+    assert all(m.reversible for m in net.modules() if isinstance(m, ReversibleSequence))
+    for kind in ("revnet", "revnet-checkpoint"):
+        for a, b in zip(grads[kind], grads["revnet-plain"], strict=True):
+            assert rel_err(a, b) < 1e-8
+
+
+def test_saved_bytes_resnet_grows_revnet_flat():
+    def saved(kind, units):
+        return memory.memory_point(kind, units, batch=2, image_size=8)["saved_bytes"]
+
+    assert saved("resnet", 8) > 3 * saved("resnet", 2)
+    assert saved("revnet", 4) == saved("revnet", 2)  # only the sequences' outputs and the openings
+    assert saved("revnet-plain", 4) > 1.5 * saved("revnet-plain", 2)
+    assert saved("revnet", 4) < saved("revnet-checkpoint", 4) < saved("revnet-plain", 4)
+    kept = memory.memory_point("resnet", 2, batch=2, image_size=8, grads="kept")
+    assert kept["grads"] == "kept" and kept["grad_bytes"] == 4 * kept["params"]
+    with pytest.raises(ValueError, match="grads must be"):
+        memory.memory_point("resnet", 2, batch=2, image_size=8, grads="some")
+
+
+@pytest.fixture(scope="module")
+def cli_sweep(tmp_path_factory):
+    """`revnet bench memory` on four points, each in a fresh process (about two seconds each)."""
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "memory", "--units", "1", "4", "--kinds", "resnet", "revnet", "--models",
+            "--batch", str(TINY["batch"]), "--image-size", str(TINY["image_size"]), "--out", str(out)]
+    assert cli.main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def sweep(cli_sweep):
+    return json.loads((cli_sweep / "memory.json").read_text())
+
+
+def test_memory_sweep_shape_and_trends(sweep):
+    assert sweep["config"]["units"] == [1, 4] and sweep["config"]["models"] == []
+    pts = {(p["kind"], p["units"]): p for p in sweep["points"]}
+    assert set(pts) == {("resnet", 2), ("revnet", 1), ("resnet", 8), ("revnet", 4)}
+    for p in sweep["points"]:
+        assert p["method"] == "VmHWM-VmRSS" and p["malloc_mmap_threshold"] == "65536"
+        assert p["activation_bytes"] > 0 and p["total_bytes"] > p["peak_bytes"] >= p["activation_bytes"]
+        # The peak holds at least what autograd saved (cross-check), within page rounding.
+        assert p["peak_bytes"] > 0.8 * p["saved_bytes"]
+    assert pts["resnet", 2]["depth"] == pts["revnet", 1]["depth"] == 14
+    res = pts["resnet", 8]["activation_bytes"] - pts["resnet", 2]["activation_bytes"]
+    rev = pts["revnet", 4]["activation_bytes"] - pts["revnet", 1]["activation_bytes"]
+    assert res > 2 * pts["resnet", 2]["activation_bytes"]  # ResNet: linear in depth
+    assert rev < 0.25 * res  # RevNet: (nearly) flat
+    json.dumps(sweep)  # plain data
+
+
+def test_speed_dict_has_times_and_ratios():
+    r = speed.speed("revnet38", batch=2, image_size=8, repeats=2, warmup=1, inference_repeats=2)
+    assert set(r["train"]) == {"revnet", "revnet-plain", "revnet-checkpoint", "resnet32"}
+    for s in [*r["train"].values(), *r["inference"].values()]:
+        assert len(s["times_s"]) == 2 and 0 < s["min_s"] <= s["median_s"] and s["images_per_s"] > 0
+    assert set(r["ratios"]) == {"revnet/revnet-plain", "revnet/revnet-checkpoint", "revnet/resnet32",
+                                "inference revnet/revnet-plain"}
+    assert all(v > 0 for v in r["ratios"].values())
+    assert r["config"]["batch"] == 2 and r["config"]["threads"] >= 1
+    json.dumps(r)
+
+
+def test_speed_against_a_git_revision():
+    try:
+        engine = speed.load_engine("HEAD")
+    except RuntimeError:
+        pytest.skip("not a git checkout")
+    assert callable(engine)
+    old = speed.load_engine("dcbf00b")  # one Function per sequence, adapted to the same call
+    assert old.__name__ == "_ReversibleFunction@dcbf00b"
+    r = speed.speed("revnet38", kinds=("revnet",), reference=None, against="HEAD", batch=2, image_size=8,
+                    repeats=1, warmup=0, inference_repeats=0)
+    assert set(r["train"]) == {"revnet", "revnet@HEAD"} and "revnet/revnet@HEAD" in r["ratios"]
+    with pytest.raises(RuntimeError, match="git revision"):
+        speed.load_engine("no-such-revision-xyz")
+
+
+def test_largest_under_brackets_an_affine_memory():
+    calls = []
+
+    def probe(v):
+        calls.append(v)
+        return 1000 + 37 * v
+
+    r = capacity._largest_under(5000, probe, 8, 32, verify_max=10_000)
+    assert r["largest"] == r["predicted"] == (5000 - 1000) // 37 and r["verified"]
+    assert 1000 + 37 * r["smallest_over"] > 5000
+    capped = capacity._largest_under(5000, probe, 8, 32, verify_max=50)
+    assert capped["largest"] == 50 and capped["predicted"] == 108 and not capped["verified"]
+    assert capacity._largest_under(500, probe, 8, 32, verify_max=100)["largest"] is None
+
+
+def test_capacity_finds_a_batch_under_a_tiny_budget():
+    budget = sizes.parse_bytes("12MiB")
+    r = capacity.capacity(budget, models=("revnet38",), kinds=(), image_size=16, verify_max_batch=256)
+    got = r["batch"]["revnet38"]
+    assert got["largest"] and 8 <= got["largest"] < 256
+    fits = [p for p in got["probes"] if p["value"] == got["largest"]]
+    assert fits[0]["total_bytes"] <= budget
+    assert r["config"]["budget_bytes"] == budget and r["depth"] == {}
+
+
+def test_measure_reports_worker_failure():
+    with pytest.raises(RuntimeError, match="memory worker"):
+        memory.measure(kind="resnet", model="no-such-model", batch=2, image_size=8)
+
+
+def test_cli_memory_writes_json_and_png(cli_sweep, sweep):
+    assert sweep["environment"]["torch"] == torch.__version__
+    assert (cli_sweep / "memory.png").stat().st_size > 1000
+
+
+def test_cli_speed_prints_ratios_and_writes_files(tmp_path, capsys):
+    assert cli.main(["bench", "speed", "--batch", "2", "--image-size", "8", "--repeats", "1", "--warmup", "0",
+                     "--inference-repeats", "1", "--reference", "none", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "revnet/revnet-plain" in printed and "images/s" in printed
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert (tmp_path / "speed.png").exists() and "ratios" in saved
+    assert saved["config"]["channels_last"]  # the default layout, as revnet train's
+
+
+def test_cli_budget_errors(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "capacity", "--budget", "lots"])
+    assert "cannot read 'lots' as a size" in capsys.readouterr().err
+
+
+def test_report_renders_every_section(sweep, tmp_path):
+    sp = speed.speed("revnet38", batch=2, image_size=8, repeats=1, warmup=0, inference_repeats=1)
+    cap = {"config": {"budget_bytes": 2**20, "depth_batch": 2, "verify_max_batch": 8, "verify_max_units": 1},
+           "batch": {"revnet38": {"largest": 4, "smallest_over": 5, "predicted": 4, "verified": True}},
+           "depth": {"revnet": {"largest_depth": 14, "smallest_over_depth": None, "predicted_depth": 900,
+                                "verified": False}}}
+    meta = {"command": "revnet bench report --quick", "environment": environment.environment(),
+            "loadavg_end": (0.0, 0.0, 0.0), "minutes": 0.5}
+    text = render_report(meta, sweep, [sp, sp], cap, "benchmarks")
+    for part in ("## Targets", "## Activation memory across depth", "## Speed", "## Capacity",
+                 "revnet bench report --quick", "![activation memory against depth](benchmarks/memory.png)",
+                 "| 50 |", "no (extrapolated)", torch.__version__):
+        assert part in text, part
+
+
+@pytest.mark.slow
+def test_cli_report_quick(tmp_path):
+    """The whole report on its quick configuration (about a minute)."""
+    out, doc = tmp_path / "benchmarks", tmp_path / "BENCHMARKS.md"
+    subprocess.run([sys.executable, "-m", "revnet", "bench", "report", "--quick", "--out", str(out),
+                    "--doc", str(doc)], check=True)
+    text = doc.read_text()
+    assert "## Targets" in text and "## Data path" in text and "the training step's images/s" in text
+    assert {p.name for p in out.iterdir()} >= {"memory.json", "memory.png", "speed.json", "speed.png",
+                                                "capacity.json", "capacity.png", "data.json", "report.json"}
+
+
+def test_loader_throughput_counts_every_image_and_crosses_epochs():
+    ds = load_dataset("synthetic", "train", num_samples=40, image_size=8)
+    loader = Loader(ds, 16, train=True, pad=2)  # 2 batches per epoch
+    result = loader_throughput(loader, batches=5, warmup=1)
+    assert result["images"] == 5 * 16 and result["images_per_s"] > 0
+    with pytest.raises(ValueError, match="batches >= 1"):
+        loader_throughput(loader, batches=0)
+
+
+def test_train_step_rate_runs_whole_steps():
+    result = speed.train_step_rate("revnet38", batch=4, image_size=8, in_chans=1, amp="bf16",
+                                   repeats=2, warmup=1)
+    assert result["images_per_s"] > 0 and len(result["times_s"]) == 2
+    with pytest.raises(ValueError, match="amp"):
+        speed.train_step_rate(amp="fp8")
+
+
+def test_cli_data_prints_the_ratio(tmp_path, capsys):
+    assert cli.main(["bench", "data", "--quick", "--dataset", "synthetic", "--batch", "8",
+                     "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "loader / training step =" in printed
+    saved = json.loads((tmp_path / "data.json").read_text())
+    rates = saved["loader"]["images_per_s"], saved["train_step"]["images_per_s"]
+    assert saved["ratio"] == pytest.approx(rates[0] / rates[1])
+    assert saved["config"]["crop_pad"] > 0 and saved["config"]["flip"]  # all augmentation is timed
+    assert "gather + random crop (pad 2) + random flip + normalise" in printed

@@ -1,0 +1,163 @@
+"""Worker for tests/test_distributed.py, started by torchrun with 2 processes on CPU (gloo).
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/training/_ddp_worker.py OUT
+
+It runs several fits and direct DDP checks in one process group (one start-up for all) and
+writes what the test compares into OUT; then it runs ``revnet train`` through the CLI and
+kills rank 1 at its third step, so the launch as a whole fails, as it should.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+import revnet.training.loop as loop_mod
+from revnet import create_model
+from revnet.cli import main as cli_main
+from revnet.training import TrainConfig, fit
+
+TINY = {"num_samples": 64, "image_size": 8, "channels": 3}
+
+
+def config(out: Path, name: str, **kw) -> TrainConfig:
+    fields = dict(model="revnet38", dataset="synthetic", synthetic=TINY, steps=4, batch_size=16, lr=0.1,
+                  amp="none", log_every=2, ckpt_every=2, norm="group", out=str(out / name))
+    fields.update(kw)
+    return TrainConfig(**fields)
+
+
+def stop_on_rank1_at(step: int) -> None:
+    """Rank 1 alone receives SIGTERM after its optimiser step ``step``."""
+    real, count = loop_mod._train_step, {"n": 0}
+
+    def wrapped(run, x, y):
+        result = real(run, x, y)
+        count["n"] += 1
+        if dist.get_rank() == 1 and count["n"] == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    loop_mod._train_step = wrapped
+
+
+def direct_ddp(out: Path, reversible: bool) -> dict:
+    """Three SGD steps of a BatchNorm-in-eval-mode RevNet under DDP against one process at 2B.
+
+    Also records when DDP's buckets are all-reduced relative to the end of backward, and
+    checks no_sync.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = create_model("revnet38", num_classes=10, in_chans=3)
+    model.reversible = reversible
+    model.eval()  # BatchNorm normalises with running statistics: no cross-sample statistics
+    reference = copy.deepcopy(model)
+    ddp = DistributedDataParallel(model, bucket_cap_mb=0.25)
+    events: list[str] = []
+
+    def hook(state, bucket):
+        events.append(f"bucket{bucket.index()}")
+        return default_hooks.allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(dist.group.WORLD, hook)
+    # The stem's first weight gets its gradient last of all: the end of backward.
+    next(model.stem.parameters()).register_post_accumulate_grad_hook(lambda _: events.append("stem"))
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(3, 2 * 4, 3, 8, 8, generator=g)  # 3 steps of a global batch 8
+    ys = torch.randint(0, 10, (3, 8), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    per = xs.shape[1] // world
+    orders = []
+    for step in range(3):
+        events.clear()
+        opt.zero_grad()
+        part = slice(rank * per, (rank + 1) * per)
+        nn.functional.cross_entropy(ddp(xs[step, part]), ys[step, part]).backward()
+        opt.step()
+        orders.append(list(events))
+        ref_opt.zero_grad()
+        nn.functional.cross_entropy(reference(xs[step]), ys[step]).backward()
+        ref_opt.step()
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    ref = torch.cat([p.detach().flatten() for p in reference.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    # no_sync: the first backward keeps local gradients, the next one averages the sum.
+    opt.zero_grad()
+    with ddp.no_sync():
+        nn.functional.cross_entropy(ddp(xs[0, :per] * (rank + 1)), ys[0, :per]).backward()
+    local = torch.cat([p.grad.flatten() for p in model.parameters()])
+    nn.functional.cross_entropy(ddp(xs[1, :per]), ys[1, :per]).backward()
+    synced = torch.cat([p.grad.flatten() for p in model.parameters()])
+    locals_, synceds = [torch.empty_like(local) for _ in range(world)], [torch.empty_like(local)
+                                                                          for _ in range(world)]
+    dist.all_gather(locals_, local)
+    dist.all_gather(synceds, synced)
+    return {
+        "max_rel_diff_vs_one_process": ((flat - ref).abs().max() / ref.abs().max()).item(),
+        "ranks_identical": all(torch.equal(gathered[0], t) for t in gathered[1:]),
+        "bucket_orders": orders,
+        "no_sync_local_grads_differ": not torch.equal(locals_[0], locals_[1]),
+        "synced_grads_identical": torch.equal(synceds[0], synceds[1]),
+    }
+
+
+def scenarios(out: Path) -> None:
+    rank = dist.get_rank()
+    results: dict = {}
+    timings: dict = {}
+    for name, kw in {"rev": {}, "plain": {"reversible": False}, "accum": {"accum_steps": 2},
+                     "bn_rev": {"norm": "batch"}, "bn_plain": {"norm": "batch", "reversible": False},
+                     "linear": {"lr_scaling": "linear", "steps": 2, "log_every": 1}}.items():
+        t = time.perf_counter()
+        results[name] = fit(config(out, name, **kw))
+        timings[name] = time.perf_counter() - t
+    real = loop_mod._train_step
+    stop_on_rank1_at(2)
+    results["stop"] = fit(config(out, "stop"))
+    loop_mod._train_step = real
+    results["resumed"] = fit(config(out, "stop"), resume=True)
+    try:
+        fit(config(out, "syncbn", norm="batch", sync_bn=True))
+        results["syncbn_error"] = None
+    except ValueError as e:
+        results["syncbn_error"] = str(e)
+    for reversible in (True, False):
+        results[f"direct_{'rev' if reversible else 'plain'}"] = direct_ddp(out, reversible)
+    results["timings"] = timings
+    (out / f"results_rank{rank}.json").write_text(json.dumps(results, default=str))
+
+
+def die(out: Path) -> int:
+    """`revnet train` under torchrun; rank 1 dies abruptly during its third step."""
+    real = loop_mod._train_step
+
+    def fatal(run, x, y):
+        if run.dist.rank == 1 and run.step == 2:
+            os._exit(3)
+        return real(run, x, y)
+
+    loop_mod._train_step = fatal
+    return cli_main(["train", "--dataset", "synthetic", "--steps", "4", "--batch-size", "16",
+                     "--norm", "group", "--amp", "none", "--ckpt-every", "2", "--log-every", "1",
+                     "--dist-timeout", "30", "--out", str(out / "die"), "--no-memory-report"])
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    scenarios(out)
+    sys.exit(die(out))

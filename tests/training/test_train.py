@@ -1,0 +1,260 @@
+"""fit(), checkpoints, resume, signals and the train/eval/plot commands, on tiny data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import revnet.training.loop as loop_mod
+import revnet.training.precision as precision_mod
+from revnet.cli import main
+from revnet.training import RECIPES, TrainConfig, TrainingDivergedError, evaluate_checkpoint, fit, lr_at
+
+TINY = {"num_samples": 96, "image_size": 12, "channels": 3}
+
+
+def tiny(tmp_path, name="run", **kw) -> TrainConfig:
+    fields = dict(model="revnet38", dataset="synthetic", synthetic=TINY, steps=8, batch_size=16,
+                  lr=0.1, amp="none", log_every=2, ckpt_every=3, out=str(tmp_path / name))
+    fields.update(kw)
+    return TrainConfig(**fields)
+
+
+def test_fit_writes_a_complete_run(tmp_path):
+    summary = fit(tiny(tmp_path))
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "curves.png"):
+        assert (run / name).is_file(), name
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert summary["step"] == 8 and not summary["interrupted"]
+    assert summary["wall_seconds"] > 0 and summary["peak_memory_bytes"] > 0
+    assert summary["reversible"] is True and summary["model"] == "revnet38"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
+    for key in ("loss", "accuracy", "lr", "images_per_s", "peak_memory_bytes"):
+        assert all(key in r for r in train_rows), key
+    assert any("test_accuracy" in r for r in rows)
+    state = torch.load(run / "last.pt", weights_only=False)
+    assert {"model", "optimizer", "step", "rng", "config"} <= set(state)
+    assert state["step"] == 8
+    assert json.loads((run / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_training_learns_synthetic_data(tmp_path):
+    summary = fit(tiny(tmp_path, steps=30, lr=0.05))
+    assert summary["test_accuracy"] > 0.5  # chance is 0.1
+
+
+def _interrupt_at(monkeypatch, at_step: int) -> None:
+    """Sends SIGTERM to this process right after optimiser step ``at_step``."""
+    real = loop_mod._train_step
+    count = {"n": 0}
+
+    def wrapped(run, x, y):
+        out = real(run, x, y)
+        count["n"] += 1
+        if count["n"] == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(loop_mod, "_train_step", wrapped)
+
+
+def test_resume_after_sigterm_equals_uninterrupted_run(tmp_path, monkeypatch):
+    full = fit(tiny(tmp_path, "full", steps=10))
+    _interrupt_at(monkeypatch, 4)
+    part = fit(tiny(tmp_path, "part", steps=10))
+    assert part["interrupted"] and part["step"] == 4
+    monkeypatch.undo()
+    resumed = fit(tiny(tmp_path, "part", steps=10), resume=True)
+    assert resumed["step"] == 10 and not resumed["interrupted"]
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+
+
+def test_fp16_with_grad_scaler_trains_and_resumes_exactly(tmp_path, monkeypatch):
+    full = fit(tiny(tmp_path, "full", steps=6, amp="fp16"))
+    state = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    assert state["scaler"] is not None and state["scaler"]["scale"] > 0  # the GradScaler's state is kept
+    _interrupt_at(monkeypatch, 3)
+    assert fit(tiny(tmp_path, "part", steps=6, amp="fp16"))["interrupted"]
+    monkeypatch.undo()
+    resumed = fit(tiny(tmp_path, "part", steps=6, amp="fp16"), resume=True)
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["scaler"] == b["scaler"] and resumed["test_accuracy"] == full["test_accuracy"]
+
+
+def test_amp_auto_picks_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    for fast, expected in ((True, "bf16"), (False, "none")):
+        monkeypatch.setattr(precision_mod, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert precision_mod.resolve_amp("auto", cpu) == expected
+        assert precision_mod.resolve_amp("fp16", cpu) == "fp16"  # an explicit choice is kept
+    assert TrainConfig().amp == "auto"
+    _interrupt_at(monkeypatch, 2)
+    assert fit(tiny(tmp_path, "run", steps=4, amp="auto"))["interrupted"]  # no fast bf16 (patched)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["amp"] == "none"  # what ran
+    with pytest.raises(ValueError, match="amp: saved 'none' vs now 'bf16'"):
+        fit(tiny(tmp_path, "run", steps=4, amp="bf16"), resume=True)
+    assert fit(tiny(tmp_path, "run", steps=4, amp="auto"), resume=True)["step"] == 4  # same machine
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
+    flags = {"x86 AMX": "flags\t\t: fpu sse avx512f amx_bf16 amx_tile\n",
+             "x86 AVX2 only": "flags\t\t: fpu sse avx2 fma\n",
+             "Arm with BF16": "Features\t: fp asimd sve bf16 i8mm\n"}
+    real_read = precision_mod.Path.read_text
+    for name, text in flags.items():
+        monkeypatch.setattr(precision_mod.Path, "read_text",
+                            lambda self, *a, text=text, **k: text if str(self) == "/proc/cpuinfo"
+                            else real_read(self, *a, **k))
+        precision_mod.cpu_has_fast_bf16.cache_clear()
+        assert precision_mod.cpu_has_fast_bf16() == (name != "x86 AVX2 only"), name
+    precision_mod.cpu_has_fast_bf16.cache_clear()
+
+
+def test_signal_during_the_last_step_completes_the_run(tmp_path, monkeypatch):
+    _interrupt_at(monkeypatch, 4)
+    summary = fit(tiny(tmp_path, "run", steps=4))
+    assert not summary["interrupted"] and summary["step"] == 4
+    assert summary["test_accuracy"] is not None  # the final evaluation ran
+
+
+def test_resuming_a_finished_run_is_refused_and_keeps_its_summary(tmp_path):
+    fit(tiny(tmp_path, "run", steps=3))
+    before = (tmp_path / "run" / "summary.json").read_text()
+    with pytest.raises(ValueError, match=r"finished run \(step 3 of 3\).*revnet eval"):
+        fit(tiny(tmp_path, "run", steps=3), resume=True)
+    assert (tmp_path / "run" / "summary.json").read_text() == before
+
+
+def test_sigterm_in_a_real_process_saves_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "revnet", "train", "--dataset", "synthetic", "--steps", "100000",
+           "--batch-size", "8", "--log-every", "1", "--out", str(out), "--no-memory-report"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output
+    assert "--resume --out" in output
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert 2 <= state["step"] < 100000
+    assert not (out / "last.pt.tmp").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real = loop_mod._train_step
+    count = {"n": 0}
+
+    def poisoned(run, x, y):
+        loss, correct = real(run, x, y)
+        count["n"] += 1
+        return (loss * float("nan") if count["n"] >= 5 else loss), correct
+
+    monkeypatch.setattr(loop_mod, "_train_step", poisoned)
+    with pytest.raises(TrainingDivergedError, match=r"loss became nan.*last\.pt.*--lr"):
+        fit(tiny(tmp_path, steps=8, log_every=1, ckpt_every=2))
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_lr_schedules():
+    step_cfg = TrainConfig(schedule="step", milestones=(10, 20), lr=0.1)
+    assert [lr_at(s, 30, step_cfg) for s in (0, 9, 10, 19, 20, 29)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    one = TrainConfig(schedule="onecycle", warmup=0.1, lr=0.2)
+    assert lr_at(0, 100, one) == pytest.approx(0.02)
+    assert lr_at(9, 100, one) == pytest.approx(0.2)
+    assert lr_at(99, 100, one) < 1e-3
+
+
+def test_paper_cifar_recipe_is_the_papers():
+    r = RECIPES["paper-cifar"]
+    assert (r["batch_size"], r["lr"], r["momentum"], r["weight_decay"]) == (100, 0.1, 0.9, 2e-4)
+    assert r["milestones"] == (40_000, 60_000) and r["steps"] == 80_000
+    assert r["crop_pad"] == 4 and r["flip"]
+
+
+# --- bad input ------------------------------------------------------------------------
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        TrainConfig(dataset="mnist")
+    with pytest.raises(ValueError, match="amp must be"):
+        TrainConfig(amp="fp8")
+    with pytest.raises(ValueError, match="unknown model"):
+        TrainConfig(model="resnet18")
+
+
+def test_existing_run_and_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        fit(tiny(tmp_path, steps=2), resume=True)
+    fit(tiny(tmp_path, steps=2))
+    with pytest.raises(FileExistsError, match="--resume"):
+        fit(tiny(tmp_path, steps=2))
+    with pytest.raises(ValueError, match=r"different configuration \(lr: saved 0.1 vs now 0.05"):
+        fit(tiny(tmp_path, steps=2, lr=0.05), resume=True)
+
+
+def test_eval_rejects_foreign_files(tmp_path):
+    bad = tmp_path / "x.pt"
+    torch.save({"weights": 1}, bad)
+    with pytest.raises(ValueError, match="not a revnet training checkpoint"):
+        evaluate_checkpoint(bad)
+    with pytest.raises(FileNotFoundError):
+        evaluate_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable torch checkpoint"):
+        evaluate_checkpoint(tmp_path / "notes.txt")
+
+
+def test_cli_train_eval_plot(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["train", "--dataset", "synthetic", "--steps", "3", "--batch-size", "16",
+            "--no-reversible", "--out", str(out), "--no-memory-report"]
+    assert main(args) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["reversible"] is False
+    assert main(["eval", str(out / "best.pt")]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    (out / "curves.png").unlink()
+    assert main(["plot", str(out)]) == 0
+    assert (out / "curves.png").is_file()
+    assert main(["plot", str(tmp_path)]) == 1
+    with (out / "metrics.jsonl").open("a") as f:  # a process killed mid-write leaves half a line
+        f.write('{"step": 4, "lo')
+    assert main(["plot", str(out)]) == 0
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "metrics.jsonl").write_text("garbage\n")
+    assert main(["plot", str(tmp_path / "junk")]) == 1
+    assert "no JSON object per line" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--resume needs --out"):
+        main(["train", "--resume"])
+    with pytest.raises(SystemExit, match="paper-imagenet documents .* Pass --dataset"):
+        main(["train", "--recipe", "paper-imagenet"])
+
+
+def test_bf16_autocast_training_and_fractional_epochs(tmp_path):
+    config = tiny(tmp_path, steps=None, epochs=0.5, amp="bf16")  # 96 samples / 16 = 6 steps per epoch
+    summary = fit(config)
+    assert summary["step"] == 3 and summary["total_steps"] == 3
+    assert summary["test_accuracy"] is not None
