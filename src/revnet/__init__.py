@@ -21,6 +21,7 @@ from .engine import (
     set_exact,
     set_reversible,
 )
+from .engine import compile as compile  # public, but not in __all__: a star import would hide the builtin
 from .models import ResNet, RevNet, create_model, list_models, register_model
 
 __all__ = [

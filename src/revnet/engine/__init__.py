@@ -7,11 +7,13 @@
 - :mod:`.recompute`: units that cannot be inverted keep only their input (:class:`Recomputed`);
 - :mod:`.replay` and :mod:`.grads`: what a recomputation replays (RNG, autocast, BatchNorm)
   and how it returns parameter gradients;
-- :mod:`.fidelity`: reconstruction error, gradient angle and the drift guard.
+- :mod:`.fidelity`: reconstruction error, gradient angle and the drift guard;
+- :mod:`.compile`: ``revnet.compile``, torch.compile of what runs inside the engine.
 
 Imports nothing else of revnet: a user who only wants the engine reads this folder.
 """
 
+from .compile import compile
 from .coupling import AdditiveCoupling, AffineCoupling, Coupling, set_exact
 from .recompute import Recomputed
 from .reversible import ReversibleSequence, set_reversible
@@ -22,6 +24,7 @@ __all__ = [
     "Coupling",
     "Recomputed",
     "ReversibleSequence",
+    "compile",
     "set_exact",
     "set_reversible",
 ]

@@ -122,7 +122,11 @@ class Coupling(nn.Module):
         return self._run("G", self.g, y1, x2)
 
     def _run(self, label: str, fn: nn.Module, inp: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        version = inp._version
+        # Under torch.compile ``_version`` is a traced value and comparing it a graph break in every
+        # F and G, which splits the caller into frames that recompile per stage. The engine's own
+        # calls run eagerly (revnet.compile compiles F and G, not this), so only a model traced whole
+        # in plain mode goes without the check.
+        version = None if torch.compiler.is_compiling() else inp._version
         device = inp.device.type
         if inp.dtype == torch.float32 and torch.is_autocast_enabled(device):
             # Under autocast the stream is float32 (ReversibleSequence) but F and G take it in the
@@ -132,7 +136,7 @@ class Coupling(nn.Module):
             h = fn(inp.to(torch.get_autocast_dtype(device)))
         else:
             h = fn(inp)
-        if inp._version != version:
+        if version is not None and inp._version != version:
             # The half is needed again (y2 = x2 + G(y1) reads x2 after F ran), and the
             # reversible backward rebuilds it: a write into it breaks both.
             raise RuntimeError(

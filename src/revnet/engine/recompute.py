@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 from .grads import grad_edge, param_slots, swapped
 from .replay import autocast_state, batchnorm_stats_frozen, cuda_devices, get_rng, replay_autocast, set_rng
 
-__all__ = ["Recomputed"]
+__all__ = ["Recomputed", "apply_recomputed"]
 
 
 class Recomputed:
@@ -44,8 +44,18 @@ class Recomputed:
         if self.reversible and torch.is_grad_enabled():
             params = [p for p in module.parameters() if p.requires_grad]
             if x.requires_grad or params:
-                return _Recompute.apply(x, module, self.preserve_rng_state, *params)
-        return nn.Module.__call__(module, x)
+                return apply_recomputed(x, module, self.preserve_rng_state, params)
+        return nn.Module.__call__(module, x)  # plain mode: ordinary code, which torch.compile traces
+
+
+# Dynamo cannot trace the engine's Functions (they record RNG state, and recompute in backward);
+# a graph break inside one splits the caller into frames that recompile per stage. Under
+# torch.compile the engine is one opaque call instead, and revnet.compile compiles what runs inside.
+@torch.compiler.disable
+def apply_recomputed(x: torch.Tensor, module: nn.Module, keep_rng: bool,
+                     params: list[torch.Tensor]) -> torch.Tensor:
+    """``module(x)`` keeping only ``x`` for backward (what a :class:`Recomputed` unit runs)."""
+    return _Recompute.apply(x, module, keep_rng, *params)
 
 
 class _Recompute(torch.autograd.Function):

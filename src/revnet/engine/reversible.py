@@ -178,6 +178,7 @@ class _Chain:
         self.halves: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
+@torch.compiler.disable  # an opaque unit under torch.compile: see recompute.apply_recomputed
 def _run_reversible(seq: ReversibleSequence, x: torch.Tensor) -> torch.Tensor:
     """``seq(x)`` as a chain of per-block Functions that keep only the sequence's output.
 
