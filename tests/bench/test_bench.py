@@ -113,6 +113,21 @@ def test_speed_dict_has_times_and_ratios():
     json.dumps(r)
 
 
+def test_speed_and_memory_of_compiled_copies():
+    """revnet.compile'd rows beside the eager ones; compile time apart (aot_eager: no codegen)."""
+    r = speed.speed("revnet38", kinds=("revnet", "revnet-plain"), reference=None, batch=2, image_size=8,
+                    repeats=2, warmup=0, inference_repeats=0, compile="aot_eager")
+    assert set(r["train"]) == {"revnet", "revnet-plain", "revnet+compile", "revnet-plain+compile"}
+    assert set(r["compile_s"]) == {"revnet+compile", "revnet-plain+compile"}
+    assert all(s > 0 for s in r["compile_s"].values())  # the first step traced the graphs
+    assert "revnet+compile/revnet-plain" in r["ratios"]  # compiled reversible vs eager plain backprop
+    point = memory.memory_point("revnet", 2, batch=4, image_size=32, compile="aot_eager")
+    eager = memory.memory_point("revnet", 2, batch=4, image_size=32)
+    assert point["compile"] == "aot_eager" and point["saved_bytes"] == eager["saved_bytes"]
+    with pytest.raises(ValueError, match="compile is for"):
+        memory.memory_point("revnet-checkpoint", 1, batch=2, image_size=8, compile="aot_eager")
+
+
 def test_speed_against_a_git_revision():
     try:
         engine = speed.load_engine("HEAD")

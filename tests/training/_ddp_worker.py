@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+import revnet
 import revnet.training.loop as loop_mod
 from revnet import create_model
 from revnet.cli import main as cli_main
@@ -52,7 +53,7 @@ def stop_on_rank1_at(step: int) -> None:
     loop_mod._train_step = wrapped
 
 
-def direct_ddp(out: Path, reversible: bool) -> dict:
+def direct_ddp(out: Path, reversible: bool, compiled: bool = False) -> dict:
     """Three SGD steps of a BatchNorm-in-eval-mode RevNet under DDP against one process at 2B.
 
     Also records when DDP's buckets are all-reduced relative to the end of backward, and
@@ -64,6 +65,8 @@ def direct_ddp(out: Path, reversible: bool) -> dict:
     model.reversible = reversible
     model.eval()  # BatchNorm normalises with running statistics: no cross-sample statistics
     reference = copy.deepcopy(model)
+    if compiled:  # DDP around a model whose F, G, openers, stem and head run compiled
+        revnet.compile(model, backend="aot_eager")
     ddp = DistributedDataParallel(model, bucket_cap_mb=0.25)
     events: list[str] = []
 
@@ -121,7 +124,8 @@ def scenarios(out: Path) -> None:
     timings: dict = {}
     for name, kw in {"rev": {}, "plain": {"reversible": False}, "accum": {"accum_steps": 2},
                      "bn_rev": {"norm": "batch"}, "bn_plain": {"norm": "batch", "reversible": False},
-                     "linear": {"lr_scaling": "linear", "steps": 2, "log_every": 1}}.items():
+                     "linear": {"lr_scaling": "linear", "steps": 2, "log_every": 1},
+                     "compiled": {"compile": "aot_eager"}}.items():
         t = time.perf_counter()
         results[name] = fit(config(out, name, **kw))
         timings[name] = time.perf_counter() - t
@@ -137,6 +141,7 @@ def scenarios(out: Path) -> None:
         results["syncbn_error"] = str(e)
     for reversible in (True, False):
         results[f"direct_{'rev' if reversible else 'plain'}"] = direct_ddp(out, reversible)
+    results["direct_rev_compiled"] = direct_ddp(out, True, compiled=True)
     results["timings"] = timings
     (out / f"results_rank{rank}.json").write_text(json.dumps(results, default=str))
 

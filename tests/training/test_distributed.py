@@ -103,7 +103,13 @@ def test_single_process_accumulation_equals_the_full_batch(tmp_path):
     assert _max_rel_diff(_weights(tmp_path / "accum"), _weights(tmp_path / "full")) < 1e-4
 
 
-@pytest.mark.parametrize("engine", ["rev", "plain"])
+def test_ddp_trains_a_compiled_model_as_it_trains_the_eager_one(ddp):
+    out, r0, _, _ = ddp
+    assert r0["compiled"]["config"]["compile"] == "aot_eager"
+    assert _max_rel_diff(_weights(out / "compiled"), _weights(out / "rev")) < 1e-4
+
+
+@pytest.mark.parametrize("engine", ["rev", "plain", "rev_compiled"])
 def test_direct_ddp_bn_eval_buckets_and_no_sync(ddp, engine):
     _, r0, r1, _ = ddp
     for r in (r0, r1):

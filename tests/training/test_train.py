@@ -95,33 +95,52 @@ def test_fp16_with_grad_scaler_trains_and_resumes_exactly(tmp_path, monkeypatch)
     assert a["scaler"] == b["scaler"] and resumed["test_accuracy"] == full["test_accuracy"]
 
 
-def test_amp_auto_picks_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch):
+def test_amp_auto_takes_bf16_only_where_it_is_faster(monkeypatch):
     cpu = torch.device("cpu")
-    for fast, expected in ((True, "bf16"), (False, "none")):
-        monkeypatch.setattr(precision_mod, "cpu_has_fast_bf16", lambda fast=fast: fast)
-        assert precision_mod.resolve_amp("auto", cpu) == expected
-        assert precision_mod.resolve_amp("fp16", cpu) == "fp16"  # an explicit choice is kept
+
+    def probe_of(ms):  # a fake probe: fixed step times per precision
+        return lambda precision: ms[precision] / 1e3
+
+    monkeypatch.setattr(precision_mod, "cpu_bf16_flags", lambda: ())
+    choice = precision_mod.resolve_amp("auto", cpu, probe_of({"none": 500, "bf16": 100}))
+    assert choice.amp == "none" and "no native bf16" in choice.reason  # emulated: not even probed
+    monkeypatch.setattr(precision_mod, "cpu_bf16_flags", lambda: ("avx512_bf16",))
+    slow = precision_mod.resolve_amp("auto", cpu, probe_of({"none": 500, "bf16": 700}))
+    assert slow.amp == "none" and "bf16 700 ms vs float32 500 ms" in slow.reason
+    assert precision_mod.resolve_amp("auto", cpu, probe_of({"none": 500, "bf16": 480})).amp == "none"  # noise
+    fast = precision_mod.resolve_amp("auto", cpu, probe_of({"none": 500, "bf16": 300}))
+    assert fast.amp == "bf16" and "avx512_bf16" in fast.reason
+    assert precision_mod.resolve_amp("auto", cpu).amp == "none"  # no probe: float32
+    assert precision_mod.resolve_amp("fp16", cpu) == precision_mod.AmpChoice("fp16", "asked for")
+
+
+def test_amp_auto_probes_the_run_records_why_and_a_resume_keeps_it(tmp_path, monkeypatch):
     assert TrainConfig().amp == "auto"
+    monkeypatch.setattr(precision_mod, "cpu_bf16_flags", lambda: ("amx_bf16",))
+    monkeypatch.setattr(precision_mod, "PROBE_MARGIN", 1e9)  # the (real) probe then always says bf16
     _interrupt_at(monkeypatch, 2)
-    assert fit(tiny(tmp_path, "run", steps=4, amp="auto"))["interrupted"]  # no fast bf16 (patched)
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["amp"] == "none"  # what ran
-    with pytest.raises(ValueError, match="amp: saved 'none' vs now 'bf16'"):
-        fit(tiny(tmp_path, "run", steps=4, amp="bf16"), resume=True)
-    assert fit(tiny(tmp_path, "run", steps=4, amp="auto"), resume=True)["step"] == 4  # same machine
+    assert fit(tiny(tmp_path, "run", steps=4, amp="auto"))["interrupted"]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["amp"] == "bf16" and "probe of one training step" in saved["amp_reason"]  # what ran, and why
+    with pytest.raises(ValueError, match="amp: saved 'bf16' vs now 'none'"):
+        fit(tiny(tmp_path, "run", steps=4, amp="none"), resume=True)
+    monkeypatch.setattr(precision_mod, "PROBE_MARGIN", 0.0)  # a new probe would now say float32...
+    assert fit(tiny(tmp_path, "run", steps=4, amp="auto"), resume=True)["step"] == 4  # ...the run keeps bf16
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["amp"] == "bf16"
 
 
 def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
-    flags = {"x86 AMX": "flags\t\t: fpu sse avx512f amx_bf16 amx_tile\n",
-             "x86 AVX2 only": "flags\t\t: fpu sse avx2 fma\n",
-             "Arm with BF16": "Features\t: fp asimd sve bf16 i8mm\n"}
+    flags = {"x86 AMX": ("flags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n", ("amx_bf16", "avx512_bf16")),
+             "x86 AVX2 only": ("flags\t\t: fpu sse avx2 fma\n", ()),
+             "Arm with BF16": ("Features\t: fp asimd sve bf16 i8mm\n", ("bf16",))}
     real_read = precision_mod.Path.read_text
-    for name, text in flags.items():
+    for name, (text, expected) in flags.items():
         monkeypatch.setattr(precision_mod.Path, "read_text",
                             lambda self, *a, text=text, **k: text if str(self) == "/proc/cpuinfo"
                             else real_read(self, *a, **k))
-        precision_mod.cpu_has_fast_bf16.cache_clear()
-        assert precision_mod.cpu_has_fast_bf16() == (name != "x86 AVX2 only"), name
-    precision_mod.cpu_has_fast_bf16.cache_clear()
+        precision_mod.cpu_bf16_flags.cache_clear()
+        assert precision_mod.cpu_bf16_flags() == expected, name
+    precision_mod.cpu_bf16_flags.cache_clear()
 
 
 def test_signal_during_the_last_step_completes_the_run(tmp_path, monkeypatch):
@@ -258,3 +277,45 @@ def test_bf16_autocast_training_and_fractional_epochs(tmp_path):
     summary = fit(config)
     assert summary["step"] == 3 and summary["total_steps"] == 3
     assert summary["test_accuracy"] is not None
+
+
+def test_compiled_training_matches_eager_and_resumes_either_way(tmp_path, monkeypatch):
+    """--compile runs revnet.compile (aot_eager here: the same graphs, no code generation)."""
+    eager = fit(tiny(tmp_path, "eager", steps=4))
+    compiled = fit(tiny(tmp_path, "compiled", steps=4, compile="aot_eager"))
+    assert compiled["config"]["compile"] == "aot_eager" and compiled["first_step_seconds"] > 0
+    a = torch.load(tmp_path / "eager" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "compiled" / "last.pt", weights_only=False)["model"]
+    assert set(a) == set(b)  # the same keys: checkpoints are interchangeable
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4) for k in a)
+    assert abs(eager["test_accuracy"] - compiled["test_accuracy"]) <= 0.05
+    _interrupt_at(monkeypatch, 2)
+    assert fit(tiny(tmp_path, "switch", steps=4, compile="aot_eager"))["interrupted"]
+    monkeypatch.undo()
+    assert fit(tiny(tmp_path, "switch", steps=4), resume=True)["step"] == 4  # resumed eagerly
+
+
+def test_compile_without_a_compiler_trains_eagerly_and_says_so(tmp_path, monkeypatch, caplog):
+    import revnet.training.run as run_mod
+
+    monkeypatch.setattr(run_mod.shutil, "which", lambda name: None)
+    with caplog.at_level("WARNING"):
+        summary = fit(tiny(tmp_path, steps=2, compile="inductor"))
+    assert summary["config"]["compile"] is None  # config.json says what ran
+    assert "found no compiler" in caplog.text and "--no-compile" in caplog.text
+
+
+def test_compile_flags(tmp_path):
+    from revnet.cli import build_parser
+    from revnet.cli.train import _train_config
+
+    def parsed(*flags):
+        return _train_config(build_parser().parse_args(["train", *flags, "--out", str(tmp_path / "x")]))
+
+    assert parsed().compile is None
+    assert parsed("--compile").compile == "inductor"
+    assert parsed("--compile", "aot_eager").compile == "aot_eager"
+    assert parsed("--recipe", "fashion-mnist-long", "--compile").compile == "inductor"
+    assert parsed("--compile", "--no-compile").compile is None
+    with pytest.raises(ValueError, match="compile must be"):
+        TrainConfig(compile="")

@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
+from ..models import create_model
 from ..training.config import RECIPES, TrainConfig
 from ..training.datasets import load_dataset
 from ..training.loader import Loader
-from ..training.precision import resolve_amp
+from ..training.precision import probe_step_time, resolve_amp
 from .speed import train_step_rate
 
 __all__ = ["data_path", "loader_throughput"]
@@ -68,10 +69,16 @@ def data_path(recipe: str = "fashion-mnist-long", *, dataset: str | None = None,
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}.")
     cfg = {**TrainConfig().__dict__, **RECIPES[recipe]}
-    cfg["amp"] = resolve_amp(cfg["amp"], torch.device(device))
     name = dataset or cfg["dataset"]
     batch = batch or cfg["batch_size"]
     ds = load_dataset(name, "train", data_dir, **(cfg["synthetic"] if name == "synthetic" else {}))
+    if cfg["amp"] == "auto":  # as revnet train decides it: by a probe of the step where flags do not tell
+        net = create_model(cfg["model"], num_classes=ds.num_classes, in_chans=ds.in_chans).to(device)
+        layout = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+        net = net.to(memory_format=layout)
+        x = torch.randn(batch, ds.in_chans, *ds.image_size, device=device).contiguous(memory_format=layout)
+        probe = probe_step_time(net, x, lambda out: out.float().square().mean())
+        cfg["amp"] = resolve_amp("auto", torch.device(device), probe).amp
     loader = Loader(ds, batch, train=True, device=device, pad=cfg["crop_pad"], flip=cfg["flip"])
     load = loader_throughput(loader, batches=batches)
     step = train_step_rate(cfg["model"], batch=batch, image_size=ds.image_size[0], in_chans=ds.in_chans,

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine import compile as revnet_compile
 from ..engine import set_exact
 from .modes import KINDS, Progress, SavedBytes, build, depth_of, make_batch, run_mode, sync
 
@@ -147,6 +148,7 @@ def memory_point(
     kind: str, units: int | None = None, *, model: str | None = None, block: str = "basic",
     batch: int = 32, image_size: int = 32, in_chans: int = 3, warmup_batch: int | None = None,
     grads: str = "freed", device: str = "cpu", dtype: str = "float32", seed: int = 0, exact: bool = False,
+    compile: str | None = None,
 ) -> dict[str, Any]:
     """Memory of one training step (forward, cross-entropy, backward) of a zoo network, in this process.
 
@@ -159,12 +161,18 @@ def memory_point(
         model: a registered model.
         warmup_batch: batch of the warm-up step (default ``batch``).
         exact: a RevNet's couplings in exact mode (:func:`revnet.set_exact`).
+        compile: a torch.compile backend: the network under :func:`revnet.compile` (the
+            warm-up step compiles; ``revnet`` and ``revnet-plain`` kinds, and ``resnet``).
     """
     torch.manual_seed(seed)
     net = build(kind, units, model=model, block=block, in_chans=in_chans, device=device,
                 dtype=getattr(torch, dtype))
     if exact and not set_exact(net, True):
         raise ValueError(f"memory_point: exact mode needs a RevNet, got kind {kind!r}.")
+    if compile is not None:
+        if kind == "revnet-checkpoint":
+            raise ValueError("memory_point: compile is for the revnet, revnet-plain and resnet kinds.")
+        revnet_compile(net, backend=compile)
     x, y = make_batch(net, batch, image_size, in_chans)
     with run_mode(net, kind):
         warm_x, warm_y = make_batch(net, warmup_batch or batch, image_size, in_chans)
@@ -176,7 +184,7 @@ def memory_point(
         "kind": kind, "units": units, "model": model, "block": block,
         "depth": depth_of(kind, units, block) if model is None else int(re.sub(r"\D", "", model)),
         "batch": batch, "image_size": image_size, "in_chans": in_chans, "device": device,
-        "dtype": dtype, "exact": exact, **result,
+        "dtype": dtype, "exact": exact, "compile": compile, **result,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
     }
 
@@ -204,7 +212,8 @@ def measure(timeout: float = 1800.0, **point: Any) -> dict[str, Any]:
 def memory_sweep(
     units: Sequence[int] = (1, 3, 9, 18, 36), kinds: Sequence[str] = KINDS, *,
     models: Sequence[str] = (), block: str = "basic", batch: int = 32, model_batch: int = 128,
-    image_size: int = 32, device: str = "cpu", dtype: str = "float32", progress: Progress = None,
+    image_size: int = 32, device: str = "cpu", dtype: str = "float32", compile: str | None = None,
+    progress: Progress = None,
 ) -> dict[str, Any]:
     """Memory across depth, plus the paper's named models.
 
@@ -218,6 +227,8 @@ def memory_sweep(
             RevNet kind of ``kinds``, ResNets as ``resnet``.
         block: residual function of the sweep networks.
         batch: batch of the sweep points.
+        compile: a torch.compile backend: every ``revnet`` and ``revnet-plain`` point is
+            measured a second time under :func:`revnet.compile` (kind shown as ``KIND+compile``).
         progress: called with each finished point.
     """
     plan = [{"kind": k, "units": 2 * n if k == "resnet" else n, "block": block, "batch": batch}
@@ -226,6 +237,8 @@ def memory_sweep(
         rev = name.startswith("revnet")
         plan += [{"kind": k, "model": name, "batch": model_batch}
                  for k in kinds if (k != "resnet") == rev]
+    if compile is not None:
+        plan += [{**p, "compile": compile} for p in plan if p["kind"] in ("revnet", "revnet-plain")]
     points = []
     for p in plan:
         points.append(measure(**p, image_size=image_size, device=device, dtype=dtype))
@@ -233,5 +246,5 @@ def memory_sweep(
             progress(points[-1])
     config = {"units": list(units), "kinds": list(kinds), "models": list(models), "block": block,
               "batch": batch, "model_batch": model_batch, "image_size": image_size,
-              "device": device, "dtype": dtype}
+              "device": device, "dtype": dtype, "compile": compile}
     return {"config": config, "points": points}

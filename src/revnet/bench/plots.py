@@ -32,11 +32,13 @@ def plot_memory(sweep: dict[str, Any], path: str | Path) -> Path:
                              squeeze=False, gridspec_kw={"width_ratios": [3, 2] if named else [1]})
     ax = axes[0][0]
     for kind in c["kinds"]:
-        pts = sorted((p["depth"], p["activation_bytes"] / 2**20) for p in sweep["points"]
-                     if p["kind"] == kind and p["model"] is None)
-        if pts:
-            color, marker = _STYLE[kind]
-            ax.plot(*zip(*pts, strict=True), marker=marker, color=color, label=kind)
+        for compiled in (False, True):
+            pts = sorted((p["depth"], p["activation_bytes"] / 2**20) for p in sweep["points"]
+                         if p["kind"] == kind and p["model"] is None and bool(p.get("compile")) == compiled)
+            if pts:
+                color, marker = _STYLE[kind]
+                ax.plot(*zip(*pts, strict=True), marker=marker, color=color, ls="--" if compiled else "-",
+                        label=f"{kind}+compile" if compiled else kind)
     ax.set(xlabel="depth (layers with weights)", ylabel="activation memory of one training step (MiB)",
            title=f"Across depth: batch {c['batch']}, {c['image_size']}px, {c['device']}")
     ax.grid(alpha=0.3)
@@ -48,7 +50,8 @@ def plot_memory(sweep: dict[str, Any], path: str | Path) -> Path:
         width = 0.8 / len(kinds)
         for i, kind in enumerate(kinds):
             vals = [next((p["activation_bytes"] / 2**20 for p in named
-                          if p["kind"] == kind and p["model"] in pair), 0.0) for pair in pairs]
+                          if p["kind"] == kind and p["model"] in pair and not p.get("compile")), 0.0)
+                    for pair in pairs]
             bars = ax.bar([j + i * width for j in range(len(pairs))], vals, width,
                           color=_STYLE[kind][0], label=kind)
             ax.bar_label(bars, fmt="%.0f", fontsize=7)

@@ -26,7 +26,7 @@ _MEMCNN_MB = {"32/38": (238.6, 85.6), "110/110": (810.7, 85.7), "164/164": (2452
 def _point(memory: dict[str, Any], kind: str, model: str | None = None,
            units: int | None = None) -> dict[str, Any] | None:
     return next((p for p in memory["points"] if p["kind"] == kind and p["model"] == model
-                 and (units is None or p["units"] == units)), None)
+                 and (units is None or p["units"] == units) and not p.get("compile")), None)
 
 
 def _act(p: dict[str, Any] | None) -> float | None:

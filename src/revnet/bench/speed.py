@@ -7,6 +7,7 @@ figures to read are the ratios (these machines are shared and noisy).
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import statistics
 import subprocess
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import ReversibleSequence
+from ..engine import compile as revnet_compile
 from ..engine import reversible as _reversible
 from ..models import RevNet, create_model
 from .modes import Progress, build, make_batch, run_mode, sync, time_stats, train_step
@@ -31,8 +33,8 @@ def speed(
     model: str = "revnet38", *, kinds: Sequence[str] = ("revnet", "revnet-plain", "revnet-checkpoint"),
     reference: str | None = "resnet32", against: str | None = None, batch: int = 128,
     image_size: int = 32, repeats: int = 7, warmup: int = 2, inference_repeats: int = 15,
-    channels_last: bool = False, device: str = "cpu", dtype: str = "float32", seed: int = 0,
-    progress: Progress = None,
+    channels_last: bool = False, compile: str | None = None, device: str = "cpu", dtype: str = "float32",
+    seed: int = 0, progress: Progress = None,
 ) -> dict[str, Any]:
     """Training-step and inference time of one RevNet run in several ways, alternated.
 
@@ -44,10 +46,17 @@ def speed(
     rotated every repeat. Inference is ``eval()`` under ``torch.no_grad()``, reversible
     against plain, where both must cost the same.
 
+    Args:
+        channels_last: the batch in channels_last; False: an NCHW batch into the model as
+            ``create_model`` builds it (the library's default path).
+        compile: a torch.compile backend: adds ``revnet+compile`` and ``revnet-plain+compile``,
+            copies of the same weights under :func:`revnet.compile`; the time their first
+            warm-up step takes beyond a step is reported as ``compile_s``, apart.
+
     Returns:
         ``train`` and ``inference``: per run, median / quartiles / min in seconds and
-        images/s; ``ratios``: ratios of medians (``"revnet/revnet-plain"``, ...), and
-        ``pair_ratios``: the spread of the per-repeat ratios.
+        images/s; ``ratios``: ratios of medians (``"revnet/revnet-plain"``, ...);
+        ``pair_ratios``: the spread of the per-repeat ratios; ``compile_s`` per compiled run.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError("speed: repeats must be >= 1 and warmup >= 0.")
@@ -58,10 +67,14 @@ def speed(
     runs: list[tuple[str, str, nn.Module, Engine]] = [(k, k, net, None) for k in kinds]
     if against is not None:
         runs.append((f"revnet@{against}", "revnet", net, load_engine(against)))
+    if compile is not None:
+        runs += [(f"{k}+compile", k, revnet_compile(copy.deepcopy(net), backend=compile), None)
+                 for k in kinds if k in ("revnet", "revnet-plain")]
     if reference is not None:
         runs.append((reference, "resnet", build("resnet", model=reference, device=device, dtype=dt), None))
-    for _, _, m, _ in runs:
-        m.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if channels_last:
+        for _, _, m, _ in runs:
+            m.to(memory_format=torch.channels_last)
     x, y = make_batch(net, batch, image_size, channels_last=channels_last)
 
     def timed(kind: str, m: nn.Module, function: Engine) -> float:
@@ -74,22 +87,28 @@ def speed(
             return time.perf_counter() - t
 
     times: dict[str, list[float]] = {run[0]: [] for run in runs}
-    for _, *run in runs:
-        for _ in range(warmup):
-            timed(*run)
+    first: dict[str, float] = {}
+    for name, *run in runs:
+        for _ in range(max(warmup, 2 if "+compile" in name else 0)):
+            t = timed(*run)
+            first.setdefault(name, t)
     for r in range(repeats):
         for name, *run in runs[r % len(runs):] + runs[:r % len(runs)]:
             times[name].append(timed(*run))
         if progress is not None:
             progress({"repeat": r, "times": {k: v[-1] for k, v in times.items()}})
     train = {name: time_stats(v, batch) for name, v in times.items()}
+    compile_s = {name: first[name] - train[name]["median_s"] for name in train if "+compile" in name}
     infer = _inference_times(net, x, inference_repeats, device) if inference_repeats else {}
     ratios, pairs = {}, {}
     base = kinds[0]
-    for other in [k for k in times if k != base]:
-        key = f"{base}/{other}"
-        ratios[key] = train[base]["median_s"] / train[other]["median_s"]
-        per = [a / b for a, b in zip(times[base], times[other], strict=True)]
+    compared = [(base, other) for other in times if other != base]
+    if "revnet-plain" in times:  # compiled reversible against eager plain backprop: the speed target
+        compared += [(name, "revnet-plain") for name in compile_s if name != "revnet-plain+compile"]
+    for a, b in compared:
+        key = f"{a}/{b}"
+        ratios[key] = train[a]["median_s"] / train[b]["median_s"]
+        per = [s / t for s, t in zip(times[a], times[b], strict=True)]
         pairs[key] = {"median": statistics.median(per), "min": min(per), "max": max(per)}
     if infer:
         key = "inference revnet/revnet-plain"
@@ -99,10 +118,10 @@ def speed(
         pairs[key] = {"median": statistics.median(per), "min": min(per), "max": max(per)}
     config = {"model": model, "kinds": list(kinds), "reference": reference, "against": against,
               "batch": batch, "image_size": image_size, "repeats": repeats, "warmup": warmup,
-              "inference_repeats": inference_repeats, "channels_last": channels_last,
+              "inference_repeats": inference_repeats, "channels_last": channels_last, "compile": compile,
               "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "seed": seed}
     return {"config": config, "train": train, "inference": infer, "ratios": ratios,
-            "pair_ratios": pairs}
+            "pair_ratios": pairs, "compile_s": compile_s}
 
 
 def train_step_rate(

@@ -10,7 +10,7 @@ from .modes import KINDS
 from .sizes import format_bytes
 
 __all__ = ["Row", "capacity_table", "data_table", "drift_table", "exact_cost_table", "markdown_table",
-           "memory_table", "mib", "models_table", "speed_table", "text_table"]
+           "label", "memory_table", "mib", "models_table", "speed_table", "text_table"]
 
 Row = Sequence[Any]
 
@@ -19,11 +19,18 @@ def mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
 
 
+def label(point: dict[str, Any]) -> str:
+    """A memory point's kind, marked ``+compile`` when measured under revnet.compile."""
+    return point["kind"] + ("+compile" if point.get("compile") else "")
+
+
 def memory_table(result: dict[str, Any]) -> tuple[list[str], list[Row]]:
     """Activation memory (MiB) per depth, one column per kind."""
     kinds = result["config"]["kinds"]
+    kinds = kinds + [f"{k}+compile" for k in kinds if any(p.get("compile") and p["kind"] == k
+                                                              for p in result["points"])]
     sweep = [p for p in result["points"] if p["model"] is None]
-    by = {(p["depth"], p["kind"]): p for p in sweep}
+    by = {(p["depth"], label(p)): p for p in sweep}
     rows = []
     for depth in sorted({p["depth"] for p in sweep}):
         rows.append([str(depth), *(mib(by[(depth, k)]["activation_bytes"]) if (depth, k) in by else "-"
@@ -33,7 +40,7 @@ def memory_table(result: dict[str, Any]) -> tuple[list[str], list[Row]]:
 
 def models_table(result: dict[str, Any]) -> tuple[list[str], list[Row]]:
     """The named models: activation, bytes saved for backward and whole step, in MiB."""
-    rows = [[p["model"], p["kind"], f"{p['params'] / 1e6:.2f}M", str(p["batch"]), mib(p["activation_bytes"]),
+    rows = [[p["model"], label(p), f"{p['params'] / 1e6:.2f}M", str(p["batch"]), mib(p["activation_bytes"]),
              mib(p["saved_bytes"]), mib(p["total_bytes"])]
             for p in result["points"] if p["model"] is not None]
     return ["model", "kind", "params", "batch", "activation MiB", "saved MiB", "step total MiB"], rows
@@ -44,7 +51,7 @@ def speed_table(result: dict[str, Any]) -> tuple[list[str], list[Row]]:
     c = result["config"]
     rows = []
     for name, s in result["train"].items():
-        label = name if name in KINDS or "@" in name else f"{name} (reference)"
+        label = name if name.removesuffix("+compile") in KINDS or "@" in name else f"{name} (reference)"
         rows.append([label, "train",
                      f"{s['median_s'] * 1e3:.0f}", f"{s['p25_s'] * 1e3:.0f}-{s['p75_s'] * 1e3:.0f}",
                      f"{s['images_per_s']:.0f}", _ratio(result, f"{c['kinds'][0]}/{name}")])

@@ -77,6 +77,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--batch", type=int, default=32, help="batch of the depth sweep")
     q.add_argument("--model-batch", type=int, default=128, help="batch of the named models")
     q.add_argument("--block", choices=["basic", "bottleneck"], default="basic")
+    q.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="measure every revnet and revnet-plain point again under revnet.compile "
+                        "(each fresh process compiles: minutes)")
     q.set_defaults(func=_cmd_memory)
 
     q = bsub.add_parser("speed", help="training-step and inference time, alternated in one process")
@@ -88,11 +91,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--warmup", type=int, default=2)
     q.add_argument("--inference-repeats", type=int, default=15)
     q.add_argument("--contiguous", dest="channels_last", action="store_false",
-                   help="NCHW memory layout (default: channels_last, as revnet train; faster on CPU)")
+                   help="an NCHW batch into the model as create_model builds it (the library's default "
+                        "path; default: channels_last, as revnet train)")
     q.add_argument("--channels-last", dest="channels_last", action="store_true", default=True,
                    help=argparse.SUPPRESS)  # the default; kept so older commands still run
     q.add_argument("--against", default=None, metavar="GIT_REV",
                    help="also time the reversible engine of this git revision (e.g. before a change)")
+    q.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="also time revnet.compile'd copies (reversible and plain); the compile time is "
+                        "reported apart from the step time")
     q.set_defaults(func=_cmd_speed)
 
     q = bsub.add_parser("capacity", help="largest batch and depth that train under a memory budget")
@@ -201,10 +208,15 @@ def _save(out: Path, name: str, result: dict[str, Any]) -> Path:
 def _run_memory(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
     kw = {"units": args.units, "kinds": args.kinds, "models": args.models, "batch": args.batch,
           "model_batch": args.model_batch, "block": args.block, "image_size": args.image_size,
-          "device": args.device, **over}
+          "compile": getattr(args, "compile", None), "device": args.device, **over}
     n_models = sum(len([k for k in kw["kinds"] if (k != "resnet") == m.startswith("revnet")])
                    for m in kw["models"])
-    tick, close = _progress(len(kw["units"]) * len(kw["kinds"]) + n_models, "memory")
+    points = len(kw["units"]) * len(kw["kinds"]) + n_models
+    if kw["compile"]:  # the revnet and revnet-plain points again, compiled
+        compiled = [k for k in kw["kinds"] if k in ("revnet", "revnet-plain")]
+        revnets = sum(m.startswith("revnet") for m in kw["models"])
+        points += (len(kw["units"]) + revnets) * len(compiled)
+    tick, close = _progress(points, "memory")
     try:
         return memory_sweep(**kw, progress=tick)
     finally:
@@ -215,8 +227,8 @@ def _run_speed(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
     kw = {"model": args.model, "reference": None if str(args.reference).lower() == "none" else args.reference,
           "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
           "inference_repeats": args.inference_repeats, "channels_last": args.channels_last,
-          "against": getattr(args, "against", None), "image_size": args.image_size,
-          "device": args.device, **over}
+          "against": getattr(args, "against", None), "compile": getattr(args, "compile", None),
+          "image_size": args.image_size, "device": args.device, **over}
     tick, close = _progress(kw["repeats"], "speed " + ("channels_last" if kw["channels_last"] else ""))
     try:
         return speed(**kw, progress=tick)
@@ -252,6 +264,8 @@ def _cmd_speed(args: argparse.Namespace) -> int:
     result = _run_speed(args, **(_QUICK_SPEED if args.quick else {}))
     print(text_table(*speed_table(result)))
     print(" ".join(f"{k} = {v:.3f}" for k, v in result["ratios"].items()))
+    for name, seconds in result.get("compile_s", {}).items():
+        print(f"{name}: compiling took {seconds:.1f} s (first step beyond a step; not in the step times)")
     _report_files(out, "speed", result, plot_speed)
     return 0
 

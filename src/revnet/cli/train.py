@@ -89,6 +89,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="exact (fixed-point) couplings: bit-exact reconstruction at any depth")
     p.add_argument("--no-flip", dest="flip", action="store_false", default=None)
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
+    p.add_argument("--compile", dest="compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="revnet.compile the model: F and G inside the engine, the openers, stem and head "
+                        "(torch.compile backend, default inductor; the first step compiles)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="",
+                   help="train eagerly (when the recipe compiles)")
     p.add_argument("--sync-bn", dest="sync_bn", action="store_true", default=None,
                    help="under DDP, convert BatchNorm to SyncBatchNorm (statistics over the global batch; "
                         "CUDA only)")
@@ -104,8 +109,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _train_config(args: argparse.Namespace) -> Any:
     given = {dest: getattr(args, dest) for _, dest, _ in _TRAIN_FLAGS}
     given.update(reversible=args.reversible, flip=args.flip, channels_last=args.channels_last,
-                 sync_bn=args.sync_bn, exact=args.exact)
+                 sync_bn=args.sync_bn, exact=args.exact, compile=args.compile)
     given = {k: v for k, v in given.items() if v is not None}
+    if given.get("compile") == "":  # --no-compile
+        given["compile"] = None
     if args.resume:
         if "out" not in given:
             raise SystemExit("revnet train: --resume needs --out RUN_DIR (the run to continue).")

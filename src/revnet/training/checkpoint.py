@@ -93,7 +93,8 @@ def set_engine_modes(model: nn.Module, modes: dict[str, dict[str, bool]]) -> Non
         set_exact(found[name], flag, prefix=name)
 
 
-_RESUME_MAY_DIFFER = {"out", "device", "data_dir", "dist_timeout"}
+# How a run executes, not what it computes (compiled kernels round like eager ones, not bit for bit).
+_RESUME_MAY_DIFFER = {"out", "device", "data_dir", "dist_timeout", "amp_reason", "compile"}
 
 
 def _check_resumable(state: dict[str, Any], run: Run, path: Path) -> None:

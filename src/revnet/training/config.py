@@ -46,9 +46,11 @@ class TrainConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     seed: int = 0  # model init, data order and augmentation
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
-    amp: str = "auto"  # "auto" (resolve_amp), "none", "bf16" or "fp16" (fp16 uses a GradScaler)
+    amp: str = "auto"  # "auto" (the fastest here: precision.resolve_amp), "none", "bf16", "fp16" (GradScaler)
+    amp_reason: str = ""  # why amp is what it is; set when "auto" is resolved at the start of a run
     reversible: bool = True  # False: the same model with plain backprop (the baseline)
     channels_last: bool = True  # memory layout of activations (faster convolutions on CPU)
+    compile: str | None = None  # torch.compile backend for revnet.compile ("inductor"); None: eager
     eval_every: int | None = None  # evaluate every N steps; None: at each epoch's end
     log_every: int = 50  # steps between metrics.jsonl lines
     ckpt_every: int = 200  # steps between last.pt checkpoints (also at each eval)
@@ -87,6 +89,8 @@ class TrainConfig:
             (self.lr_scaling in ("none", "linear"),
              f"lr_scaling must be 'none' or 'linear', got {self.lr_scaling!r}"),
             (self.dist_timeout > 0, f"dist_timeout must be > 0 seconds, got {self.dist_timeout}"),
+            (self.compile is None or (isinstance(self.compile, str) and self.compile),
+             f"compile must be a torch.compile backend name or None, got {self.compile!r}"),
             (not self.exact or self.model.startswith("revnet"),
              f"exact mode needs a RevNet (its couplings), got model {self.model!r}"),
             (all(n is None or n > 0 for n in (self.grad_angle_every, self.drift_guard_every)),

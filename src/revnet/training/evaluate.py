@@ -26,11 +26,13 @@ def evaluate(model: nn.Module, loader: Loader, config: TrainConfig, device: torc
     """Test loss and accuracy over the whole loader (no grad: reversibility costs nothing).
 
     Under DDP each rank evaluates its shard of the test set (``loader`` built with its rank)
-    and the sums are all-reduced, so every rank returns the same figures.
+    and the sums are all-reduced, so every rank returns the same figures. A compiled model
+    evaluates eagerly: a few passes over the test set do not repay compiling the
+    evaluation-mode graphs (one per batch shape).
     """
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
-    with torch.no_grad(), autocast(device, config.amp):
+    with torch.no_grad(), autocast(device, config.amp), torch.compiler.set_stance("force_eager"):
         for x, y in loader.epoch(0):
             logits = model(to_layout(x, config)).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
@@ -56,7 +58,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *, data_dir: str | None = None,
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"eval: {path} is not a revnet training checkpoint (no 'model'/'config').")
     fields = config_fields(state["config"])
-    fields.update(device=device, **({"data_dir": data_dir} if data_dir else {}))
+    fields.update(device=device, compile=None, **({"data_dir": data_dir} if data_dir else {}))
     run = build_run(TrainConfig(**fields))
     run.model.load_state_dict(state["model"])
     set_engine_modes(run.model, state.get("engine_modes", {}))

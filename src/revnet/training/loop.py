@@ -9,11 +9,13 @@ directory (docs/DISTRIBUTED.md).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -167,6 +169,8 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
 
 def _fit(config: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> dict[str, Any]:
     """:func:`fit` once the process knows its rank: rank 0 alone writes files and logs."""
+    if resume and config.amp == "auto":
+        config = _saved_precision(config, info)
     run = build_run(config, info)
     last = run.out / "last.pt"
     error: BaseException | None = None
@@ -205,6 +209,17 @@ def _fit(config: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> d
     return summary
 
 
+def _saved_precision(config: TrainConfig, info: DistInfo) -> TrainConfig:
+    """A resumed ``amp="auto"`` run keeps the precision it chose at its start (its config.json)."""
+    saved = None
+    if info.is_main:
+        with contextlib.suppress(OSError, ValueError):
+            d = json.loads((Path(config.out) / "config.json").read_text())
+            saved = (d["amp"], d.get("amp_reason", "")) if d.get("amp") in ("none", "bf16", "fp16") else None
+    saved = info.broadcast(saved)
+    return dataclasses.replace(config, amp=saved[0], amp_reason=saved[1]) if saved else config
+
+
 def _loop(run: Run, metrics: Any, stop: dict[str, int], progress: bool) -> bool:
     from tqdm.auto import tqdm
 
@@ -221,12 +236,17 @@ def _loop(run: Run, metrics: Any, stop: dict[str, int], progress: bool) -> bool:
                 for row in _fidelity_rows(run, x, y):  # telemetry on this batch, before the step
                     _emit(metrics, row, run)
                 window.start += time.perf_counter() - paused  # images/s counts training alone
+                started = time.perf_counter()
                 try:
                     window.add(*_train_step(run, x, y), y.numel())
                 except RuntimeError as e:  # DDP's all-reduce in backward: a rank died or hung
                     if run.dist.enabled and not isinstance(e, DistributedError) and is_group_failure(e):
                         raise lost_contact(e, f" at step {run.step + 1}") from e
                     raise
+                if run.first_step_s is None:
+                    run.first_step_s = time.perf_counter() - started
+                    if cfg.compile and run.dist.is_main:
+                        log.info("first step (compiles the model, %s): %.1f s", cfg.compile, run.first_step_s)
                 run.step += 1
                 bar.update(1)
                 done = run.step >= run.total
@@ -289,7 +309,8 @@ def _summarize(run: Run, wall: float, interrupted: bool) -> dict[str, Any]:
         "step": run.step, "total_steps": run.total, "interrupted": interrupted,
         "test_accuracy": last.get("test_accuracy"), "test_loss": last.get("test_loss"),
         "best_test_accuracy": run.best if run.best >= 0 else None,
-        "wall_seconds": wall, "peak_memory_bytes": peak_memory_bytes(run.device),
+        "wall_seconds": wall, "first_step_seconds": run.first_step_s,
+        "peak_memory_bytes": peak_memory_bytes(run.device),
         "images_per_s": (sum(r["images_per_s"] for r in trains) / len(trains)) if trains else None,
         "image_size": run.train.dataset.image_size[0], "in_chans": run.train.dataset.in_chans,
         "device": str(run.device), "torch": torch.__version__, "config": asdict(run.config),

@@ -6,20 +6,24 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..engine import compile as revnet_compile
 from ..engine import set_exact, set_reversible
 from ..models import create_model
 from .config import NORMS, TrainConfig
 from .datasets import load_dataset
 from .distributed import DistInfo, wrap_ddp
 from .loader import Loader
-from .precision import resolve_amp
+from .precision import AmpChoice, probe_step_time, resolve_amp
 
 __all__ = ["Run", "build_run", "peak_memory_bytes", "per_process_batch", "resolve_device", "to_layout"]
 
@@ -73,6 +77,7 @@ class Run:
     step: int = 0
     best: float = -1.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    first_step_s: float | None = None  # this process's first step: with compile, mostly compilation
 
 
 def per_process_batch(config: TrainConfig, world_size: int) -> int:
@@ -102,14 +107,29 @@ def device_for(config: TrainConfig, info: DistInfo) -> torch.device:
     return device
 
 
+def _choose_precision(model: nn.Module, shape: tuple[int, ...], num_classes: int, config: TrainConfig,
+                      device: torch.device) -> AmpChoice:
+    """``amp="auto"`` for this model and batch: where the flags do not tell, a probe of its step."""
+    g = torch.Generator(device).manual_seed(0)  # the run's own RNG streams are left alone
+    x = to_layout(torch.randn(shape, generator=g, device=device), config)
+    y = torch.randint(0, num_classes, shape[:1], generator=g, device=device)
+    probe = probe_step_time(model, x, lambda out: F.cross_entropy(out.float(), y))
+    return resolve_amp("auto", device, probe)
+
+
+def _compile_problem(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot compile here (inductor on CPU writes C++), or None."""
+    if backend == "inductor" and device.type == "cpu" and not any(
+            shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        return ("inductor compiles C++ on CPU and found no compiler (g++, c++ or clang++; or set CXX). "
+                "Install one (apt-get install g++), or train eagerly with --no-compile.")
+    return None
+
+
 def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
     """Resolves the device and precision, loads the data, builds the model, optimizer and loaders."""
     info = info or DistInfo()
     device = device_for(config, info)
-    if config.amp == "auto":  # resolved once: config.json and checkpoints hold the precision used
-        config = dataclasses.replace(config, amp=resolve_amp(config.amp, device))
-        if info.is_main:
-            log.info("amp auto: %s on %s", config.amp, device)
     per_rank = per_process_batch(config, info.world_size)
     torch.manual_seed(config.seed)
     extra = dict(config.synthetic) if config.dataset == "synthetic" else {}
@@ -119,7 +139,21 @@ def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
                          **({} if config.norm == "batch" else {"norm_layer": NORMS[config.norm]}))
     set_reversible(model, config.reversible)
     set_exact(model, config.exact)
-    model.to(device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
+    model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+    if config.amp == "auto":  # resolved once: config.json and checkpoints hold the precision used
+        shape = (per_rank // config.accum_steps, train_ds.in_chans, *train_ds.image_size)
+        choice = info.broadcast(_choose_precision(model, shape, train_ds.num_classes, config, device)
+                                if info.is_main else None)  # every rank trains in rank 0's choice
+        config = dataclasses.replace(config, amp=choice.amp, amp_reason=choice.reason)
+    if info.is_main:
+        log.info("precision: %s (%s)", config.amp, config.amp_reason or "asked for")
+    if config.compile:
+        problem = _compile_problem(config.compile, device)
+        if problem:  # the run goes on eagerly, and config.json says so
+            log.warning("not compiling: %s", problem)
+            config = dataclasses.replace(config, compile=None)
+        else:
+            revnet_compile(model, backend=config.compile)
     net = wrap_ddp(model, info, device, sync_bn=config.sync_bn)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov, weight_decay=config.weight_decay)
