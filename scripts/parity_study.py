@@ -1,14 +1,17 @@
-"""Parity study: RevNet-38 vs ResNet-32, and RevNet-38 reversible vs plain backprop.
+"""Parity study: the reversible network vs its residual baseline, and reversible vs plain backprop.
 
 Trains each configuration for each seed with `revnet train` (same recipe, same seeds),
 then writes a table (test accuracy mean +- std, wall time, memory) and the curves:
 
     .venv/bin/python scripts/parity_study.py --seeds 0 1 2 --jobs 2 --out runs/parity --doc docs
+    .venv/bin/python scripts/parity_study.py --family vit --out runs/parity-vit --doc docs
 
+`--family cnn` (default): RevNet-38 vs ResNet-32 on the default recipe; `--family vit`:
+RevViT-mini vs the residual ViT-mini on `--recipe fashion-mnist-vit`.
 Extra arguments after `--` go to every `revnet train` (e.g. `-- --epochs 10`).
 Runs already finished in --out are reused, so an interrupted study continues.
-Only the part of --doc/PARITY.md between the two parity-study markers is rewritten; the
-rest of the page (the longer recipe) is kept.
+Only the part of --doc/PARITY.md between the family's two parity-study markers is
+rewritten; the rest of the page is kept.
 """
 
 from __future__ import annotations
@@ -25,25 +28,39 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from revnet.environment import environment
 
+from revnet.bench.environment import environment
 from revnet.bench.memory import measure
 from revnet.bench.sizes import format_bytes
 from revnet.training import read_metrics
 
-CONFIGS = {  # label -> revnet train arguments
-    "RevNet-38 (reversible)": ["--model", "revnet38"],
-    "RevNet-38 (plain backprop)": ["--model", "revnet38", "--no-reversible"],
-    "ResNet-32": ["--model", "resnet32"],
+# family -> label -> (run folder prefix, memory kind, revnet train arguments); the first
+# configuration is the reversible network, the second the same with plain backprop, the third
+# the residual baseline.
+FAMILIES = {
+    "cnn": {
+        "RevNet-38 (reversible)": ("revnet38", "revnet", ["--model", "revnet38"]),
+        "RevNet-38 (plain backprop)": ("revnet38-plain", "revnet-plain",
+                                       ["--model", "revnet38", "--no-reversible"]),
+        "ResNet-32": ("resnet32", "resnet", ["--model", "resnet32"]),
+    },
+    "vit": {
+        "RevViT-mini (reversible)": ("revvit_mini", "revvit", ["--recipe", "fashion-mnist-vit"]),
+        "RevViT-mini (plain backprop)": ("revvit_mini-plain", "revvit-plain",
+                                         ["--recipe", "fashion-mnist-vit", "--no-reversible"]),
+        "ViT-mini (residual)": ("vit_mini", "vit", ["--recipe", "fashion-mnist-vit", "--model", "vit_mini"]),
+    },
 }
+CONFIGS = FAMILIES["cnn"]  # set by main() from --family
 
 
 def run_one(label: str, seed: int, out: Path, extra: list[str], threads: int) -> Path:
-    run_dir = out / f"{CONFIGS[label][1]}{'-plain' if '--no-reversible' in CONFIGS[label] else ''}-seed{seed}"
+    prefix, _, train_args = CONFIGS[label]
+    run_dir = out / f"{prefix}-seed{seed}"
     if (run_dir / "summary.json").is_file() and not json.loads(
             (run_dir / "summary.json").read_text())["interrupted"]:
         return run_dir
-    cmd = [sys.executable, "-m", "revnet", "train", *CONFIGS[label], "--seed", str(seed),
+    cmd = [sys.executable, "-m", "revnet", "train", *train_args, "--seed", str(seed),
            "--out", str(run_dir), "--no-memory-report", *extra]
     if (run_dir / "last.pt").is_file():
         cmd.append("--resume")
@@ -59,10 +76,8 @@ def summarize(runs: dict[str, list[Path]], extra: list[str]) -> dict:
         s = [json.loads((d / "summary.json").read_text()) for d in dirs]
         acc = [r["test_accuracy"] for r in s]
         cfg = s[0]["config"]
-        kind = "resnet" if cfg["model"].startswith("resnet") else (
-            "revnet" if cfg["reversible"] else "revnet-plain")
-        mem = measure(kind=kind, model=cfg["model"], batch=cfg["batch_size"],
-                            image_size=s[0]["image_size"])
+        mem = measure(kind=CONFIGS[label][1], model=cfg["model"], batch=cfg["batch_size"],
+                      image_size=s[0]["image_size"], in_chans=s[0]["in_chans"])
         rows[label] = {
             "seeds": [r["config"]["seed"] for r in s], "test_accuracy": acc,
             "mean": statistics.mean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
@@ -100,26 +115,38 @@ def plot(runs: dict[str, list[Path]], path: Path) -> None:
     plt.close(fig)
 
 
-BEGIN, END = "<!-- parity-study: begin (written by scripts/parity_study.py) -->", "<!-- parity-study: end -->"
+def curves_name(family: str) -> str:
+    return "curves.png" if family == "cnn" else f"curves-{family}.png"
+
+
+def markers(family: str) -> tuple[str, str]:
+    tag = "parity-study" if family == "cnn" else f"parity-study-{family}"
+    return f"<!-- {tag}: begin (written by scripts/parity_study.py) -->", f"<!-- {tag}: end -->"
 
 
 def write_doc(rows: dict, args: argparse.Namespace, extra: list[str], doc: Path, commit: str) -> None:
     cmd = "python scripts/parity_study.py " + " ".join(
-        ["--seeds", *map(str, args.seeds), "--jobs", str(args.jobs), "--out", str(args.out),
-         "--doc", str(args.doc)] + (["--", *extra] if extra else []))
-    cfg = rows["RevNet-38 (reversible)"]["config"]
+        (["--family", args.family] if args.family != "cnn" else [])
+        + ["--seeds", *map(str, args.seeds), "--jobs", str(args.jobs), "--out", str(args.out),
+           "--doc", str(args.doc)] + (["--", *extra] if extra else []))
+    (rev_label, rev), (plain_label, plain), (res_label, res) = rows.items()
+    cfg = rev["config"]
+    begin, end = markers(args.family)
     length = f"{cfg['epochs']:g} epochs" if cfg.get("epochs") else f"{cfg['steps']} steps"
     aug = ", ".join(name for name, on in ((f"crop (pad {cfg['crop_pad']})", cfg["crop_pad"]),
                                           ("flip", cfg["flip"])) if on)
     precision = f"{cfg['amp']} autocast" if cfg["amp"] != "none" else "float32"
+    optimizer = (f"AdamW lr {cfg['lr']:g} weight decay {cfg['weight_decay']:g}"
+                 if cfg.get("optimizer") == "adamw" else f"SGD lr {cfg['lr']:g}")
+    smoothing = f", label smoothing {cfg['label_smoothing']:g}" if cfg.get("label_smoothing") else ""
     lines = [
-        BEGIN, "",
+        begin, "",
         f"Produced by `{cmd}` on {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, revnet at commit {commit}, {args.jobs} runs at a time with "
         f"{args.threads} thread(s) each (so wall times are comparable within this table, not with a "
         "run that has the whole machine).",
-        "", f"Recipe: `revnet train` defaults (Fashion-MNIST: {precision}, {length}, batch "
-        f"{cfg['batch_size']}, SGD lr {cfg['lr']:g} {cfg['schedule']}, {aug or 'no augmentation'}; see "
+        "", f"Recipe: `revnet train --recipe {cfg['recipe']}` (Fashion-MNIST: {precision}, {length}, batch "
+        f"{cfg['batch_size']}, {optimizer} {cfg['schedule']}{smoothing}, {aug or 'no augmentation'}; see "
         "`config.json` of each run)" + (f" plus `{' '.join(extra)}`" if extra else "") + ".", "",
         "| configuration | params | test accuracy (mean +- std) | per seed | wall s | img/s "
         "| activation memory / step |",
@@ -130,21 +157,20 @@ def write_doc(rows: dict, args: argparse.Namespace, extra: list[str], doc: Path,
         lines.append(f"| {label} | {r['params'] / 1e6:.3f}M | {100 * r['mean']:.2f} +- {100 * r['std']:.2f} "
                      f"| {per} | {r['wall_seconds']:.0f} | {r['images_per_s']:.0f} "
                      f"| {format_bytes(r['activation_bytes'])} |")
-    rev, res = rows["RevNet-38 (reversible)"], rows["ResNet-32"]
-    plain = rows["RevNet-38 (plain backprop)"]
+    name = rev_label.split(" (")[0]
     lines += [
-        "", f"- RevNet-38 minus ResNet-32: {100 * (rev['mean'] - res['mean']):+.2f} points.",
-        f"- RevNet-38 reversible minus plain backprop: {100 * (rev['mean'] - plain['mean']):+.2f} points "
+        "", f"- {name} minus {res_label}: {100 * (rev['mean'] - res['mean']):+.2f} points.",
+        f"- {name} reversible minus plain backprop: {100 * (rev['mean'] - plain['mean']):+.2f} points "
         "(same weights at step 0 and the same batches; they differ only by floating-point "
         "reconstruction error).",
         "- Activation memory: one training step at the recipe's batch, measured in a fresh process "
         "(`revnet.measure`, VmHWM - VmRSS on CPU, parameter gradients excluded).",
-        "", "![curves](parity/curves.png)", "", END,
+        "", f"![curves](parity/{curves_name(args.family)})", "", end,
     ]
     text = doc.read_text() if doc.is_file() else "# Parity study: do RevNets train as well as ResNets?\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + "\n".join(lines) + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + "\n".join(lines) + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
     doc.write_text(text)
@@ -155,12 +181,16 @@ def main() -> int:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=sorted(FAMILIES), default="cnn",
+                   help="cnn: RevNet-38 / ResNet-32; vit: RevViT-mini / ViT-mini (fashion-mnist-vit)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--out", type=Path, default=Path("runs/parity"))
     p.add_argument("--doc", type=Path, default=Path("docs"))
     args = p.parse_args(argv)
+    global CONFIGS
+    CONFIGS = FAMILIES[args.family]
     # Before the runs: the commit they train with (environment reads the package's checkout).
     commit = environment()["git_commit"] or "unknown (not a git checkout)"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -170,8 +200,9 @@ def main() -> int:
         done = list(pool.map(lambda j: run_one(j[0], j[1], args.out, extra, args.threads), jobs))
     runs = {label: [d for (lab, _), d in zip(jobs, done, strict=True) if lab == label] for label in CONFIGS}
     rows = summarize(runs, extra)
-    (args.doc / "parity" / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    plot(runs, args.doc / "parity" / "curves.png")
+    suffix = "" if args.family == "cnn" else f"-{args.family}"
+    (args.doc / "parity" / f"results{suffix}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot(runs, args.doc / "parity" / curves_name(args.family))
     write_doc(rows, args, extra, args.doc / "PARITY.md", commit)
     print((args.doc / "PARITY.md").read_text())
     return 0

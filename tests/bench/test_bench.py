@@ -209,6 +209,28 @@ def test_report_renders_every_section(sweep, tmp_path):
         assert part in text, part
 
 
+def test_report_renders_compiled_rows(sweep):
+    """Compiled speed runs and compiled memory points become target rows and a table."""
+    sp = speed.speed("revnet38", batch=2, image_size=8, repeats=1, warmup=0, inference_repeats=0,
+                     reference=None, compile="eager")
+    assert {"revnet+compile/revnet-plain", "revnet+compile/revnet-plain+compile"} <= sp["ratios"].keys()
+    point = {"kind": "revnet", "model": "revnet38", "units": None, "depth": 38, "params": 465_000,
+             "batch": 128, "activation_bytes": 100 * 2**20, "saved_bytes": 90 * 2**20,
+             "total_bytes": 120 * 2**20}
+    compiled = {"config": {"compile": "inductor"},
+                "points": [point, {**point, "compile": "inductor", "activation_bytes": 104 * 2**20}]}
+    meta = {"command": "revnet bench report", "environment": environment.environment(),
+            "loadavg_end": (0.0, 0.0, 0.0), "minutes": 1.0}
+    cap = {"config": {"budget_bytes": 2**20, "depth_batch": 2, "verify_max_batch": 8, "verify_max_units": 1},
+           "batch": {}, "depth": {}}
+    text = render_report(meta, sweep, [sp, sp], cap, "benchmarks", compiled=compiled)
+    assert "compiled reversible / eager plain autograd (channels_last)" not in text  # sp is NCHW
+    assert "revnet38 step, compiled reversible / compiled plain (contiguous)" in text
+    row = "| revnet38 activation memory, compiled / eager reversible, batch 128 | within 10% | +4.0% | met |"
+    assert row in text
+    assert "revnet+compile" in text and "`+compile` rows" in text
+
+
 @pytest.mark.slow
 def test_cli_report_quick(tmp_path):
     """The whole report on its quick configuration (about a minute)."""
@@ -248,3 +270,29 @@ def test_cli_data_prints_the_ratio(tmp_path, capsys):
     assert saved["ratio"] == pytest.approx(rates[0] / rates[1])
     assert saved["config"]["crop_pad"] > 0 and saved["config"]["flip"]  # all augmentation is timed
     assert "gather + random crop (pad 2) + random flip + normalise" in printed
+
+
+# --- the transformer family ---------------------------------------------------------------
+
+def test_vit_memory_sweep_reversible_stays_flat(tmp_path):
+    """`revnet bench memory --family vit`: RevViT's saved bytes do not grow with blocks, ViT's do."""
+    argv = ["bench", "memory", "--family", "vit", "--units", "1", "4", "--kinds", "vit", "revvit",
+            "--models", "--batch", "4", "--image-size", "32", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    result = json.loads((tmp_path / "memory.json").read_text())
+    assert result["config"]["family"] == "vit" and (tmp_path / "memory.png").exists()
+    pts = {(p["kind"], p["depth"]): p for p in result["points"]}
+    assert set(pts) == {("vit", 1), ("vit", 4), ("revvit", 1), ("revvit", 4)}
+    assert pts[("revvit", 4)]["saved_bytes"] == pts[("revvit", 1)]["saved_bytes"]
+    assert pts[("vit", 4)]["saved_bytes"] > 3 * pts[("vit", 1)]["saved_bytes"] / 2
+    assert pts[("revvit", 4)]["activation_bytes"] < pts[("vit", 4)]["activation_bytes"]
+
+
+def test_vit_speed_runs_the_transformer_kinds():
+    result = speed.speed("revvit_small", reference="vit_small", batch=2, image_size=32, repeats=1, warmup=0,
+                         inference_repeats=1)
+    assert set(result["train"]) == {"revvit", "revvit-plain", "revvit-checkpoint", "vit_small"}
+    assert {"revvit/revvit-plain", "revvit/revvit-checkpoint", "inference revvit/revvit-plain"} <= \
+        result["ratios"].keys()
+    with pytest.raises(ValueError, match="kinds .* mix families"):
+        memory.memory_sweep(units=[1], kinds=["revnet", "revvit"])

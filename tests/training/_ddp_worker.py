@@ -30,6 +30,7 @@ from revnet.cli import main as cli_main
 from revnet.training import TrainConfig, fit
 
 TINY = {"num_samples": 64, "image_size": 8, "channels": 3}
+VIT = {"model": "revvit_mini", "lr": 0.05}  # a RevViT under DDP (SGD: AdamW amplifies rounding)
 
 
 def config(out: Path, name: str, **kw) -> TrainConfig:
@@ -125,7 +126,8 @@ def scenarios(out: Path) -> None:
     for name, kw in {"rev": {}, "plain": {"reversible": False}, "accum": {"accum_steps": 2},
                      "bn_rev": {"norm": "batch"}, "bn_plain": {"norm": "batch", "reversible": False},
                      "linear": {"lr_scaling": "linear", "steps": 2, "log_every": 1},
-                     "compiled": {"compile": "aot_eager"}}.items():
+                     "compiled": {"compile": "aot_eager"},
+                     "vit_rev": VIT, "vit_plain": {**VIT, "reversible": False}}.items():
         t = time.perf_counter()
         results[name] = fit(config(out, name, **kw))
         timings[name] = time.perf_counter() - t

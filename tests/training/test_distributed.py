@@ -92,6 +92,15 @@ def test_ddp_reversible_equals_ddp_plain_autograd(ddp):
     assert all(int(plain[k]) == 4 for k in counts)
 
 
+def test_ddp_trains_a_revvit_as_one_process_and_as_plain_autograd(ddp, tmp_path):
+    out, r0, _, _ = ddp
+    # SGD: AdamW divides by sqrt(v), so rounding in near-zero gradients becomes whole steps.
+    fit(_config(tmp_path, "vit_one", model="revvit_mini", lr=0.05))
+    assert r0["vit_rev"]["world_size"] == 2 and r0["vit_rev"]["model"] == "revvit_mini"
+    assert _max_rel_diff(_weights(out / "vit_rev"), _weights(tmp_path / "vit_one")) < 1e-4
+    assert _max_rel_diff(_weights(out / "vit_rev"), _weights(out / "vit_plain")) < 1e-4
+
+
 def test_accumulation_with_no_sync_equals_the_full_batch_under_ddp(ddp):
     out, _, _, _ = ddp
     assert _max_rel_diff(_weights(out / "accum"), _weights(out / "rev")) < 1e-4

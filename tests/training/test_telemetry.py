@@ -49,12 +49,24 @@ def test_drift_guard_in_fit_switches_to_exact_mode(tmp_path):
     assert later and all(v == 0.0 for r in later for v in r["drift"].values())  # bit-exact from then on
 
 
+def test_revvit_under_the_drift_guard_and_gradient_angle(tmp_path):
+    """The transformer's sequence is watched like a RevNet's: angle logged, guard switches it to exact."""
+    fit(tiny_config(tmp_path, "vit", model="revvit_mini", optimizer="adamw", lr=1e-3, grad_angle_every=2,
+                    drift_guard_every=2, drift_guard_threshold=1e-12, drift_guard_action="exact"))
+    rows = read_metrics(tmp_path / "vit")
+    angles = [r["grad_angle_deg"] for r in rows if "grad_angle_deg" in r]
+    assert len(angles) == 3 and all(0 <= a < 1 for a in angles)
+    assert any(r.get("event") == "drift" and r["action"] == "exact" for r in rows)
+    later = [r for r in rows if "drift" in r and r["step"] > 0]
+    assert later and all(v == 0.0 for r in later for v in r["drift"].values())
+
+
 def test_exact_training_runs_under_bf16_and_bad_configs_are_refused(tmp_path):
     summary = fit(tiny_config(tmp_path, "exact", exact=True, amp="bf16", grad_angle_every=3))
     assert summary["step"] == 6 and 0 <= summary["test_accuracy"] <= 1
     angles = [json.loads(line) for line in (tmp_path / "exact" / "metrics.jsonl").read_text().splitlines()]
     assert [r["grad_angle_deg"] for r in angles if "grad_angle_deg" in r] == [0.0, 0.0]  # exact rebuilds
-    with pytest.raises(ValueError, match="exact mode needs a RevNet"):
+    with pytest.raises(ValueError, match="exact mode needs a reversible model"):
         tiny_config(tmp_path, "x", model="resnet32", exact=True)
     with pytest.raises(ValueError, match="drift_guard_action must be one of"):
         tiny_config(tmp_path, "x", drift_guard_action="panic")

@@ -51,6 +51,23 @@ def test_training_learns_synthetic_data(tmp_path):
     assert summary["test_accuracy"] > 0.5  # chance is 0.1
 
 
+def test_revvit_learns_with_adamw(tmp_path):
+    """The transformer recipe's pieces: a RevViT sized to the images, AdamW without decay on
+    norms, biases and position embeddings."""
+    summary = fit(tiny(tmp_path, model="revvit_mini", optimizer="adamw", lr=3e-3, weight_decay=0.05,
+                       label_smoothing=0.1, steps=30))
+    assert summary["test_accuracy"] > 0.5 and summary["reversible"] is True
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    decay, no_decay = state["optimizer"]["param_groups"]
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = [n for n, _ in state["model"].items() if not n.endswith(("running_mean", "running_var",
+                                                                     "num_batches_tracked"))]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
+    assert RECIPES["fashion-mnist-vit"]["model"] == "revvit_mini"
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        tiny(tmp_path, optimizer="lamb")
+
+
 def _interrupt_at(monkeypatch, at_step: int) -> None:
     """Sends SIGTERM to this process right after optimiser step ``at_step``."""
     real = loop_mod._train_step

@@ -25,9 +25,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine import Coupling, set_exact
 from ..engine import compile as revnet_compile
-from ..engine import set_exact
-from .modes import KINDS, Progress, SavedBytes, build, depth_of, make_batch, run_mode, sync
+from ..models import RevViT, VisionTransformer
+from ..models.transformer import TransformerBlock
+from .modes import (
+    KINDS,
+    Progress,
+    SavedBytes,
+    build,
+    depth_of,
+    family_of,
+    is_baseline,
+    make_batch,
+    run_mode,
+    sync,
+)
 
 __all__ = ["measure", "memory_point", "memory_sweep", "step_memory"]
 
@@ -156,8 +169,9 @@ def memory_point(
     (``grads``, and what is returned besides the configuration).
 
     Args:
-        kind: one of :data:`KINDS`.
-        units: units per stage of a sweep network (:func:`revnet.bench.modes.build`), or
+        kind: one of :data:`KINDS` or :data:`revnet.bench.modes.VIT_KINDS`.
+        units: units per stage of a sweep network (:func:`revnet.bench.modes.build`; blocks of
+            a transformer), or
         model: a registered model.
         warmup_batch: batch of the warm-up step (default ``batch``).
         exact: a RevNet's couplings in exact mode (:func:`revnet.set_exact`).
@@ -166,12 +180,12 @@ def memory_point(
     """
     torch.manual_seed(seed)
     net = build(kind, units, model=model, block=block, in_chans=in_chans, device=device,
-                dtype=getattr(torch, dtype))
+                dtype=getattr(torch, dtype), image_size=image_size if family_of(kind) == "vit" else None)
     if exact and not set_exact(net, True):
         raise ValueError(f"memory_point: exact mode needs a RevNet, got kind {kind!r}.")
     if compile is not None:
-        if kind == "revnet-checkpoint":
-            raise ValueError("memory_point: compile is for the revnet, revnet-plain and resnet kinds.")
+        if kind.endswith("-checkpoint"):
+            raise ValueError("memory_point: compile is for every kind but the -checkpoint ones.")
         revnet_compile(net, backend=compile)
     x, y = make_batch(net, batch, image_size, in_chans)
     with run_mode(net, kind):
@@ -182,11 +196,18 @@ def memory_point(
     result["total_bytes"] += nbytes(y)  # the batch: images and labels
     return {
         "kind": kind, "units": units, "model": model, "block": block,
-        "depth": depth_of(kind, units, block) if model is None else int(re.sub(r"\D", "", model)),
+        "depth": depth_of(kind, units, block) if model is None else _model_depth(model, net),
         "batch": batch, "image_size": image_size, "in_chans": in_chans, "device": device,
         "dtype": dtype, "exact": exact, "compile": compile, **result,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
     }
+
+
+def _model_depth(name: str, net: nn.Module) -> int:
+    """The depth in a CNN's name (``revnet38``: 38); a transformer's number of blocks."""
+    if isinstance(net, RevViT | VisionTransformer):
+        return sum(isinstance(m, Coupling | TransformerBlock) for m in net.modules())
+    return int(re.sub(r"\D", "", name))
 
 
 def measure(timeout: float = 1800.0, **point: Any) -> dict[str, Any]:
@@ -234,17 +255,22 @@ def memory_sweep(
     plan = [{"kind": k, "units": 2 * n if k == "resnet" else n, "block": block, "batch": batch}
             for n in units for k in kinds]
     for name in models:
-        rev = name.startswith("revnet")
+        rev = name.startswith("rev")
         plan += [{"kind": k, "model": name, "batch": model_batch}
-                 for k in kinds if (k != "resnet") == rev]
+                 for k in kinds if (not is_baseline(k)) == rev]
     if compile is not None:
-        plan += [{**p, "compile": compile} for p in plan if p["kind"] in ("revnet", "revnet-plain")]
+        plan += [{**p, "compile": compile} for p in plan
+                 if p["kind"] in ("revnet", "revnet-plain", "revvit", "revvit-plain")]
     points = []
     for p in plan:
         points.append(measure(**p, image_size=image_size, device=device, dtype=dtype))
         if progress is not None:
             progress(points[-1])
-    config = {"units": list(units), "kinds": list(kinds), "models": list(models), "block": block,
+    families = {family_of(k) for k in kinds}
+    if len(families) != 1:
+        raise ValueError(f"memory_sweep: kinds {list(kinds)} mix families; run the CNNs and the ViTs apart.")
+    config = {"family": families.pop(), "units": list(units), "kinds": list(kinds), "models": list(models),
+              "block": block,
               "batch": batch, "model_batch": model_batch, "image_size": image_size,
               "device": device, "dtype": dtype, "compile": compile}
     return {"config": config, "points": points}

@@ -6,6 +6,9 @@
 - ``revnet-checkpoint``: the same RevNet with every coupling run through
   ``torch.utils.checkpoint`` (non-reentrant): its inputs are stored, its insides recomputed.
 
+The transformer family (``VIT_KINDS``) is the same four ways: ``vit`` (the residual ViT),
+``revvit``, ``revvit-plain`` and ``revvit-checkpoint`` (RevViT; Mangalam et al. 2022).
+
 Also the pieces every measurement shares: a random batch, one training step, a device
 sync, the statistics of repeated timings, and the count of bytes saved for backward.
 """
@@ -24,12 +27,33 @@ from torch.utils.checkpoint import checkpoint
 
 from ..engine import Recomputed, ReversibleSequence
 from ..engine.coupling import merge, split
-from ..models import ResNet, RevNet, create_model
+from ..models import ResNet, RevNet, RevViT, VisionTransformer, create_model
 
-__all__ = ["KINDS", "PAPER_PAIRS", "RESNET_CHANNELS", "REVNET_CHANNELS", "Progress", "SavedBytes", "build",
+__all__ = ["FAMILIES", "KINDS", "PAPER_PAIRS", "VIT_KINDS", "VIT_PAIRS", "VIT_SWEEP", "family_of",
+           "is_baseline", "RESNET_CHANNELS", "REVNET_CHANNELS", "Progress", "SavedBytes", "build",
            "depth_of", "make_batch", "run_mode", "sync", "time_stats", "train_step"]
 
 KINDS = ("resnet", "revnet", "revnet-plain", "revnet-checkpoint")
+VIT_KINDS = ("vit", "revvit", "revvit-plain", "revvit-checkpoint")
+FAMILIES = {"cnn": KINDS, "vit": VIT_KINDS}
+_AS_CNN = dict(zip(VIT_KINDS, KINDS, strict=True))  # how run_mode treats each transformer kind
+
+# The transformer sweep: ViT-Ti/16 widths (Touvron et al. 2021), its depth swept.
+VIT_SWEEP = {"patch_size": 16, "embed_dim": 192, "num_heads": 3}
+VIT_PAIRS = (("vit_base", "revvit_base"), ("vit_large", "revvit_large"))
+
+
+def family_of(kind: str) -> str:
+    """``"cnn"`` or ``"vit"``: which family a kind belongs to."""
+    for name, kinds in FAMILIES.items():
+        if kind in kinds:
+            return name
+    raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS + VIT_KINDS}.")
+
+
+def is_baseline(kind: str) -> bool:
+    """The non-reversible network of a family (``resnet``, ``vit``)."""
+    return kind in ("resnet", "vit")
 
 
 RESNET_CHANNELS = (16, 16, 32, 64)   # the paper's CIFAR ResNets (Table 1)
@@ -45,7 +69,12 @@ Progress = Callable[[dict[str, Any]], None] | None
 
 
 def depth_of(kind: str, units: int, block: str = "basic") -> int:
-    """Layers with weights: ResNet ``6n+2`` (bottleneck ``9n+2``), RevNet ``12n+2`` (``18n+2``)."""
+    """Layers with weights: ResNet ``6n+2`` (bottleneck ``9n+2``), RevNet ``12n+2`` (``18n+2``).
+
+    Transformers: ``units`` is the number of blocks, and the depth.
+    """
+    if family_of(kind) == "vit":
+        return units
     per_unit = (3 if block == "bottleneck" else 2) * (1 if kind == "resnet" else 2)
     return 3 * per_unit * units + 2
 
@@ -53,14 +82,28 @@ def depth_of(kind: str, units: int, block: str = "basic") -> int:
 def build(
     kind: str, units: int | None = None, *, model: str | None = None, block: str = "basic",
     in_chans: int = 3, num_classes: int = 10, device: str = "cpu", dtype: torch.dtype = torch.float32,
+    image_size: int | None = None,
 ) -> nn.Module:
-    """A CIFAR network for ``kind``: registered ``model`` if given, else ``units`` per stage.
+    """A network for ``kind``: registered ``model`` if given, else ``units`` per stage (blocks).
 
-    Sweep networks use the paper's CIFAR widths: ResNet 16-16-32-64, RevNet 32-32-64-128.
+    Sweep networks use the paper's CIFAR widths: ResNet 16-16-32-64, RevNet 32-32-64-128;
+    transformers ViT-Ti/16's (:data:`VIT_SWEEP`) at ``image_size``.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}.")
+    family = family_of(kind)
     factory = {"device": device, "dtype": dtype, "in_chans": in_chans, "num_classes": num_classes}
+    if family == "vit":
+        size = {"img_size": image_size} if image_size is not None else {}
+        if model is not None:
+            net = create_model(model, **factory, **size)
+        elif units is None:
+            raise ValueError("build: give the number of blocks or a registered model name.")
+        else:
+            net = create_model("vit_small" if kind == "vit" else "revvit_small", depth=units, **VIT_SWEEP,
+                               **factory, **size)
+        if isinstance(net, RevViT) == (kind == "vit") or not isinstance(net, RevViT | VisionTransformer):
+            want = "ViT" if kind == "vit" else "RevViT"
+            raise ValueError(f"model {model!r} is not a {want} (kind {kind!r}).")
+        return net
     if model is not None:
         net = create_model(model, **factory)
     elif units is None:
@@ -156,8 +199,8 @@ def run_mode(net: nn.Module, kind: str) -> Iterator[nn.Module]:
     under ordinary autograd; ``revnet-checkpoint``: every coupling and every opener through
     ``torch.utils.checkpoint``.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}.")
+    family_of(kind)  # a known kind
+    kind = _AS_CNN.get(kind, kind)
     units = [(parent, name, child) for parent in net.modules() for name, child in parent.named_children()
              if isinstance(child, (ReversibleSequence, Recomputed))]
     before = [u.reversible for _, _, u in units]

@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .modes import KINDS, PAPER_PAIRS
+from .modes import KINDS, PAPER_PAIRS, VIT_KINDS, VIT_PAIRS
 from .sizes import format_bytes
 
 __all__ = ["plot_capacity", "plot_drift", "plot_memory", "plot_speed"]
 
 _STYLE = {"resnet": ("tab:red", "o"), "revnet": ("tab:blue", "s"),
-          "revnet-plain": ("tab:orange", "^"), "revnet-checkpoint": ("tab:green", "D")}
+          "revnet-plain": ("tab:orange", "^"), "revnet-checkpoint": ("tab:green", "D"),
+          "vit": ("tab:red", "o"), "revvit": ("tab:blue", "s"), "revvit-plain": ("tab:orange", "^"),
+          "revvit-checkpoint": ("tab:green", "D")}
 
 
 def _pyplot() -> Any:
@@ -39,14 +41,15 @@ def plot_memory(sweep: dict[str, Any], path: str | Path) -> Path:
                 color, marker = _STYLE[kind]
                 ax.plot(*zip(*pts, strict=True), marker=marker, color=color, ls="--" if compiled else "-",
                         label=f"{kind}+compile" if compiled else kind)
-    ax.set(xlabel="depth (layers with weights)", ylabel="activation memory of one training step (MiB)",
+    xlabel = "depth (blocks)" if c.get("family") == "vit" else "depth (layers with weights)"
+    ax.set(xlabel=xlabel, ylabel="activation memory of one training step (MiB)",
            title=f"Across depth: batch {c['batch']}, {c['image_size']}px, {c['device']}")
     ax.grid(alpha=0.3)
     ax.legend()
     if named:
         ax = axes[0][1]
-        kinds = [k for k in KINDS if any(p["kind"] == k for p in named)]
-        pairs = [pair for pair in PAPER_PAIRS if any(p["model"] in pair for p in named)]
+        kinds = [k for k in KINDS + VIT_KINDS if any(p["kind"] == k for p in named)]
+        pairs = [pair for pair in PAPER_PAIRS + VIT_PAIRS if any(p["model"] in pair for p in named)]
         width = 0.8 / len(kinds)
         for i, kind in enumerate(kinds):
             vals = [next((p["activation_bytes"] / 2**20 for p in named
@@ -57,7 +60,7 @@ def plot_memory(sweep: dict[str, Any], path: str | Path) -> Path:
             ax.bar_label(bars, fmt="%.0f", fontsize=7)
         ax.set_xticks([j + width * (len(kinds) - 1) / 2 for j in range(len(pairs))],
                       [f"{a} / {b}" for a, b in pairs], fontsize=8)
-        ax.set(ylabel="MiB", title=f"The paper's models, batch {c['model_batch']}")
+        ax.set(ylabel="MiB", title=f"Named models, batch {c['model_batch']}")
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -75,7 +78,8 @@ def plot_speed(result: dict[str, Any], path: str | Path) -> Path:
            [result["train"][n]["p75_s"] - m for n, m in zip(names, med, strict=True)]]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     bars = ax.bar(names, med, yerr=err, capsize=4,
-                  color=[_STYLE.get(n, ("tab:gray", ""))[0] for n in names])
+                  color=[_STYLE.get(n.removesuffix("+compile"), ("tab:gray", ""))[0] for n in names],
+                  hatch=["//" if n.endswith("+compile") else "" for n in names])
     ax.bar_label(bars, [f"{result['train'][n]['images_per_s']:.0f} img/s" for n in names],
                  label_type="center", fontsize=8, color="white")
     ax.tick_params(axis="x", labelsize=8, rotation=15)

@@ -24,9 +24,9 @@ _MEMCNN_MB = {"32/38": (238.6, 85.6), "110/110": (810.7, 85.7), "164/164": (2452
 
 
 def _point(memory: dict[str, Any], kind: str, model: str | None = None,
-           units: int | None = None) -> dict[str, Any] | None:
+           units: int | None = None, compiled: bool = False) -> dict[str, Any] | None:
     return next((p for p in memory["points"] if p["kind"] == kind and p["model"] == model
-                 and (units is None or p["units"] == units) and not p.get("compile")), None)
+                 and (units is None or p["units"] == units) and bool(p.get("compile")) == compiled), None)
 
 
 def _act(p: dict[str, Any] | None) -> float | None:
@@ -44,8 +44,8 @@ def _growth(res: dict[str, Any]) -> tuple[int, int, float | None, float | None]:
             b["saved_bytes"] / a["saved_bytes"] - 1)
 
 
-def _headline(memory: dict[str, Any], speeds: list[dict[str, Any]],
-              flat: dict[str, Any] | None = None) -> dict[str, float | None]:
+def _headline(memory: dict[str, Any], speeds: list[dict[str, Any]], flat: dict[str, Any] | None = None,
+              compiled: dict[str, Any] | None = None) -> dict[str, float | None]:
     """The issue's target figures, from the results (None where a run did not measure it)."""
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None or not b else a / b
@@ -59,8 +59,13 @@ def _headline(memory: dict[str, Any], speeds: list[dict[str, Any]],
                                                     _act(_point(memory, "revnet-checkpoint", "revnet38")))
     for sp in speeds[:2]:
         tag = "channels_last" if sp["config"]["channels_last"] else "contiguous"
-        for key in ("revnet/revnet-plain", "revnet/revnet-checkpoint", "inference revnet/revnet-plain"):
+        for key in ("revnet/revnet-plain", "revnet/revnet-checkpoint", "inference revnet/revnet-plain",
+                    "revnet+compile/revnet-plain", "revnet+compile/revnet-plain+compile"):
             h[f"{key} ({tag})"] = sp["ratios"].get(key)
+    if compiled:
+        h["compiled/eager reversible memory"] = ratio(
+            _act(_point(compiled, "revnet", "revnet38", compiled=True)),
+            _act(_point(compiled, "revnet", "revnet38")))
     return h
 
 
@@ -101,6 +106,19 @@ def _targets(h: dict[str, float | None], memory: dict[str, Any], flat: dict[str,
         over = None if r is None else r - 1
         rows.append([f"inference overhead of reversible mode ({tag})", "<= 2%",
                      "n/a" if over is None else f"{over:+.1%}", _check(r, over is not None and over <= 0.02)])
+    for tag in ("channels_last", "contiguous"):
+        r = h.get(f"revnet+compile/revnet-plain ({tag})")
+        if r is not None:
+            rows.append([f"revnet38 step, compiled reversible / eager plain autograd ({tag})", "<= 1.00",
+                         f"{r:.3f}", _check(r, r <= 1.0)])
+        r = h.get(f"revnet+compile/revnet-plain+compile ({tag})")
+        if r is not None:
+            rows.append([f"revnet38 step, compiled reversible / compiled plain ({tag})", "<= 1.20",
+                         f"{r:.3f}", _check(r, r <= 1.2)])
+    r = h.get("compiled/eager reversible memory")
+    if r is not None:
+        rows.append(["revnet38 activation memory, compiled / eager reversible, batch 128", "within 10%",
+                     f"{r - 1:+.1%}", _check(r, abs(r - 1) <= 0.1)])
     return rows
 
 
@@ -115,9 +133,10 @@ def _memcnn_rows(memory: dict[str, Any]) -> list[Row]:
 
 def render_report(meta: dict[str, Any], memory: dict[str, Any], speeds: list[dict[str, Any]],
                   capacity: dict[str, Any], rel: str, flat: dict[str, Any] | None = None,
-                  loader_vs_step: dict[str, Any] | None = None) -> str:
+                  loader_vs_step: dict[str, Any] | None = None,
+                  compiled: dict[str, Any] | None = None) -> str:
     """docs/BENCHMARKS.md: every number below comes from the results passed in."""
-    env, h = meta["environment"], _headline(memory, speeds, flat)
+    env, h = meta["environment"], _headline(memory, speeds, flat, compiled)
     load0, load1 = env["loadavg"][0], meta["loadavg_end"][0]
     busy = max(load0, load1) > env["torch_threads"] + 0.5  # more than this run's own threads
     mc, sc0 = memory["config"], speeds[0]["config"]
@@ -194,6 +213,16 @@ def render_report(meta: dict[str, Any], memory: dict[str, Any], speeds: list[dic
                   "Spread of the per-repeat ratios: " + "; ".join(
                       f"{k} {v['median']:.3f} (min {v['min']:.3f}, max {v['max']:.3f})"
                       for k, v in sp["pair_ratios"].items()), ""]
+    if sc0.get("compile"):
+        cs = "; ".join(f"{k} {v:.0f} s" for k, v in speeds[0].get("compile_s", {}).items())
+        parts += [f"`+compile` rows: copies of the same weights under `revnet.compile(model, backend="
+                  f"\"{sc0['compile']}\")` (F and G of every coupling, forward and recomputation, the "
+                  "recomputed openers, stem and head). Compiling is not in the step times; the first step "
+                  f"took this much longer than a step (channels_last run): {cs}.", ""]
+    if compiled:
+        parts += ["Activation memory of the same step compiled (`revnet bench memory --models revnet38 "
+                  f"--compile {compiled['config']['compile']}`, fresh process per point):", "",
+                  markdown_table(*models_table(compiled)), ""]
     ab = "measured above" if sc0.get("against") else "not measured in this run: pass --against REV"
     parts += ["For scale: the paper reports 1.5-2x per update for its implementation, the theory 1.33x "
               "(four passes instead of three), and MemCNN RevNet-164 1.47x slower than ResNet-164.", "",

@@ -21,16 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import ReversibleSequence
+from ..engine import ReversibleSequence, set_reversible
 from ..engine import compile as revnet_compile
 from ..engine import reversible as _reversible
-from ..models import RevNet, create_model
+from ..models import create_model
 from .modes import Progress, build, make_batch, run_mode, sync, time_stats, train_step
 
 __all__ = ["load_engine", "speed", "train_step_rate"]
 
 def speed(
-    model: str = "revnet38", *, kinds: Sequence[str] = ("revnet", "revnet-plain", "revnet-checkpoint"),
+    model: str = "revnet38", *, kinds: Sequence[str] | None = None,
     reference: str | None = "resnet32", against: str | None = None, batch: int = 128,
     image_size: int = 32, repeats: int = 7, warmup: int = 2, inference_repeats: int = 15,
     channels_last: bool = False, compile: str | None = None, device: str = "cpu", dtype: str = "float32",
@@ -40,11 +40,13 @@ def speed(
 
     One training step is forward, cross-entropy and backward (every parameter gets its
     gradient); the optimizer update, the same in every mode, is left out. The kinds run
-    on the same model and weights; ``reference`` (a registered ResNet) is timed in the
-    same loop for scale, and ``against`` (a git revision) adds the reversible run with
-    that revision's engine, to measure an engine change side by side. The order is
-    rotated every repeat. Inference is ``eval()`` under ``torch.no_grad()``, reversible
-    against plain, where both must cost the same.
+    on the same model and weights (default: reversible, plain autograd and per-block
+    checkpointing of the model's family, ``revnet*`` or, for a RevViT, ``revvit*``);
+    ``reference`` (a registered ResNet or ViT) is timed in the same loop for scale, and
+    ``against`` (a git revision) adds the reversible run with that revision's engine, to
+    measure an engine change side by side. The order is rotated every repeat. Inference
+    is ``eval()`` under ``torch.no_grad()``, reversible against plain, where both must
+    cost the same.
 
     Args:
         channels_last: the batch in channels_last; False: an NCHW batch into the model as
@@ -62,16 +64,22 @@ def speed(
         raise ValueError("speed: repeats must be >= 1 and warmup >= 0.")
     torch.manual_seed(seed)
     dt = getattr(torch, dtype)
-    net = build("revnet", model=model, device=device, dtype=dt)
+    family = "vit" if "vit" in model else "cnn"
+    rev, plain, baseline = (("revvit", "revvit-plain", "vit") if family == "vit"
+                            else ("revnet", "revnet-plain", "resnet"))
+    kinds = list(kinds or (rev, plain, f"{rev}-checkpoint"))
+    size = {"image_size": image_size} if family == "vit" else {}
+    net = build(rev, model=model, device=device, dtype=dt, **size)
     Engine = Callable[..., torch.Tensor] | None
     runs: list[tuple[str, str, nn.Module, Engine]] = [(k, k, net, None) for k in kinds]
     if against is not None:
-        runs.append((f"revnet@{against}", "revnet", net, load_engine(against)))
+        runs.append((f"{rev}@{against}", rev, net, load_engine(against)))
     if compile is not None:
         runs += [(f"{k}+compile", k, revnet_compile(copy.deepcopy(net), backend=compile), None)
-                 for k in kinds if k in ("revnet", "revnet-plain")]
+                 for k in kinds if k in (rev, plain)]
     if reference is not None:
-        runs.append((reference, "resnet", build("resnet", model=reference, device=device, dtype=dt), None))
+        runs.append((reference, baseline, build(baseline, model=reference, device=device, dtype=dt, **size),
+                     None))
     if channels_last:
         for _, _, m, _ in runs:
             m.to(memory_format=torch.channels_last)
@@ -99,22 +107,23 @@ def speed(
             progress({"repeat": r, "times": {k: v[-1] for k, v in times.items()}})
     train = {name: time_stats(v, batch) for name, v in times.items()}
     compile_s = {name: first[name] - train[name]["median_s"] for name in train if "+compile" in name}
-    infer = _inference_times(net, x, inference_repeats, device) if inference_repeats else {}
+    infer = _inference_times(net, x, inference_repeats, device, rev, plain) if inference_repeats else {}
     ratios, pairs = {}, {}
     base = kinds[0]
     compared = [(base, other) for other in times if other != base]
-    if "revnet-plain" in times:  # compiled reversible against eager plain backprop: the speed target
-        compared += [(name, "revnet-plain") for name in compile_s if name != "revnet-plain+compile"]
+    if plain in times:  # compiled reversible against eager plain backprop: the speed target
+        compared += [(name, plain) for name in compile_s if name != f"{plain}+compile"]
+    if {f"{rev}+compile", f"{plain}+compile"} <= times.keys():  # both compiled
+        compared.append((f"{rev}+compile", f"{plain}+compile"))
     for a, b in compared:
         key = f"{a}/{b}"
         ratios[key] = train[a]["median_s"] / train[b]["median_s"]
         per = [s / t for s, t in zip(times[a], times[b], strict=True)]
         pairs[key] = {"median": statistics.median(per), "min": min(per), "max": max(per)}
     if infer:
-        key = "inference revnet/revnet-plain"
-        ratios[key] = infer["revnet"]["median_s"] / infer["revnet-plain"]["median_s"]
-        per = [a / b for a, b in zip(infer["revnet"]["times_s"], infer["revnet-plain"]["times_s"],
-                                     strict=True)]
+        key = f"inference {rev}/{plain}"
+        ratios[key] = infer[rev]["median_s"] / infer[plain]["median_s"]
+        per = [a / b for a, b in zip(infer[rev]["times_s"], infer[plain]["times_s"], strict=True)]
         pairs[key] = {"median": statistics.median(per), "min": min(per), "max": max(per)}
     config = {"model": model, "kinds": list(kinds), "reference": reference, "against": against,
               "batch": batch, "image_size": image_size, "repeats": repeats, "warmup": warmup,
@@ -141,8 +150,7 @@ def train_step_rate(
         raise ValueError("train_step_rate: repeats must be >= 1 and warmup >= 0.")
     torch.manual_seed(seed)
     net = create_model(model, num_classes=10, in_chans=in_chans).to(device)
-    if isinstance(net, RevNet):
-        net.reversible = reversible
+    set_reversible(net, reversible)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net.to(memory_format=fmt).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -222,13 +230,14 @@ def _engine(run: Callable[..., torch.Tensor] | None) -> Iterator[None]:
         _reversible._run_reversible = current
 
 
-def _inference_times(net: nn.Module, x: torch.Tensor, repeats: int, device: str) -> dict[str, Any]:
-    times: dict[str, list[float]] = {"revnet": [], "revnet-plain": []}
+def _inference_times(net: nn.Module, x: torch.Tensor, repeats: int, device: str, rev: str,
+                     plain: str) -> dict[str, Any]:
+    times: dict[str, list[float]] = {rev: [], plain: []}
     net.eval()
     try:
         with torch.no_grad():
             for r in range(repeats + 1):  # the first round warms up
-                for kind in (("revnet", "revnet-plain") if r % 2 else ("revnet-plain", "revnet")):
+                for kind in ((rev, plain) if r % 2 else (plain, rev)):
                     with run_mode(net, kind):
                         sync(device)
                         t = time.perf_counter()

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .modes import KINDS
+from .modes import KINDS, VIT_KINDS
 from .sizes import format_bytes
 
 __all__ = ["Row", "capacity_table", "data_table", "drift_table", "exact_cost_table", "markdown_table",
@@ -51,7 +51,8 @@ def speed_table(result: dict[str, Any]) -> tuple[list[str], list[Row]]:
     c = result["config"]
     rows = []
     for name, s in result["train"].items():
-        label = name if name.removesuffix("+compile") in KINDS or "@" in name else f"{name} (reference)"
+        ours = name.removesuffix("+compile") in KINDS + VIT_KINDS or "@" in name
+        label = name if ours else f"{name} (reference)"
         rows.append([label, "train",
                      f"{s['median_s'] * 1e3:.0f}", f"{s['p25_s'] * 1e3:.0f}-{s['p75_s'] * 1e3:.0f}",
                      f"{s['images_per_s']:.0f}", _ratio(result, f"{c['kinds'][0]}/{name}")])

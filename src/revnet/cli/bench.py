@@ -22,7 +22,7 @@ from ..bench.data import data_path
 from ..bench.drift import DRIFT_PRECISIONS, drift, exact_cost
 from ..bench.environment import environment
 from ..bench.memory import memory_sweep
-from ..bench.modes import KINDS, PAPER_PAIRS
+from ..bench.modes import KINDS, PAPER_PAIRS, VIT_KINDS, VIT_PAIRS, is_baseline
 from ..bench.plots import plot_capacity, plot_drift, plot_memory, plot_speed
 from ..bench.report import render_report
 from ..bench.sizes import parse_bytes
@@ -43,6 +43,12 @@ from ..training.loader import normalize
 __all__ = ["add_parser"]
 
 _QUICK_MEMORY = {"units": [1, 3], "batch": 8, "models": [], "model_batch": 16}
+MEMORY_DEFAULTS = {  # revnet bench memory --family: what is measured unless a flag says otherwise
+    "cnn": {"units": [1, 3, 9, 18, 36], "kinds": list(KINDS), "models": [m for p in PAPER_PAIRS for m in p],
+            "batch": 32, "model_batch": 128, "image_size": 32},
+    "vit": {"units": [4, 12, 24, 48], "kinds": list(VIT_KINDS), "models": [m for p in VIT_PAIRS for m in p],
+            "batch": 8, "model_batch": 8, "image_size": 224},
+}
 _QUICK_SPEED = {"batch": 16, "repeats": 3, "warmup": 1, "inference_repeats": 5}
 _QUICK_CAPACITY = {"budget": "256MiB", "models": ["resnet32", "revnet38"], "depth_batch": 16,
                    "verify_max_batch": 512, "verify_max_units": 3}
@@ -63,19 +69,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     def common(q: argparse.ArgumentParser, out: str) -> None:
         q.add_argument("--out", default=out, help=f"folder for JSON and PNG (default {out})")
         q.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-        q.add_argument("--image-size", type=int, default=32)
+        q.add_argument("--image-size", type=int, default=None,
+                       help="side of the random images (default 32; 224 for transformers)")
         q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
         q.add_argument("--quick", action="store_true", help="tiny configuration, about a minute")
 
     q = bsub.add_parser("memory", help="activation memory of one training step across depth")
     common(q, "runs/bench")
-    q.add_argument("--units", type=int, nargs="+", default=[1, 3, 9, 18, 36],
-                   help="RevNet units per stage (the ResNet gets twice as many: same depth)")
-    q.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
-    q.add_argument("--models", nargs="*", default=[m for pair in PAPER_PAIRS for m in pair],
-                   help="registered models measured at --model-batch (none: skip)")
-    q.add_argument("--batch", type=int, default=32, help="batch of the depth sweep")
-    q.add_argument("--model-batch", type=int, default=128, help="batch of the named models")
+    q.add_argument("--family", choices=sorted(MEMORY_DEFAULTS), default="cnn",
+                   help="cnn (default): ResNet vs RevNet at 32px; vit: ViT vs RevViT at 224px (the sweep "
+                        "at ViT-Ti/16 widths, the pairs base and large)")
+    q.add_argument("--units", type=int, nargs="+", default=None,
+                   help="RevNet units per stage (the ResNet gets twice as many: same depth); transformer "
+                        "blocks (default cnn: 1 3 9 18 36; vit: 4 12 24 48)")
+    q.add_argument("--kinds", nargs="+", choices=KINDS + VIT_KINDS, default=None,
+                   help="default: the family's four")
+    q.add_argument("--models", nargs="*", default=None,
+                   help="registered models measured at --model-batch (none: skip; default: the "
+                        "family's pairs)")
+    q.add_argument("--batch", type=int, default=None, help="batch of the depth sweep (cnn 32, vit 8)")
+    q.add_argument("--model-batch", type=int, default=None, help="batch of the named models (cnn 128, vit 8)")
     q.add_argument("--block", choices=["basic", "bottleneck"], default="basic")
     q.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="measure every revnet and revnet-plain point again under revnet.compile "
@@ -84,9 +97,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     q = bsub.add_parser("speed", help="training-step and inference time, alternated in one process")
     common(q, "runs/bench")
-    q.add_argument("--model", default="revnet38")
-    q.add_argument("--reference", default="resnet32", help="a ResNet timed alongside (none: skip)")
-    q.add_argument("--batch", type=int, default=128)
+    q.add_argument("--model", default="revnet38", help="a RevNet or RevViT (e.g. revvit_small)")
+    q.add_argument("--reference", default=None,
+                   help="a ResNet or ViT timed alongside (default: resnet32, or the RevViT's ViT; "
+                        "none: skip)")
+    q.add_argument("--batch", type=int, default=None, help="default 128 (16 for a RevViT at 224px)")
     q.add_argument("--repeats", type=int, default=7)
     q.add_argument("--warmup", type=int, default=2)
     q.add_argument("--inference-repeats", type=int, default=15)
@@ -166,6 +181,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="budget of the capacity section (default 1GiB: its checks stay within minutes)")
     q.add_argument("--against", default=None, metavar="GIT_REV",
                    help="also time the engine of this git revision, side by side (before/after)")
+    q.add_argument("--compile", nargs="?", const="inductor", default="inductor", metavar="BACKEND",
+                   help="torch.compile backend of the compiled rows (speed and memory of revnet38; "
+                        "default inductor: a few minutes more)")
+    q.add_argument("--no-compile", dest="compile", action="store_const", const=None,
+                   help="leave the compiled rows out")
     q.add_argument("--from", dest="from_json", default=None, metavar="REPORT_JSON",
                    help="measure nothing: render --doc again from a report.json this command wrote")
     q.set_defaults(func=_cmd_report)
@@ -206,15 +226,16 @@ def _save(out: Path, name: str, result: dict[str, Any]) -> Path:
 
 
 def _run_memory(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
-    kw = {"units": args.units, "kinds": args.kinds, "models": args.models, "batch": args.batch,
-          "model_batch": args.model_batch, "block": args.block, "image_size": args.image_size,
+    defaults = MEMORY_DEFAULTS[getattr(args, "family", "cnn")]
+    given = {k: getattr(args, k, None) for k in defaults}
+    kw = {**defaults, **{k: v for k, v in given.items() if v is not None}, "block": args.block,
           "compile": getattr(args, "compile", None), "device": args.device, **over}
-    n_models = sum(len([k for k in kw["kinds"] if (k != "resnet") == m.startswith("revnet")])
+    n_models = sum(len([k for k in kw["kinds"] if (not is_baseline(k)) == m.startswith("rev")])
                    for m in kw["models"])
     points = len(kw["units"]) * len(kw["kinds"]) + n_models
-    if kw["compile"]:  # the revnet and revnet-plain points again, compiled
-        compiled = [k for k in kw["kinds"] if k in ("revnet", "revnet-plain")]
-        revnets = sum(m.startswith("revnet") for m in kw["models"])
+    if kw["compile"]:  # the reversible and plain points again, compiled
+        compiled = [k for k in kw["kinds"] if k in ("revnet", "revnet-plain", "revvit", "revvit-plain")]
+        revnets = sum(m.startswith("rev") for m in kw["models"])
         points += (len(kw["units"]) + revnets) * len(compiled)
     tick, close = _progress(points, "memory")
     try:
@@ -224,11 +245,13 @@ def _run_memory(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
 
 
 def _run_speed(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
-    kw = {"model": args.model, "reference": None if str(args.reference).lower() == "none" else args.reference,
-          "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
+    vit = "vit" in args.model
+    reference = args.reference or ("vit_" + args.model.removeprefix("revvit_") if vit else "resnet32")
+    kw = {"model": args.model, "reference": None if reference.lower() == "none" else reference,
+          "batch": args.batch or (16 if vit else 128), "repeats": args.repeats, "warmup": args.warmup,
           "inference_repeats": args.inference_repeats, "channels_last": args.channels_last,
           "against": getattr(args, "against", None), "compile": getattr(args, "compile", None),
-          "image_size": args.image_size, "device": args.device, **over}
+          "image_size": args.image_size or (224 if vit else 32), "device": args.device, **over}
     tick, close = _progress(kw["repeats"], "speed " + ("channels_last" if kw["channels_last"] else ""))
     try:
         return speed(**kw, progress=tick)
@@ -238,7 +261,7 @@ def _run_speed(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
 
 def _run_capacity(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
     kw = {"models": args.models, "depth_batch": args.depth_batch, "verify_max_batch": args.verify_max_batch,
-          "verify_max_units": args.verify_max_units, "image_size": args.image_size,
+          "verify_max_units": args.verify_max_units, "image_size": args.image_size or 32,
           "device": args.device, **over}
     budget = parse_bytes(kw.pop("budget", args.budget))
     tick, close = _progress(0, "capacity probes")
@@ -352,13 +375,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
         doc = Path(args.doc)
         doc.write_text(render_report(saved["meta"], saved["memory"], saved["speed"], saved["capacity"],
                                      os.path.relpath(Path(args.from_json).parent, doc.parent),
-                                     saved.get("flatness"), saved.get("data")))
+                                     saved.get("flatness"), saved.get("data"), saved.get("compiled_memory")))
         print(f"wrote {doc} from {args.from_json} (measured {saved['meta']['environment']['date']})")
         return 0
     out = _setup(args)
     quick, started, env = args.quick, time.time(), environment()
     ns = argparse.Namespace
-    common = {"image_size": args.image_size, "device": args.device}
+    common = {"image_size": args.image_size or 32, "device": args.device}
     memory = _run_memory(ns(
         units=[1, 3, 9, 18, 36], kinds=list(KINDS), batch=32, model_batch=128, block="basic",
         models=[m for pair in PAPER_PAIRS for m in pair], **common),
@@ -368,8 +391,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     flat = _run_memory(ns(units=[3, 36], kinds=["revnet"], batch=128, model_batch=128, block="basic",
                           models=[], **common), **({"units": [1, 3], "batch": 16} if quick else {}))
     _save(out, "memory_flatness", flat)
+    compiled = None
+    if args.compile:  # revnet.compile must keep the reversible engine's memory: the same step, compiled
+        compiled = _run_memory(ns(units=[], kinds=["revnet", "revnet-plain"], batch=32, model_batch=128,
+                                  block="basic", models=["revnet38"], compile=args.compile, **common),
+                               **({"model_batch": 16} if quick else {}))
+        _save(out, "memory_compiled", compiled)
     speeds = []
-    plan = [{"channels_last": True, "against": args.against}, {"channels_last": False}]
+    plan = [{"channels_last": True, "against": args.against, "compile": args.compile},
+            {"channels_last": False, "compile": args.compile}]
     if not quick:
         # The paper's deepest CIFAR pair, for MemCNN's "RevNet-164 1.47x slower than ResNet-164".
         plan.append({"model": "revnet164", "reference": "resnet164", "batch": 32, "repeats": 5,
@@ -380,7 +410,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
                          "against": args.against})
     for over in plan:
         base = ns(model="revnet38", reference="resnet32", batch=128, repeats=7, warmup=2,
-                  inference_repeats=15, channels_last=True, **common)
+                  inference_repeats=15, channels_last=True, compile=None, **common)
         speeds.append(_run_speed(base, **over, **(_QUICK_SPEED if quick else {})))
         print(text_table(*speed_table(speeds[-1])))
     _save(out, "speed", {"runs": speeds})
@@ -402,16 +432,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     _save(out, "data", loader_vs_step)
     flags = [("--quick", quick), (f"--budget {args.budget}", args.budget != "1GiB" and not quick),
              (f"--against {args.against}", args.against), (f"--threads {args.threads}", args.threads),
+             ("--no-compile", not args.compile),
+             (f"--compile {args.compile}", args.compile not in (None, "inductor")),
              (f"--device {args.device}", args.device != "cpu")]
     meta = {"command": " ".join([f"revnet bench report --out {args.out} --doc {args.doc}",
                                  *(f for f, on in flags if on)]),
             "environment": env, "loadavg_end": environment()["loadavg"],
             "minutes": (time.time() - started) / 60}
     _save(out, "report", {"meta": meta, "memory": memory, "flatness": flat, "speed": speeds,
-                          "capacity": capacity, "data": loader_vs_step, "environment": env})
+                          "capacity": capacity, "data": loader_vs_step, "compiled_memory": compiled,
+                          "environment": env})
     doc = Path(args.doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(render_report(meta, memory, speeds, capacity, os.path.relpath(out, doc.parent), flat,
-                                 loader_vs_step))
+                                 loader_vs_step, compiled))
     print(f"wrote {doc} in {meta['minutes']:.1f} min")
     return 0

@@ -35,7 +35,9 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--batch-size", "batch_size", {"type": int, "help": "global batch: samples per optimiser step over "
                                      "all processes (each of N processes takes batch/N); default 128"}),
     ("--lr", "lr", {"type": float, "help": "peak learning rate"}),
-    ("--momentum", "momentum", {"type": float}),
+    ("--optimizer", "optimizer", {"choices": ["sgd", "adamw"],
+                                  "help": "sgd (Nesterov momentum; default) or adamw (transformer recipes)"}),
+    ("--momentum", "momentum", {"type": float, "help": "SGD momentum; AdamW's beta1"}),
     ("--weight-decay", "weight_decay", {"type": float}),
     ("--schedule", "schedule", {"choices": ["onecycle", "step"]}),
     ("--crop-pad", "crop_pad", {"type": int, "help": "random-crop padding in pixels (0: none)"}),
@@ -43,8 +45,9 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--seed", "seed", {"type": int}),
     ("--device", "device", {"help": "auto (cuda if present), cpu, cuda, cuda:N"}),
     ("--amp", "amp", {"choices": ["auto", "none", "bf16", "fp16"],
-                      "help": "mixed precision; auto (default): bf16 on GPUs that have it (else fp16) and "
-                              "on CPUs with native bf16 (AVX512-BF16, AMX, Arm BF16), else none (float32)"}),
+                      "help": "mixed precision; auto (default): bf16 on GPUs that have it (else fp16); on "
+                              "CPUs bf16 with AMX, float32 without native bf16, and where the flags do not "
+                              "tell a timed probe of one step in each decides (the reason is logged)"}),
     ("--eval-every", "eval_every", {"type": int, "help": "steps between evaluations (default: each epoch)"}),
     ("--log-every", "log_every", {"type": int}),
     ("--ckpt-every", "ckpt_every", {"type": int}),
@@ -80,7 +83,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Train a model; every run writes config, metrics, checkpoints, "
                                    "a summary and curves into its run directory.")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
-                   help="starting values: fashion-mnist (default), paper-cifar, paper-imagenet")
+                   help="starting values: fashion-mnist (default), fashion-mnist-long, fashion-mnist-vit, "
+                        "paper-cifar, paper-imagenet")
     for flag, dest, kw in _TRAIN_FLAGS:
         p.add_argument(flag, dest=dest, default=None, **kw)
     p.add_argument("--no-reversible", dest="reversible", action="store_false", default=None,
@@ -218,14 +222,15 @@ def _memory_report(config: Any, image_size: int, in_chans: int) -> None:
 
     Each side is measured in a fresh process (revnet.bench.memory.measure), as `revnet bench memory` does.
     """
-    if not config.model.startswith("revnet"):
+    if not config.model.startswith("rev"):
         return
+    kind = "revvit" if "vit" in config.model else "revnet"
     point = {"model": config.model, "batch": config.batch_size, "image_size": image_size,
              "in_chans": in_chans, "exact": config.exact,
              "device": str(resolve_device(config.device))}
     try:
-        rev = measure(kind="revnet", **point)
-        plain = measure(kind="revnet-plain", **point)
+        rev = measure(kind=kind, **point)
+        plain = measure(kind=f"{kind}-plain", **point)
     except (RuntimeError, OSError) as e:  # a report, not the job: say so and go on
         print(f"(activation memory comparison skipped: {e})", file=sys.stderr)
         return

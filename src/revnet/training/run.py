@@ -126,6 +126,23 @@ def _compile_problem(backend: str, device: torch.device) -> str | None:
     return None
 
 
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with (Nesterov) momentum on every parameter, or AdamW.
+
+    AdamW leaves norms, biases and embeddings out of weight decay (``p.dim() < 2`` and
+    position embeddings), as ViT/DeiT training does: decay there only shrinks what sets scales.
+    """
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov, weight_decay=config.weight_decay)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
+    return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr,
+                             betas=(config.momentum, 0.999), weight_decay=config.weight_decay)
+
+
 def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
     """Resolves the device and precision, loads the data, builds the model, optimizer and loaders."""
     info = info or DistInfo()
@@ -135,8 +152,11 @@ def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
     extra = dict(config.synthetic) if config.dataset == "synthetic" else {}
     train_ds = load_dataset(config.dataset, "train", config.data_dir, **extra)
     test_ds = load_dataset(config.dataset, "test", config.data_dir, **extra)
+    extra_kw: dict[str, Any] = {} if config.norm == "batch" else {"norm_layer": NORMS[config.norm]}
+    if "vit" in config.model:  # a transformer's position embeddings are sized to the images
+        extra_kw["img_size"] = train_ds.image_size[0]
     model = create_model(config.model, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
-                         **({} if config.norm == "batch" else {"norm_layer": NORMS[config.norm]}))
+                         **extra_kw)
     set_reversible(model, config.reversible)
     set_exact(model, config.exact)
     model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
@@ -155,8 +175,7 @@ def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
         else:
             revnet_compile(model, backend=config.compile)
     net = wrap_ddp(model, info, device, sync_bn=config.sync_bn)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                nesterov=config.nesterov, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
     # Each global step takes the next batch_size samples of a seeded per-epoch permutation;
     # rank r trains on its slice r of them (revnet.training.loader.Loader).
