@@ -21,6 +21,17 @@ def test_wrap_your_own_modules_example_runs():
     assert not seq.reversible
 
 
+def test_reversible_transformer_example_runs():
+    text = README.read_text()
+    section = text.split("## Reversible transformers", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    tokens, out, blocks = scope["tokens"], scope["out"], scope["blocks"]
+    assert out.shape == (4, 128, 512) and tokens.grad is not None and torch.isfinite(tokens.grad).all()
+    assert not blocks.reversible
+
+
 def test_readme_commands_are_make_targets():
     makefile = (README.parent / "Makefile").read_text()
     for target in ("train", "test"):

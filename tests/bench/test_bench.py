@@ -274,25 +274,35 @@ def test_cli_data_prints_the_ratio(tmp_path, capsys):
 
 # --- the transformer family ---------------------------------------------------------------
 
-def test_vit_memory_sweep_reversible_stays_flat(tmp_path):
-    """`revnet bench memory --family vit`: RevViT's saved bytes do not grow with blocks, ViT's do."""
-    argv = ["bench", "memory", "--family", "vit", "--units", "1", "4", "--kinds", "vit", "revvit",
-            "--models", "--batch", "4", "--image-size", "32", "--out", str(tmp_path)]
+def test_vit_memory_sweep_reversible_stays_flat_and_is_reported(sweep, tmp_path):
+    """`revnet bench memory --family vit`: RevViT's saved bytes do not grow with blocks, ViT's do;
+    the report renders the transformer section and its targets."""
+    argv = ["bench", "memory", "--family", "vit", "--units", "1", "8", "--kinds", "vit", "revvit",
+            "--models", "--batch", "8", "--image-size", "64", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     result = json.loads((tmp_path / "memory.json").read_text())
     assert result["config"]["family"] == "vit" and (tmp_path / "memory.png").exists()
     pts = {(p["kind"], p["depth"]): p for p in result["points"]}
-    assert set(pts) == {("vit", 1), ("vit", 4), ("revvit", 1), ("revvit", 4)}
-    assert pts[("revvit", 4)]["saved_bytes"] == pts[("revvit", 1)]["saved_bytes"]
-    assert pts[("vit", 4)]["saved_bytes"] > 3 * pts[("vit", 1)]["saved_bytes"] / 2
-    assert pts[("revvit", 4)]["activation_bytes"] < pts[("vit", 4)]["activation_bytes"]
-
-
-def test_vit_speed_runs_the_transformer_kinds():
-    result = speed.speed("revvit_small", reference="vit_small", batch=2, image_size=32, repeats=1, warmup=0,
-                         inference_repeats=1)
-    assert set(result["train"]) == {"revvit", "revvit-plain", "revvit-checkpoint", "vit_small"}
+    assert set(pts) == {("vit", 1), ("vit", 8), ("revvit", 1), ("revvit", 8)}
+    assert pts[("revvit", 8)]["saved_bytes"] == pts[("revvit", 1)]["saved_bytes"]
+    assert pts[("vit", 8)]["saved_bytes"] > 4 * pts[("vit", 1)]["saved_bytes"]
+    assert pts[("revvit", 8)]["activation_bytes"] < pts[("vit", 8)]["activation_bytes"] / 2
+    sp = speed.speed("revvit_small", reference="vit_small", batch=2, image_size=32, repeats=1, warmup=0,
+                     inference_repeats=1)
+    assert set(sp["train"]) == {"revvit", "revvit-plain", "revvit-checkpoint", "vit_small"}
     assert {"revvit/revvit-plain", "revvit/revvit-checkpoint", "inference revvit/revvit-plain"} <= \
-        result["ratios"].keys()
+        sp["ratios"].keys()
+    meta = {"command": "revnet bench report", "environment": environment.environment(),
+            "loadavg_end": (0.0, 0.0, 0.0), "minutes": 1.0}
+    cap = {"config": {"budget_bytes": 2**20, "depth_batch": 2, "verify_max_batch": 8, "verify_max_units": 1},
+           "batch": {}, "depth": {}}
+    cnn = speed.speed("revnet38", batch=2, image_size=8, repeats=1, warmup=0, inference_repeats=0)
+    text = render_report(meta, sweep, [cnn, cnn], cap, "benchmarks", vit={"memory": result, "speed": sp})
+    assert "## Reversible transformers: ViT against RevViT" in text and "memory_vit.png" in text
+    assert "| RevViT activation memory, 1 -> 8 blocks, batch 8 | grows <= 5% |" in text
+    assert "revvit_small step, reversible / plain autograd | <= 1.30 |" in text
+
+
+def test_vit_kinds_do_not_mix_with_cnn_kinds():
     with pytest.raises(ValueError, match="kinds .* mix families"):
         memory.memory_sweep(units=[1], kinds=["revnet", "revvit"])

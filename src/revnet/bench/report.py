@@ -33,11 +33,11 @@ def _act(p: dict[str, Any] | None) -> float | None:
     return None if p is None else p["activation_bytes"]
 
 
-def _growth(res: dict[str, Any]) -> tuple[int, int, float | None, float | None]:
-    """RevNet from 3 (or the fewest) to the most units of a sweep: activation, saved growth."""
+def _growth(res: dict[str, Any], kind: str = "revnet") -> tuple[int, int, float | None, float | None]:
+    """RevNet from 3 (or the fewest) to the most units of a sweep (RevViT: blocks); activation, saved."""
     units = res["config"]["units"]
-    lo, hi = (3 if 3 in units else min(units)), max(units)
-    a, b = _point(res, "revnet", units=lo), _point(res, "revnet", units=hi)
+    lo, hi = (3 if 3 in units and kind == "revnet" else min(units)), max(units)
+    a, b = _point(res, kind, units=lo), _point(res, kind, units=hi)
     if a is None or b is None:
         return lo, hi, None, None
     return (lo, hi, b["activation_bytes"] / a["activation_bytes"] - 1,
@@ -131,10 +131,50 @@ def _memcnn_rows(memory: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _vit_targets(vit: dict[str, Any] | None) -> list[Row]:
+    """The transformer targets (RevViT, Mangalam et al. 2022: "up to 15.5x" at ViT-L size)."""
+    if not vit:
+        return []
+    memory, rows = vit["memory"], []
+    lo, hi, g, sg = _growth(memory, kind="revvit")
+    if g is not None:
+        rows.append([f"RevViT activation memory, {lo} -> {hi} blocks, batch {memory['config']['batch']}",
+                     "grows <= 5%", f"{g:+.1%} (saved for backward: {sg:+.1%})", _check(g, g <= 0.05)])
+    for res, rev, limit in (("vit_base", "revvit_base", 8), ("vit_large", "revvit_large", 15.5)):
+        a, b = _act(_point(memory, "revvit", rev)), _act(_point(memory, "vit", res))
+        if a is not None and b is not None:
+            rows.append([f"{rev} / {res} activation memory, batch {memory['config']['model_batch']}",
+                         f"<= 1/{limit:g}", f"1/{b / a:.1f}", _check(a, a <= b / limit)])
+    r = vit["speed"]["ratios"].get("revvit/revvit-plain")
+    if r is not None:
+        rows.append([f"{vit['speed']['config']['model']} step, reversible / plain autograd", "<= 1.30",
+                     f"{r:.3f}", _check(r, r <= 1.3)])
+    return rows
+
+
+def _vit_section(vit: dict[str, Any], rel: str) -> list[str]:
+    mc, sc = vit["memory"]["config"], vit["speed"]["config"]
+    return [
+        "## Reversible transformers: ViT against RevViT", "",
+        f"![ViT and RevViT activation memory]({rel}/memory_vit.png)", "",
+        f"One training step at batch {mc['batch']}, {mc['image_size']}px, {mc['device']}, {mc['dtype']}; "
+        "the sweep at ViT-Ti/16 widths (192 wide, 3 heads, patch 16) with its number of blocks swept. "
+        "`vit` is the residual ViT (CLS token); `revvit` the RevViT (two streams, no CLS token) in "
+        "reversible mode, `revvit-plain` the same weights under plain autograd, `revvit-checkpoint` "
+        "every block through `torch.utils.checkpoint`.", "",
+        markdown_table(*memory_table(vit["memory"])), "",
+        markdown_table(*models_table(vit["memory"])), "",
+        f"**{sc['model']} against {sc['reference']}, batch {sc['batch']}, {sc['image_size']}px, "
+        f"{sc['device']}, {sc['threads']} torch thread{'s' if sc['threads'] != 1 else ''}, "
+        f"{sc['repeats']} repeats**", "",
+        markdown_table(*speed_table(vit["speed"])), "",
+    ]
+
+
 def render_report(meta: dict[str, Any], memory: dict[str, Any], speeds: list[dict[str, Any]],
                   capacity: dict[str, Any], rel: str, flat: dict[str, Any] | None = None,
                   loader_vs_step: dict[str, Any] | None = None,
-                  compiled: dict[str, Any] | None = None) -> str:
+                  compiled: dict[str, Any] | None = None, vit: dict[str, Any] | None = None) -> str:
     """docs/BENCHMARKS.md: every number below comes from the results passed in."""
     env, h = meta["environment"], _headline(memory, speeds, flat, compiled)
     load0, load1 = env["loadavg"][0], meta["loadavg_end"][0]
@@ -155,7 +195,7 @@ def render_report(meta: dict[str, Any], memory: dict[str, Any], speeds: list[dic
         "",
         "## Targets",
         "",
-        markdown_table(["what", "target", "measured", ""], _targets(h, memory, flat)),
+        markdown_table(["what", "target", "measured", ""], _targets(h, memory, flat) + _vit_targets(vit)),
         "",
         "## Activation memory across depth",
         "",
@@ -253,6 +293,8 @@ def render_report(meta: dict[str, Any], memory: dict[str, Any], speeds: list[dic
             f"The loader delivers **{loader_vs_step['ratio']:.0f}x** the training step's images/s "
             "(target: at least 20x).", "",
         ]
+    if vit:
+        parts += _vit_section(vit, rel)
     parts += [
         "## How it is measured", "",
         "- CPU memory: each point runs in a fresh process with `MALLOC_MMAP_THRESHOLD_=65536` (freed "

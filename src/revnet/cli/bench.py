@@ -186,6 +186,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "default inductor: a few minutes more)")
     q.add_argument("--no-compile", dest="compile", action="store_const", const=None,
                    help="leave the compiled rows out")
+    q.add_argument("--no-vit", dest="vit", action="store_false",
+                   help="leave out the transformers (ViT vs RevViT memory at 224px and speed: ~10 min)")
     q.add_argument("--from", dest="from_json", default=None, metavar="REPORT_JSON",
                    help="measure nothing: render --doc again from a report.json this command wrote")
     q.set_defaults(func=_cmd_report)
@@ -375,7 +377,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         doc = Path(args.doc)
         doc.write_text(render_report(saved["meta"], saved["memory"], saved["speed"], saved["capacity"],
                                      os.path.relpath(Path(args.from_json).parent, doc.parent),
-                                     saved.get("flatness"), saved.get("data"), saved.get("compiled_memory")))
+                                     saved.get("flatness"), saved.get("data"), saved.get("compiled_memory"),
+                                     saved.get("vit")))
         print(f"wrote {doc} from {args.from_json} (measured {saved['meta']['environment']['date']})")
         return 0
     out = _setup(args)
@@ -430,9 +433,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
         loader_vs_step = data_path("fashion-mnist-long", dataset="synthetic", **data_kw)
     print(text_table(*data_table(loader_vs_step)))
     _save(out, "data", loader_vs_step)
+    vit = None
+    if args.vit:  # the transformers: ViT vs RevViT across depth and at base/large size, and speed
+        quick_memory = {"units": [1, 2], "batch": 2, "models": [], "image_size": 32}
+        vit_memory = _run_memory(ns(family="vit", block="basic", device=args.device, image_size=None),
+                                 **(quick_memory if quick else {}))
+        _report_files(out, "memory_vit", vit_memory, plot_memory)
+        vit_speed = _run_speed(ns(model="revvit_base", reference="vit_base", batch=8, repeats=5, warmup=1,
+                                  inference_repeats=5, channels_last=False, compile=None, image_size=None,
+                                  device=args.device),
+                               **({"model": "revvit_small", "reference": "vit_small", "batch": 2,
+                                   "repeats": 2, "inference_repeats": 2, "image_size": 32} if quick else {}))
+        print(text_table(*speed_table(vit_speed)))
+        _save(out, "speed_vit", vit_speed)
+        vit = {"memory": vit_memory, "speed": vit_speed}
     flags = [("--quick", quick), (f"--budget {args.budget}", args.budget != "1GiB" and not quick),
              (f"--against {args.against}", args.against), (f"--threads {args.threads}", args.threads),
-             ("--no-compile", not args.compile),
+             ("--no-compile", not args.compile), ("--no-vit", not args.vit),
              (f"--compile {args.compile}", args.compile not in (None, "inductor")),
              (f"--device {args.device}", args.device != "cpu")]
     meta = {"command": " ".join([f"revnet bench report --out {args.out} --doc {args.doc}",
@@ -441,10 +458,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
             "minutes": (time.time() - started) / 60}
     _save(out, "report", {"meta": meta, "memory": memory, "flatness": flat, "speed": speeds,
                           "capacity": capacity, "data": loader_vs_step, "compiled_memory": compiled,
-                          "environment": env})
+                          "vit": vit, "environment": env})
     doc = Path(args.doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(render_report(meta, memory, speeds, capacity, os.path.relpath(out, doc.parent), flat,
-                                 loader_vs_step, compiled))
+                                 loader_vs_step, compiled, vit))
     print(f"wrote {doc} in {meta['minutes']:.1f} min")
     return 0
