@@ -68,6 +68,12 @@ class Coupling(nn.Module):
         f: residual function applied to ``x2``; its output feeds ``couple(x1, .)``.
         g: residual function applied to ``y1``; its output feeds ``couple(x2, .)``.
         dim: dimension along which the input is split in two halves.
+
+    Attributes:
+        stored: in a reversible :class:`revnet.ReversibleSequence`, run this block under
+            ordinary autograd (its activations kept: faster backward, more memory) instead of
+            rebuilding it; the blocks before it rebuild from its input. False by default; a
+            memory-budget plan sets it per block.
     """
 
     def __init__(self, f: nn.Module, g: nn.Module, dim: int = 1) -> None:
@@ -79,6 +85,7 @@ class Coupling(nn.Module):
         self.f = f
         self.g = g
         self.dim = dim
+        self.stored = False
 
     # --- the algebra a subclass defines -------------------------------------------------
     def couple(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

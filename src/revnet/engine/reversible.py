@@ -180,19 +180,40 @@ class _Chain:
 
 @torch.compiler.disable  # an opaque unit under torch.compile: see recompute.apply_recomputed
 def _run_reversible(seq: ReversibleSequence, x: torch.Tensor) -> torch.Tensor:
-    """``seq(x)`` as a chain of per-block Functions that keep only the sequence's output.
+    """``seq(x)`` as chains of per-block Functions that keep only each chain's output.
 
     One Function per block (not one for the whole sequence) so that each block's parameter
     gradients leave backward when that block is done, not when the sequence is: at great
     depth a whole stage's gradients in flight would otherwise outweigh its activations.
+
+    Blocks marked ``stored`` run under ordinary autograd; the rebuilt blocks between them form
+    chains, each keeping its own output (which the next stored block takes as its input), so
+    rebuilding restarts from the input of every stored block.
     """
-    chain = _Chain()
     a: torch.Tensor = x
-    b: torch.Tensor | None = None  # the first block takes the whole x, the others halves
-    for k, c in enumerate(seq.couplings):
-        params = [p for p in c.parameters() if p.requires_grad]
-        a, b = _ReversibleBlock.apply(a, b, chain, c, k == 0, seq.preserve_rng_state, *params)
-    return _KeepOutput.apply(a, b, chain, seq.dim)
+    b: torch.Tensor | None = None  # the whole x until the first block has split it, then halves
+    blocks = list(seq.couplings)
+    i = 0
+    while i < len(blocks):
+        if blocks[i].stored:
+            if b is None:
+                a, b = split(a, seq.dim, "ReversibleSequence")
+            a, b = blocks[i].forward_halves(a, b)
+            i += 1
+            continue
+        j = i
+        while j < len(blocks) and not blocks[j].stored:
+            j += 1
+        chain = _Chain()
+        for k in range(i, j):
+            params = [p for p in blocks[k].parameters() if p.requires_grad]
+            a, b = _ReversibleBlock.apply(a, b, chain, blocks[k], k == i, seq.preserve_rng_state, *params)
+        if j == len(blocks):
+            return _KeepOutput.apply(a, b, chain, seq.dim)
+        a, b = _KeepHalves.apply(a, b, chain)
+        i = j
+    assert b is not None  # every block was stored: plain autograd throughout
+    return merge(a, b, seq.dim)
 
 
 class _KeepOutput(torch.autograd.Function):
@@ -222,26 +243,50 @@ class _KeepOutput(torch.autograd.Function):
         return dy1, dy2, None, None
 
 
+class _KeepHalves(torch.autograd.Function):
+    """Ends a chain that a stored block follows: keeps the chain's output as two halves.
+
+    The stored block takes them as its input (and its own graph keeps what it needs of
+    them); in backward they go to the chain's last block, as :class:`_KeepOutput` does.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y1: torch.Tensor, y2: torch.Tensor,
+                chain: _Chain) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(y1, y2)
+        ctx.chain = chain
+        return y1.view_as(y1), y2.view_as(y2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy1: torch.Tensor, dy2: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        y1, y2 = ctx.saved_tensors
+        ctx.chain.halves = (y1.detach(), y2.detach())
+        return dy1, dy2, None
+
+
 class _ReversibleBlock(torch.autograd.Function):
     """One coupling of a reversible chain; it saves nothing.
 
-    Inputs are ``(a, b, chain, coupling, first, keep_rng, *trainable_params)``: the first
-    block takes the whole input as ``a`` (``b`` is None), the others the two halves. Every
-    block returns the halves of its output, which the next block's backward rebuilds (the
-    last block's comes from :class:`_KeepOutput`).
+    Inputs are ``(a, b, chain, coupling, start, keep_rng, *trainable_params)``: the
+    sequence's first block takes the whole input as ``a`` (``b`` is None), the others the
+    two halves; ``start`` marks the first block of its chain, which hands its rebuilt input
+    to no one. Every block returns the halves of its output, which the next block's backward
+    rebuilds (the chain's last block's comes from :class:`_KeepOutput` or :class:`_KeepHalves`).
     """
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor | None, chain: _Chain, c: Coupling,
-                first: bool, keep_rng: bool, *params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x1, x2 = split(a, c.dim, "ReversibleSequence") if first else (a, b)  # (B, C/2, ...)
+                start: bool, keep_rng: bool, *params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        whole = b is None
+        x1, x2 = split(a, c.dim, "ReversibleSequence") if whole else (a, b)  # (B, C/2, ...)
         devices = cuda_devices(x1)
         # grad mode is off inside Function.forward: no graph is built
         rng_f = get_rng(devices) if keep_rng else None
         y1 = c.couple(x1, c.run_f(x1, x2))
         rng_g = get_rng(devices) if keep_rng else None
         y2 = c.couple(x2, c.run_g(x2, y1))
-        ctx.chain, ctx.c, ctx.first, ctx.params = chain, c, first, params
+        ctx.chain, ctx.c, ctx.start, ctx.whole, ctx.params = chain, c, start, whole, params
         ctx.rng, ctx.devices, ctx.autocast = (rng_f, rng_g), devices, autocast_state()
         return y1, y2
 
@@ -307,10 +352,11 @@ class _ReversibleBlock(torch.autograd.Function):
         finally:
             if outer_rng is not None:
                 set_rng(outer_rng, ctx.devices)  # backward leaves the caller's RNG as it was
-        if ctx.first:
+        if ctx.whole:
             dx = merge(dx1, dx2, c.dim) if ctx.needs_input_grad[0] else None
             return (dx, None, None, None, None, None, *grads)
-        ctx.chain.halves = (x1, x2.detach())  # the previous block's output
+        if not ctx.start:
+            ctx.chain.halves = (x1, x2.detach())  # the previous block's output
         return (dx1, dx2, None, None, None, None, *grads)
 
 
