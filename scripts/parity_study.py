@@ -31,7 +31,7 @@ import torch
 
 from revnet.bench.environment import environment
 from revnet.bench.memory import measure
-from revnet.bench.sizes import format_bytes
+from revnet.engine.sizes import format_bytes
 from revnet.training import read_metrics
 
 # family -> label -> (run folder prefix, memory kind, revnet train arguments); the first

@@ -9,9 +9,10 @@ import torch
 from conftest import rel_err
 
 from revnet import ReversibleSequence, cli
-from revnet.bench import capacity, environment, memory, modes, sizes, speed
+from revnet.bench import capacity, environment, memory, modes, speed
 from revnet.bench.data import loader_throughput
 from revnet.bench.report import render_report
+from revnet.engine import sizes
 from revnet.training.datasets import load_dataset
 from revnet.training.loader import Loader
 

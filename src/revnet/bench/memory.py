@@ -10,7 +10,6 @@ counted too, as a cross-check.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import json
 import os
@@ -27,6 +26,7 @@ from torch import nn
 
 from ..engine import Coupling, set_exact
 from ..engine import compile as revnet_compile
+from ..engine.peak import nbytes, proc_status, reset_peak_rss, return_freed_memory
 from ..models import RevViT, VisionTransformer
 from ..models.transformer import TransformerBlock
 from .modes import (
@@ -44,26 +44,8 @@ from .modes import (
 
 __all__ = ["measure", "memory_point", "memory_sweep", "step_memory"]
 
-def proc_status(field: str) -> int:
-    """A memory line of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}; CPU memory needs Linux.")
-
-
-def nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def _drop_grad(p: torch.Tensor) -> None:
     p.grad = None  # post-accumulate-grad hook: gradients leave the measurement at once
-
-
-def reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
 
 
 def step_memory(
@@ -103,7 +85,7 @@ def step_memory(
     dev = inputs.device
     cuda = dev.type == "cuda"
     if not cuda:
-        _return_freed_memory()
+        return_freed_memory()
     level = (lambda: torch.cuda.memory_allocated(dev)) if cuda else (lambda: proc_status("VmRSS"))
 
     def step(saved: SavedBytes | None = None, x: torch.Tensor = inputs) -> None:
@@ -143,18 +125,6 @@ def step_memory(
 
 def _square_mean(output: torch.Tensor) -> torch.Tensor:
     return output.float().square().mean()
-
-
-def _return_freed_memory() -> None:
-    """glibc: allocations of 64 KiB and more get their own mappings, returned to the system when freed.
-
-    What ``MALLOC_MMAP_THRESHOLD_=65536`` does at start-up (then this is a no-op); without it
-    glibc keeps freed blocks, and a step that reuses them shows no peak in resident memory.
-    """
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None or not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
 
 
 def memory_point(

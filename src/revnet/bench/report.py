@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..engine.sizes import format_bytes
 from .modes import PAPER_PAIRS, RESNET_CHANNELS, REVNET_CHANNELS
-from .sizes import format_bytes
 from .tables import (
     Row,
     augmentation,

@@ -25,7 +25,6 @@ from ..bench.memory import memory_sweep
 from ..bench.modes import KINDS, PAPER_PAIRS, VIT_KINDS, VIT_PAIRS, is_baseline
 from ..bench.plots import plot_capacity, plot_drift, plot_memory, plot_speed
 from ..bench.report import render_report
-from ..bench.sizes import parse_bytes
 from ..bench.speed import speed
 from ..bench.tables import (
     capacity_table,
@@ -37,6 +36,7 @@ from ..bench.tables import (
     speed_table,
     text_table,
 )
+from ..engine.sizes import parse_bytes
 from ..training.datasets import load_dataset
 from ..training.loader import normalize
 

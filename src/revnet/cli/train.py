@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bench.memory import measure
-from ..bench.sizes import format_bytes
+from ..engine.sizes import format_bytes
 from ..training.config import RECIPES, TrainConfig
 from ..training.distributed import DistributedError, launch_command
 from ..training.loop import TrainingDivergedError, fit
