@@ -68,6 +68,21 @@ def test_revvit_learns_with_adamw(tmp_path):
         tiny(tmp_path, optimizer="lamb")
 
 
+def test_memory_budget_plans_before_training_and_records_the_plan(tmp_path):
+    summary = fit(tiny(tmp_path, memory_budget="1GiB"))  # more than the tiny step needs: all stored
+    assert summary["step"] == 8
+    text = (tmp_path / "run" / "plan.txt").read_text()
+    assert text.startswith("memory plan: budget 1024.0 MiB") and "stages.0.0.couplings.0" in text
+    assert " no " not in text  # every unit stored
+    for bad, match in (({"memory_budget": "lots"}, "memory_budget must be a size"),
+                       ({"memory_budget": "1GiB", "model": "resnet32"}, "plans a reversible model"),
+                       ({"memory_budget": "1GiB", "reversible": False}, "with reversible=False")):
+        with pytest.raises(ValueError, match=match):
+            tiny(tmp_path, **bad)
+    with pytest.raises(ValueError, match="auto sizes the budget from the GPU"):
+        fit(tiny(tmp_path, name="auto", memory_budget="auto"))
+
+
 def _interrupt_at(monkeypatch, at_step: int) -> None:
     """Sends SIGTERM to this process right after optimiser step ``at_step``."""
     real = loop_mod._train_step

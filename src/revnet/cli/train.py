@@ -35,6 +35,10 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--batch-size", "batch_size", {"type": int, "help": "global batch: samples per optimiser step over "
                                      "all processes (each of N processes takes batch/N); default 128"}),
     ("--lr", "lr", {"type": float, "help": "peak learning rate"}),
+    ("--memory-budget", "memory_budget", {
+        "metavar": "SIZE", "help": "store the blocks that fit SIZE of activation memory (e.g. 1.5GiB; auto: "
+                                   "what the GPU has free) and rebuild the rest: revnet.plan, once before "
+                                   "training; the plan goes to plan.txt"}),
     ("--optimizer", "optimizer", {"choices": ["sgd", "adamw"],
                                   "help": "sgd (Nesterov momentum; default) or adamw (transformer recipes)"}),
     ("--momentum", "momentum", {"type": float, "help": "SGD momentum; AdamW's beta1"}),

@@ -94,7 +94,7 @@ def set_engine_modes(model: nn.Module, modes: dict[str, dict[str, bool]]) -> Non
 
 
 # How a run executes, not what it computes (compiled kernels round like eager ones, not bit for bit).
-_RESUME_MAY_DIFFER = {"out", "device", "data_dir", "dist_timeout", "amp_reason", "compile"}
+_RESUME_MAY_DIFFER = {"out", "device", "data_dir", "dist_timeout", "amp_reason", "compile", "memory_budget"}
 
 
 def _check_resumable(state: dict[str, Any], run: Run, path: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..engine.fidelity import DRIFT_ACTIONS
+from ..engine.sizes import parse_bytes
 from ..models import list_models
 from .datasets import DATASETS
 from .precision import AMP_MODES
@@ -24,6 +25,14 @@ def _group_norm(channels: int, **factory: Any) -> nn.GroupNorm:
 NORMS: dict[str, Any] = {"batch": nn.BatchNorm2d, "group": _group_norm}  # TrainConfig.norm -> layer
 
 OPTIMIZERS = ("sgd", "adamw")
+
+
+def _is_size(text: str) -> bool:
+    try:
+        parse_bytes(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,7 @@ class TrainConfig:
     reversible: bool = True  # False: the same model with plain backprop (the baseline)
     channels_last: bool = True  # memory layout of activations (faster convolutions on CPU)
     compile: str | None = None  # torch.compile backend for revnet.compile ("inductor"); None: eager
+    memory_budget: str | None = None  # "1.5GiB": revnet.plan stores what fits, rebuilds the rest; "auto"
     eval_every: int | None = None  # evaluate every N steps; None: at each epoch's end
     log_every: int = 50  # steps between metrics.jsonl lines
     ckpt_every: int = 200  # steps between last.pt checkpoints (also at each eval)
@@ -94,6 +104,11 @@ class TrainConfig:
             (self.dist_timeout > 0, f"dist_timeout must be > 0 seconds, got {self.dist_timeout}"),
             (self.compile is None or (isinstance(self.compile, str) and self.compile),
              f"compile must be a torch.compile backend name or None, got {self.compile!r}"),
+            (self.memory_budget is None or self.memory_budget == "auto" or _is_size(self.memory_budget),
+             f"memory_budget must be a size such as 1.5GiB, or auto, got {self.memory_budget!r}"),
+            (self.memory_budget is None or (self.model.startswith("rev") and self.reversible),
+             f"memory_budget plans a reversible model (RevNet, RevViT) in reversible mode, got model "
+             f"{self.model!r}{'' if self.reversible else ' with reversible=False'}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
             (not self.exact or self.model.startswith("rev"),
              f"exact mode needs a reversible model (RevNet, RevViT), got model {self.model!r}"),

@@ -194,6 +194,8 @@ def _fit(config: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> d
     if info.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         write_json(asdict(run.config), run.out / "config.json")
+        if run.plan is not None:
+            (run.out / "plan.txt").write_text(f"{run.plan}\n")
     t0 = time.perf_counter()
     # Under torchrun a Ctrl-C reaches each worker twice (from the terminal and from torchrun):
     # within the grace period the second one does not abort the checkpoint being written.

@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine import Plan, plan, set_exact, set_reversible
 from ..engine import compile as revnet_compile
-from ..engine import set_exact, set_reversible
 from ..models import create_model
 from .config import NORMS, TrainConfig
 from .datasets import load_dataset
 from .distributed import DistInfo, wrap_ddp
 from .loader import Loader
-from .precision import AmpChoice, probe_step_time, resolve_amp
+from .precision import AmpChoice, autocast, probe_step_time, resolve_amp
 
 __all__ = ["Run", "build_run", "peak_memory_bytes", "per_process_batch", "resolve_device", "to_layout"]
 
@@ -78,6 +78,7 @@ class Run:
     best: float = -1.0
     history: list[dict[str, Any]] = field(default_factory=list)
     first_step_s: float | None = None  # this process's first step: with compile, mostly compilation
+    plan: Plan | None = None  # --memory-budget: which units are stored (written to plan.txt)
 
 
 def per_process_batch(config: TrainConfig, world_size: int) -> int:
@@ -126,6 +127,31 @@ def _compile_problem(backend: str, device: torch.device) -> str | None:
     return None
 
 
+def plan_memory(model: nn.Module, config: TrainConfig, device: torch.device, shape: tuple[int, ...],
+                num_classes: int) -> Plan:
+    """``--memory-budget``: plans on a batch of the run's shape, in its precision, and applies it.
+
+    ``auto`` (CUDA): 90% of the device memory free now, less the optimizer's share (one
+    gradient and up to two moments per parameter) that the step's activations must leave.
+    """
+    if config.memory_budget == "auto":
+        if device.type != "cuda":
+            raise ValueError("--memory-budget auto sizes the budget from the GPU's free memory; on CPU give "
+                             "a size (e.g. --memory-budget 2GiB).")
+        free, _ = torch.cuda.mem_get_info(device)
+        state = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+        budget: int | str = max(1, int(0.9 * free) - state)
+    else:
+        budget = str(config.memory_budget)
+    g = torch.Generator(device).manual_seed(0)  # the run's own RNG streams are left alone
+    x = to_layout(torch.randn(shape, generator=g, device=device), config)
+    y = torch.randint(0, num_classes, shape[:1], generator=g, device=device)
+    with autocast(device, config.amp):
+        result = plan(model, x, budget=budget, loss_fn=lambda out: F.cross_entropy(out.float(), y))
+    result.apply(model)
+    return result
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """SGD with (Nesterov) momentum on every parameter, or AdamW.
 
@@ -167,6 +193,12 @@ def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
         config = dataclasses.replace(config, amp=choice.amp, amp_reason=choice.reason)
     if info.is_main:
         log.info("precision: %s (%s)", config.amp, config.amp_reason or "asked for")
+    plan = None
+    if config.memory_budget:  # before compiling: the plan's modes are what gets compiled
+        shape = (per_rank // config.accum_steps, train_ds.in_chans, *train_ds.image_size)
+        plan = plan_memory(model, config, device, shape, train_ds.num_classes)
+        if info.is_main:
+            log.info("%s", plan)
     if config.compile:
         problem = _compile_problem(config.compile, device)
         if problem:  # the run goes on eagerly, and config.json says so
@@ -188,4 +220,4 @@ def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
     total = config.steps or max(1, round(config.epochs * len(train)))
     lr_scale = float(info.world_size) if config.lr_scaling == "linear" else 1.0
     return Run(config, device, model, optimizer, scaler, train, test, total, Path(config.out),
-               net=net, dist=info, lr_scale=lr_scale)
+               net=net, dist=info, lr_scale=lr_scale, plan=plan)
