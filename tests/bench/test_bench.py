@@ -307,3 +307,15 @@ def test_vit_memory_sweep_reversible_stays_flat_and_is_reported(sweep, tmp_path)
 def test_vit_kinds_do_not_mix_with_cnn_kinds():
     with pytest.raises(ValueError, match="kinds .* mix families"):
         memory.memory_sweep(units=[1], kinds=["revnet", "revvit"])
+
+
+def test_cli_budget_frontier_quick(tmp_path):
+    """`revnet bench budget --quick`: plans at the two ends, measured in fresh processes."""
+    assert cli.main(["bench", "budget", "--quick", "--out", str(tmp_path)]) == 0
+    (run,) = json.loads((tmp_path / "budget.json").read_text())["runs"]
+    pts = run["points"]
+    assert set(pts) == {"plan@0", "plan@1", "revnet", "revnet-plain", "revnet-checkpoint"}
+    assert pts["plan@1"]["stored"] and len(pts["plan@1"]["stored"]) == run["units"]  # all fits: all stored
+    assert pts["plan@0"]["measured_peak_in_plan"] <= pts["plan@0"]["budget"]
+    assert pts["revnet"]["activation_bytes"] < pts["revnet-plain"]["activation_bytes"]
+    assert (tmp_path / "budget.png").exists()

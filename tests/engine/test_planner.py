@@ -46,7 +46,7 @@ def test_plans_fit_their_budgets_and_span_the_range(planned):
     assert mid.measured_peak <= mid.budget and 0 < len(mid.stored) < len(mid.units)
     assert floor.measured_peak <= floor.budget
     assert all(u.bytes > 0 and u.seconds > 0 for u in everything.units)
-    assert mid.predicted_step_s <= floor.predicted_step_s
+    assert mid.predicted_step_s < mid.rebuild_step_s  # storing saves the stored units' forwards
     # The model is left as it was: everything reversible, nothing stored.
     assert revnet.RevNet.reversible.fget(model) and not any(
         c.stored for c in model.modules() if isinstance(c, revnet.Coupling))

@@ -27,6 +27,7 @@ from torch import nn
 from ..engine import Coupling, set_exact
 from ..engine import compile as revnet_compile
 from ..engine.peak import nbytes, proc_status, reset_peak_rss, return_freed_memory
+from ..engine.planner import set_stored
 from ..models import RevViT, VisionTransformer
 from ..models.transformer import TransformerBlock
 from .modes import (
@@ -131,7 +132,7 @@ def memory_point(
     kind: str, units: int | None = None, *, model: str | None = None, block: str = "basic",
     batch: int = 32, image_size: int = 32, in_chans: int = 3, warmup_batch: int | None = None,
     grads: str = "freed", device: str = "cpu", dtype: str = "float32", seed: int = 0, exact: bool = False,
-    compile: str | None = None,
+    compile: str | None = None, stored: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Memory of one training step (forward, cross-entropy, backward) of a zoo network, in this process.
 
@@ -147,6 +148,7 @@ def memory_point(
         exact: a RevNet's couplings in exact mode (:func:`revnet.set_exact`).
         compile: a torch.compile backend: the network under :func:`revnet.compile` (the
             warm-up step compiles; ``revnet`` and ``revnet-plain`` kinds, and ``resnet``).
+        stored: units stored in a reversible kind (names as in a :class:`revnet.Plan`).
     """
     torch.manual_seed(seed)
     net = build(kind, units, model=model, block=block, in_chans=in_chans, device=device,
@@ -159,6 +161,10 @@ def memory_point(
         revnet_compile(net, backend=compile)
     x, y = make_batch(net, batch, image_size, in_chans)
     with run_mode(net, kind):
+        if stored:
+            if kind not in ("revnet", "revvit"):
+                raise ValueError(f"memory_point: stored units need a reversible kind, got {kind!r}.")
+            set_stored(net, stored)
         warm_x, warm_y = make_batch(net, warmup_batch or batch, image_size, in_chans)
         labels = {len(warm_y): warm_y, len(y): y}  # by batch size: the warm-up's may differ
         result = step_memory(net, x, lambda out: F.cross_entropy(out, labels[out.shape[0]]), grads=grads,
@@ -168,7 +174,7 @@ def memory_point(
         "kind": kind, "units": units, "model": model, "block": block,
         "depth": depth_of(kind, units, block) if model is None else _model_depth(model, net),
         "batch": batch, "image_size": image_size, "in_chans": in_chans, "device": device,
-        "dtype": dtype, "exact": exact, "compile": compile, **result,
+        "dtype": dtype, "exact": exact, "compile": compile, "stored": list(stored), **result,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
     }
 

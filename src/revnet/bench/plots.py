@@ -8,7 +8,7 @@ from typing import Any
 from ..engine.sizes import format_bytes
 from .modes import KINDS, PAPER_PAIRS, VIT_KINDS, VIT_PAIRS
 
-__all__ = ["plot_capacity", "plot_drift", "plot_memory", "plot_speed"]
+__all__ = ["plot_budget", "plot_capacity", "plot_drift", "plot_memory", "plot_speed"]
 
 _STYLE = {"resnet": ("tab:red", "o"), "revnet": ("tab:blue", "s"),
           "revnet-plain": ("tab:orange", "^"), "revnet-checkpoint": ("tab:green", "D"),
@@ -88,6 +88,31 @@ def plot_speed(result: dict[str, Any], path: str | Path) -> Path:
            title=f"{c['model']} vs {c['reference']}, batch {c['batch']}, {c['device']}"
                  f"{', channels_last' if c['channels_last'] else ''}")
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_budget(results: list[dict[str, Any]], path: str | Path) -> Path:
+    """Step time against measured activation memory: the planner's frontier and the references."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), dpi=120, squeeze=False)
+    for ax, r in zip(axes[0], results, strict=True):
+        pts = r["points"]
+        plans = sorted((p["activation_bytes"] / 2**20, p["median_s"]) for n, p in pts.items()
+                       if n.startswith("plan@"))
+        ax.plot(*zip(*plans, strict=True), "o-", color="tab:purple", label="revnet.plan (budgets)")
+        for kind in ("revnet", "revnet-plain", "revnet-checkpoint"):
+            p = pts[kind]
+            ax.plot(p["activation_bytes"] / 2**20, p["median_s"], _STYLE[kind][1], color=_STYLE[kind][0],
+                    ms=9, label={"revnet": "all rebuilt", "revnet-plain": "all stored (plain autograd)",
+                                 "revnet-checkpoint": "checkpoint per block"}[kind])
+        c = r["config"]
+        ax.set(xlabel="activation memory of one training step (MiB)", ylabel="seconds per step (median)",
+               title=f"{c['model']}, batch {c['batch']}, {c['device']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -9,8 +9,8 @@ from typing import Any
 from ..engine.sizes import format_bytes
 from .modes import KINDS, VIT_KINDS
 
-__all__ = ["Row", "capacity_table", "data_table", "drift_table", "exact_cost_table", "markdown_table",
-           "label", "memory_table", "mib", "models_table", "speed_table", "text_table"]
+__all__ = ["Row", "budget_table", "capacity_table", "data_table", "drift_table", "exact_cost_table",
+           "markdown_table", "label", "memory_table", "mib", "models_table", "speed_table", "text_table"]
 
 Row = Sequence[Any]
 
@@ -66,6 +66,17 @@ def speed_table(result: dict[str, Any]) -> tuple[list[str], list[Row]]:
 def _ratio(result: dict[str, Any], key: str) -> str:
     r = result["ratios"].get(key)
     return "" if r is None else f"{r:.3f}"
+
+
+def budget_table(result: dict[str, Any]) -> tuple[list[str], list[Row]]:
+    """The planner's frontier: per configuration, memory (planned and measured) and step time."""
+    rows = []
+    for name, p in result["points"].items():
+        rows.append([name, str(len(p["stored"])), mib(p.get("budget")), mib(p.get("predicted_peak")),
+                     mib(p["activation_bytes"]), f"{p['median_s'] * 1e3:.0f}", f"{p['vs_rebuild']:.3f}"])
+    c = result["config"]
+    return [f"{c['model']} b{c['batch']}", "stored", "budget MiB", "predicted MiB", "measured MiB",
+            "step ms", "time / all-rebuild"], rows
 
 
 def capacity_table(result: dict[str, Any]) -> tuple[list[str], list[Row]]:

@@ -17,16 +17,18 @@ from typing import Any
 
 import torch
 
+from ..bench.budget import budget_frontier
 from ..bench.capacity import capacity
 from ..bench.data import data_path
 from ..bench.drift import DRIFT_PRECISIONS, drift, exact_cost
 from ..bench.environment import environment
 from ..bench.memory import memory_sweep
 from ..bench.modes import KINDS, PAPER_PAIRS, VIT_KINDS, VIT_PAIRS, is_baseline
-from ..bench.plots import plot_capacity, plot_drift, plot_memory, plot_speed
+from ..bench.plots import plot_budget, plot_capacity, plot_drift, plot_memory, plot_speed
 from ..bench.report import render_report
 from ..bench.speed import speed
 from ..bench.tables import (
+    budget_table,
     capacity_table,
     data_table,
     drift_table,
@@ -116,6 +118,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also time revnet.compile'd copies (reversible and plain); the compile time is "
                         "reported apart from the step time")
     q.set_defaults(func=_cmd_speed)
+
+    q = bsub.add_parser("budget", help="the planner's frontier: step time against activation memory, per "
+                                       "budget, against all-rebuild, all-stored and checkpointing")
+    common(q, "runs/bench")
+    q.add_argument("--models", nargs="+", default=["revnet110", "revnet164"])
+    q.add_argument("--batch", type=int, default=128)
+    q.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="budgets at minimum + f x (all stored - minimum)")
+    q.add_argument("--repeats", type=int, default=5)
+    q.set_defaults(func=_cmd_budget)
 
     q = bsub.add_parser("capacity", help="largest batch and depth that train under a memory budget")
     common(q, "runs/bench")
@@ -292,6 +304,21 @@ def _cmd_speed(args: argparse.Namespace) -> int:
     for name, seconds in result.get("compile_s", {}).items():
         print(f"{name}: compiling took {seconds:.1f} s (first step beyond a step; not in the step times)")
     _report_files(out, "speed", result, plot_speed)
+    return 0
+
+
+def _cmd_budget(args: argparse.Namespace) -> int:
+    out = _setup(args)
+    results = []
+    for model in (["revnet38"] if args.quick else args.models):
+        r = budget_frontier(model, batch=8 if args.quick else args.batch, image_size=args.image_size or 32,
+                            fractions=[0.0, 1.0] if args.quick else args.fractions,
+                            repeats=2 if args.quick else args.repeats, device=args.device)
+        results.append(r)
+        print(text_table(*budget_table(r)))
+        print(f"{model}: planning (profile + solve + one checked step) took {r['plan_s']:.1f} s")
+    result = {"runs": results}
+    print(f"wrote {_save(out, 'budget', result)} and {plot_budget(results, out / 'budget.png')}")
     return 0
 
 

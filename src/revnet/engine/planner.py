@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ from .replay import batchnorm_stats_frozen
 from .reversible import ReversibleSequence
 from .sizes import format_bytes, parse_bytes
 
-__all__ = ["Plan", "PlanUnit", "plan"]
+__all__ = ["Plan", "PlanUnit", "plan", "plan_units", "set_stored"]
 
 _BUCKETS = 4096  # resolution of the knapsack over the free bytes
 _TRIES = 4  # measured checks before the planner gives up tightening
@@ -81,7 +81,7 @@ class Plan:
         if missing:
             raise ValueError(f"Plan.apply: the model has no {', '.join(missing[:3])}: a plan applies to the "
                              "model it was made for (or a copy of it).")
-        _set(model, {u.name for u in self.units if u.stored})
+        set_stored(model, {u.name for u in self.units if u.stored})
         return model
 
     def __str__(self) -> str:
@@ -96,8 +96,9 @@ class Plan:
         return "\n".join(lines)
 
 
-def _units(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
-    """Couplings inside reversible sequences, and recomputed units, in forward order."""
+def plan_units(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """``(name, kind, module)`` of what a plan decides on: couplings inside reversible
+    sequences (``"block"``) and recomputed units (``"opener"``), in forward order."""
     units = []
     for name, m in model.named_modules():
         if isinstance(m, ReversibleSequence):
@@ -108,11 +109,13 @@ def _units(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
     return units
 
 
-def _set(model: nn.Module, stored: set[str]) -> None:
+def set_stored(model: nn.Module, stored: Iterable[str]) -> None:
+    """Every sequence reversible; the units named in ``stored`` stored, all others rebuilt."""
+    stored = set(stored)
     for m in model.modules():
         if isinstance(m, ReversibleSequence):
             m.reversible = True
-    for name, kind, m in _units(model):
+    for name, kind, m in plan_units(model):
         if kind == "block":
             m.stored = name in stored
         else:
@@ -171,7 +174,7 @@ def _bytes_per_unit(model: nn.Module, inputs: torch.Tensor, units: list[tuple[st
     for m, name in _watched(units):
         hooks.append(m.register_forward_pre_hook(lambda m_, a, n=name: enter(m_, a, n)))
         hooks.append(m.register_forward_hook(leave))
-    _set(model, {name for name, _, _ in units})
+    set_stored(model, {name for name, _, _ in units})
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model(inputs)
@@ -275,7 +278,7 @@ def plan(model: nn.Module, inputs: torch.Tensor, *, budget: int | str,
             (the message names that minimum and the largest batch that would fit).
     """
     limit = parse_bytes(budget) if isinstance(budget, str) else int(budget)
-    units = _units(model)
+    units = plan_units(model)
     if not units:
         raise ValueError(f"plan: {type(model).__name__} has no reversible blocks or recomputed units, so "
                          "there is nothing to plan: its step keeps every activation whatever the budget.")
@@ -292,7 +295,7 @@ def plan(model: nn.Module, inputs: torch.Tensor, *, budget: int | str,
                 h.remove()
 
     def measured(stored: set[str]) -> tuple[int, float]:
-        _set(model, stored)
+        set_stored(model, stored)
         model.zero_grad(set_to_none=True)
         t = time.perf_counter()
         peak = peak_of(step, device)
@@ -322,8 +325,8 @@ def plan(model: nn.Module, inputs: torch.Tensor, *, budget: int | str,
         else:
             chosen = set()
             peak = minimum
-    plan_units = tuple(PlanUnit(n, kind, stored_bytes[n], seconds[n], n in chosen) for n, kind, _ in units)
-    return Plan(budget=limit, units=plan_units, minimum=minimum, all_stored=all_stored,
+    decided = tuple(PlanUnit(n, kind, stored_bytes[n], seconds[n], n in chosen) for n, kind, _ in units)
+    return Plan(budget=limit, units=decided, minimum=minimum, all_stored=all_stored,
                 rebuild_step_s=rebuild_s,
                 predicted_peak=minimum + sum(stored_bytes[n] for n in chosen),
                 predicted_step_s=max(0.0, rebuild_s - sum(seconds[n] for n in chosen)),

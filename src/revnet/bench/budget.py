@@ -1,0 +1,92 @@
+"""The speed/memory frontier of the planner: step time against activation memory, per budget.
+
+For one RevNet, :func:`revnet.plan` is asked for budgets spread between the all-rebuild
+step's peak and the all-stored one. Each resulting configuration's activation memory is
+measured in a fresh process (as ``revnet bench memory``), and the step times of all of them,
+with all-rebuild (``revnet``), all-stored (``revnet-plain``) and per-block
+``torch.utils.checkpoint`` (``revnet-checkpoint``), alternated in one process on the same
+weights (as ``revnet bench speed``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.planner import plan, set_stored
+from .memory import measure
+from .modes import Progress, build, make_batch, run_mode, sync, time_stats, train_step
+
+__all__ = ["budget_frontier"]
+
+
+def budget_frontier(
+    model: str = "revnet110", *, batch: int = 128, image_size: int = 32,
+    fractions: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), repeats: int = 5, warmup: int = 1,
+    device: str = "cpu", seed: int = 0, progress: Progress = None,
+) -> dict[str, Any]:
+    """Plans at budgets ``minimum + f * (all_stored - minimum)`` for each ``f`` in ``fractions``.
+
+    Returns:
+        ``points``: per configuration (``plan@f`` and the three references) its stored units,
+        the plan's budget and predicted peak, the measured activation bytes (fresh process)
+        and step time; ``plan_s``: what planning took.
+    """
+    torch.manual_seed(seed)
+    net = build("revnet", model=model, device=device)
+    x, y = make_batch(net, batch, image_size)
+
+    def loss(out: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, y)
+
+    t = time.perf_counter()
+    first = plan(net, x, budget=2**62, loss_fn=loss)
+    plan_s = time.perf_counter() - t
+    configs: dict[str, dict[str, Any]] = {}
+    for f in fractions:
+        budget = int(first.minimum + f * (first.all_stored - first.minimum))
+        p = plan(net, x, budget=max(budget, first.minimum), loss_fn=loss)
+        configs[f"plan@{f:g}"] = {"kind": "revnet", "stored": p.stored, "budget": p.budget,
+                                  "predicted_peak": p.predicted_peak,
+                                  "measured_peak_in_plan": p.measured_peak}
+    for kind in ("revnet", "revnet-plain", "revnet-checkpoint"):
+        configs[kind] = {"kind": kind, "stored": []}
+    for name, c in configs.items():
+        point = measure(kind=c["kind"], model=model, batch=batch, image_size=image_size, device=device,
+                        stored=c["stored"])
+        c["activation_bytes"] = point["activation_bytes"]
+        if progress is not None:
+            progress({"config": name, **point})
+
+    def timed(c: dict[str, Any]) -> float:
+        net.zero_grad(set_to_none=True)
+        with run_mode(net, c["kind"]):
+            if c["stored"]:
+                set_stored(net, c["stored"])
+            sync(device)
+            start = time.perf_counter()
+            train_step(net, x, y)
+            sync(device)
+            return time.perf_counter() - start
+
+    names = list(configs)
+    for name in names:
+        for _ in range(warmup):
+            timed(configs[name])
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(timed(configs[name]))
+    set_stored(net, [])
+    for name, c in configs.items():
+        c.update(time_stats(times[name], batch))
+        c["vs_rebuild"] = statistics.median(a / b for a, b in zip(times[name], times["revnet"], strict=True))
+    config = {"model": model, "batch": batch, "image_size": image_size, "fractions": list(fractions),
+              "repeats": repeats, "warmup": warmup, "device": device, "threads": torch.get_num_threads(),
+              "seed": seed, "minimum": first.minimum, "all_stored": first.all_stored}
+    return {"config": config, "points": configs, "plan_s": plan_s, "units": len(first.units)}
