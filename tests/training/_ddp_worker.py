@@ -27,6 +27,7 @@ import revnet
 import revnet.training.loop as loop_mod
 from revnet import create_model
 from revnet.cli import main as cli_main
+from revnet.engine.planner import plan_units, set_stored
 from revnet.training import TrainConfig, fit
 
 TINY = {"num_samples": 64, "image_size": 8, "channels": 3}
@@ -54,7 +55,7 @@ def stop_on_rank1_at(step: int) -> None:
     loop_mod._train_step = wrapped
 
 
-def direct_ddp(out: Path, reversible: bool, compiled: bool = False) -> dict:
+def direct_ddp(out: Path, reversible: bool, compiled: bool = False, mixed: bool = False) -> dict:
     """Three SGD steps of a BatchNorm-in-eval-mode RevNet under DDP against one process at 2B.
 
     Also records when DDP's buckets are all-reduced relative to the end of backward, and
@@ -64,6 +65,9 @@ def direct_ddp(out: Path, reversible: bool, compiled: bool = False) -> dict:
     torch.manual_seed(0)
     model = create_model("revnet38", num_classes=10, in_chans=3)
     model.reversible = reversible
+    if mixed:  # a memory-budget plan's mix: every other coupling and the first opener stored
+        units = plan_units(model)
+        set_stored(model, [name for k, (name, kind, _) in enumerate(units) if k % 2 or kind == "opener"][:-1])
     model.eval()  # BatchNorm normalises with running statistics: no cross-sample statistics
     reference = copy.deepcopy(model)
     if compiled:  # DDP around a model whose F, G, openers, stem and head run compiled
@@ -144,6 +148,7 @@ def scenarios(out: Path) -> None:
     for reversible in (True, False):
         results[f"direct_{'rev' if reversible else 'plain'}"] = direct_ddp(out, reversible)
     results["direct_rev_compiled"] = direct_ddp(out, True, compiled=True)
+    results["direct_rev_mixed"] = direct_ddp(out, True, mixed=True)
     results["timings"] = timings
     (out / f"results_rank{rank}.json").write_text(json.dumps(results, default=str))
 

@@ -118,7 +118,7 @@ def test_ddp_trains_a_compiled_model_as_it_trains_the_eager_one(ddp):
     assert _max_rel_diff(_weights(out / "compiled"), _weights(out / "rev")) < 1e-4
 
 
-@pytest.mark.parametrize("engine", ["rev", "plain", "rev_compiled"])
+@pytest.mark.parametrize("engine", ["rev", "plain", "rev_compiled", "rev_mixed"])
 def test_direct_ddp_bn_eval_buckets_and_no_sync(ddp, engine):
     _, r0, r1, _ = ddp
     for r in (r0, r1):
