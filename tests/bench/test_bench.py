@@ -316,6 +316,7 @@ def test_cli_budget_frontier_quick(tmp_path):
     pts = run["points"]
     assert set(pts) == {"plan@0", "plan@1", "revnet", "revnet-plain", "revnet-checkpoint"}
     assert pts["plan@1"]["stored"] and len(pts["plan@1"]["stored"]) == run["units"]  # all fits: all stored
-    assert pts["plan@0"]["measured_peak_in_plan"] <= pts["plan@0"]["budget"]
+    peak0 = pts["plan@0"]["measured_peak_in_plan"]  # None: the minimum measured again was above it
+    assert peak0 is None or peak0 <= pts["plan@0"]["budget"]
     assert pts["revnet"]["activation_bytes"] < pts["revnet-plain"]["activation_bytes"]
     assert (tmp_path / "budget.png").exists()

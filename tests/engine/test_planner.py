@@ -82,3 +82,20 @@ def test_budget_below_the_minimum_names_it_and_a_batch_that_fits(planned):
 def test_nothing_to_plan_without_reversible_parts():
     with pytest.raises(ValueError, match="nothing to plan"):
         revnet.plan(nn.Sequential(nn.Linear(4, 4)), torch.randn(2, 4), budget="1GiB")
+
+
+def test_planning_again_and_again_holds_no_memory():
+    """Regression: the attribution pass once kept each profiled graph alive (a saved-tensor
+    reference cycle), about one all-stored step per call, until RevNet-164 ran out of memory."""
+    from revnet.engine.peak import proc_status, return_freed_memory
+    from revnet.engine.planner import _bytes_per_unit, plan_units
+
+    return_freed_memory()
+    model = revnet.create_model("revnet38")
+    x = torch.randn(64, 3, 16, 16)
+    units = plan_units(model)
+    per_call = sum(_bytes_per_unit(model, x, units).values())
+    before = proc_status("VmRSS")
+    for _ in range(3):
+        _bytes_per_unit(model, x, units)
+    assert proc_status("VmRSS") - before < per_call

@@ -50,7 +50,12 @@ def budget_frontier(
     configs: dict[str, dict[str, Any]] = {}
     for f in fractions:
         budget = int(first.minimum + f * (first.all_stored - first.minimum))
-        p = plan(net, x, budget=max(budget, first.minimum), loss_fn=loss)
+        try:
+            p = plan(net, x, budget=max(budget, first.minimum), loss_fn=loss)
+        except ValueError:  # the minimum measured again came out above this budget: nothing fits
+            configs[f"plan@{f:g}"] = {"kind": "revnet", "stored": [], "budget": budget,
+                                      "predicted_peak": first.minimum, "measured_peak_in_plan": None}
+            continue
         configs[f"plan@{f:g}"] = {"kind": "revnet", "stored": p.stored, "budget": p.budget,
                                   "predicted_peak": p.predicted_peak,
                                   "measured_peak_in_plan": p.measured_peak}
@@ -66,7 +71,7 @@ def budget_frontier(
     def timed(c: dict[str, Any]) -> float:
         net.zero_grad(set_to_none=True)
         with run_mode(net, c["kind"]):
-            if c["stored"]:
+            if c["kind"] == "revnet":  # every time: the flags of the configuration timed before go
                 set_stored(net, c["stored"])
             sync(device)
             start = time.perf_counter()

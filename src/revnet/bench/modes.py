@@ -136,7 +136,9 @@ class SavedBytes:
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         self.add(t)
-        return t
+        # An alias, not t: a node saving its own output would otherwise hold a tensor holding the
+        # node, a reference cycle in C++ that leaks the graph of every step measured in a process.
+        return t.detach()
 
     @property
     def total(self) -> int:

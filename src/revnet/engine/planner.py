@@ -162,7 +162,9 @@ def _bytes_per_unit(model: nn.Module, inputs: torch.Tensor, units: list[tuple[st
         if current and ptr not in skip and ptr not in seen:
             seen.add(ptr)
             counts[current[-1]] += t.untyped_storage().nbytes()
-        return t
+        # Not t itself: a node that saves its own output would then hold a tensor that holds the
+        # node, a cycle in C++ that Python's gc cannot break (the graph leaked, ~1 step per call).
+        return t.detach()
 
     def enter(_m: nn.Module, _a: Any, n: str) -> None:
         current.append(n)
