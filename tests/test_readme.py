@@ -8,12 +8,17 @@ import torch
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_wrap_your_own_modules_example_runs():
-    text = README.read_text()
-    section = text.split("## Wrap your own modules", 1)[1]
+def run_example(heading: str) -> dict:
+    """Runs the first python block under ``heading``; returns its variables."""
+    section = README.read_text().split(heading, 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
+    return scope
+
+
+def test_wrap_your_own_modules_example_runs():
+    scope = run_example("## Wrap your own modules")
     x, seq = scope["x"], scope["seq"]
     assert x.grad is not None and torch.isfinite(x.grad).all()
     with torch.no_grad():
@@ -22,11 +27,7 @@ def test_wrap_your_own_modules_example_runs():
 
 
 def test_reversible_transformer_example_runs():
-    text = README.read_text()
-    section = text.split("## Reversible transformers", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    scope = run_example("## Reversible transformers")
     tokens, out, blocks = scope["tokens"], scope["out"], scope["blocks"]
     assert out.shape == (4, 128, 512) and tokens.grad is not None and torch.isfinite(tokens.grad).all()
     assert not blocks.reversible
