@@ -9,7 +9,7 @@ import torch
 from conftest import rel_err
 
 from revnet import ReversibleSequence, cli
-from revnet.bench import capacity, environment, memory, modes, speed
+from revnet.bench import budget, capacity, environment, memory, modes, speed
 from revnet.bench.data import loader_throughput
 from revnet.bench.report import render_report
 from revnet.engine import sizes
@@ -322,3 +322,40 @@ def test_cli_budget_frontier_quick(tmp_path):
     assert peak0 is None or peak0 <= pts["plan@0"]["budget"]
     assert pts["revnet"]["activation_bytes"] < pts["revnet-plain"]["activation_bytes"]
     assert (tmp_path / "budget.png").exists()
+
+
+def _frontier(points: dict[str, tuple[float, float, float | None]], plan_s: float = 3.0) -> dict:
+    """A budget_frontier result from (activation MiB, step s, budget MiB) per configuration."""
+    pts = {n: {"stored": [], "activation_bytes": a * 2**20, "median_s": t,
+               "vs_rebuild": t / points["revnet"][1],
+               **({"budget": b * 2**20, "predicted_peak": b * 2**20} if b is not None else {})}
+           for n, (a, t, b) in points.items()}
+    return {"config": {"model": "revnet110", "batch": 128, "fractions": [0.0, 0.5, 0.75, 1.0]},
+            "points": pts, "plan_s": plan_s, "units": 57}
+
+
+def test_frontier_checks_reads_the_targets_off_the_points():
+    r = _frontier({"plan@0": (100, 1.01, 100), "plan@0.5": (300, 0.90, 290), "plan@0.75": (400, 0.80, 400),
+                   "plan@1": (500, 0.61, 500), "revnet": (100, 1.0, None), "revnet-plain": (500, 0.6, None),
+                   "revnet-checkpoint": (350, 0.95, None)})
+    k = budget.frontier_checks(r)
+    assert k["stored_vs_plain"] == pytest.approx(0.61 / 0.6)
+    assert k["minimum_vs_rebuild"] == pytest.approx(1.01)
+    assert k["over_budget"] == {"plan@0.5": 10 * 2**20}  # the ends are not "between"
+    # The line from (100, 1.0) to (500, 0.6) is at 0.8 at 300 MiB and 0.7 at 400 MiB: both plans lie above.
+    assert k["above_line"] == pytest.approx({"plan@0.5": 0.9 / 0.8 - 1, "plan@0.75": 0.8 / 0.7 - 1})
+    assert k["vs_checkpoint"] == pytest.approx(0.85 / 0.95)  # halfway between 0.90 and 0.80
+    assert k["plan_steps"] == pytest.approx(3.0)
+    meta = {"command": "revnet bench report", "environment": environment.environment(),
+            "loadavg_end": (0.0, 0.0, 0.0), "minutes": 1.0}
+    cap = {"config": {"budget_bytes": 2**20, "depth_batch": 2, "verify_max_batch": 8, "verify_max_units": 1},
+           "batch": {}, "depth": {}}
+    sweep = memory.memory_sweep(units=[1], kinds=["revnet"], batch=2, image_size=8)
+    cnn = speed.speed("revnet38", batch=2, image_size=8, repeats=1, warmup=0, inference_repeats=0)
+    text = render_report(meta, sweep, [cnn, cnn], cap, "benchmarks",
+                         budget={"runs": [r], "command": "revnet bench budget --out x"})
+    assert "## Memory-budget planner" in text and "benchmarks/budget/budget.png" in text
+    assert "| revnet110: plans between the ends, measured activation memory | <= budget | 1 of 2 within " \
+           "(over: plan@0.5 by 10.0 MiB) | **not met** |" in text
+    assert "| revnet110: planning (profile + solve + checked step), in all-rebuild steps | < 10 | 3.0 " \
+           "| met |" in text

@@ -22,7 +22,7 @@ from ..engine.planner import plan, set_stored
 from .memory import measure
 from .modes import Progress, build, make_batch, run_mode, sync, time_stats, train_step
 
-__all__ = ["budget_frontier"]
+__all__ = ["budget_frontier", "frontier_checks"]
 
 
 def budget_frontier(
@@ -95,3 +95,49 @@ def budget_frontier(
               "repeats": repeats, "warmup": warmup, "device": device, "threads": torch.get_num_threads(),
               "seed": seed, "minimum": first.minimum, "all_stored": first.all_stored}
     return {"config": config, "points": configs, "plan_s": plan_s, "units": len(first.units)}
+
+
+def frontier_checks(result: dict[str, Any]) -> dict[str, Any]:
+    """The planner's targets, from one :func:`budget_frontier` result (None where not measured).
+
+    - ``stored_vs_plain``: step time of the plan at the all-stored budget / plain autograd's;
+    - ``minimum_vs_rebuild``: the plan at the all-rebuild minimum / all-rebuild;
+    - ``over_budget``: plans between the ends whose measured activation memory exceeds their
+      budget, by how many bytes;
+    - ``above_line``: plans between the ends slower than the straight line from all-rebuild to all-stored
+      (time against measured memory), by their relative excess;
+    - ``vs_checkpoint``: the frontier's step time at checkpoint-per-block's memory (linear
+      between the neighbouring plans; None when no plan uses as little) / checkpoint's time;
+    - ``plan_steps``: planning time in all-rebuild steps.
+    """
+    pts = result["points"]
+    rebuild, plain, ckpt = pts["revnet"], pts["revnet-plain"], pts["revnet-checkpoint"]
+    plans = {n: p for n, p in pts.items() if n.startswith("plan@")}
+    by_f = sorted(plans.items(), key=lambda kv: float(kv[0].split("@")[1]))
+    lo_name, lo = by_f[0]
+    hi_name, hi = by_f[-1]
+    x0, t0 = rebuild["activation_bytes"], rebuild["median_s"]
+    x1, t1 = plain["activation_bytes"], plain["median_s"]
+
+    def line(x: float) -> float:
+        return t0 + (t1 - t0) * (x - x0) / (x1 - x0) if x1 != x0 else t0
+
+    between = {n: p for n, p in by_f[1:-1]}  # the targets' "every budget between" the two ends
+    above = {n: p["median_s"] / line(p["activation_bytes"]) - 1 for n, p in between.items()
+             if p["median_s"] > line(p["activation_bytes"])}
+    frontier = sorted((p["activation_bytes"], p["median_s"]) for p in plans.values())
+    at_ckpt = None
+    for (xa, ta), (xb, tb) in zip(frontier, frontier[1:], strict=False):
+        if xa <= ckpt["activation_bytes"] <= xb:
+            share = (ckpt["activation_bytes"] - xa) / (xb - xa) if xb != xa else 0.0
+            at_ckpt = ta + (tb - ta) * share
+            break
+    return {
+        "stored_vs_plain": hi["median_s"] / t1 if float(hi_name.split("@")[1]) >= 1 else None,
+        "minimum_vs_rebuild": lo["median_s"] / t0 if float(lo_name.split("@")[1]) <= 0 else None,
+        "over_budget": {n: p["activation_bytes"] - p["budget"] for n, p in between.items()
+                        if p.get("budget") is not None and p["activation_bytes"] > p["budget"]},
+        "above_line": above,
+        "vs_checkpoint": None if at_ckpt is None else at_ckpt / ckpt["median_s"],
+        "plan_steps": result["plan_s"] / t0,
+    }

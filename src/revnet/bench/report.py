@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from ..engine.sizes import format_bytes
+from .budget import frontier_checks
 from .modes import PAPER_PAIRS, RESNET_CHANNELS, REVNET_CHANNELS
 from .tables import (
     Row,
     augmentation,
+    budget_table,
     capacity_table,
     data_table,
     markdown_table,
@@ -131,6 +133,62 @@ def _memcnn_rows(memory: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _budget_targets(budget: dict[str, Any] | None) -> list[Row]:
+    """The planner's targets (issue: memory-budget planner), per model of `revnet bench budget`."""
+    rows: list[Row] = []
+    for r in (budget or {}).get("runs", []):
+        m, k = r["config"]["model"], frontier_checks(r)
+        n_between = max(0, len(r["config"]["fractions"]) - 2)
+        v = k["stored_vs_plain"]
+        rows.append([f"{m}: plan at the all-stored budget / plain autograd, step time", "<= 1.03",
+                     _fmt(v, ".3f"), _check(v, v is not None and v <= 1.03)])
+        v = k["minimum_vs_rebuild"]
+        rows.append([f"{m}: plan at the all-rebuild minimum / all-rebuild, step time", "<= 1.02",
+                     _fmt(v, ".3f"), _check(v, v is not None and v <= 1.02)])
+        over = k["over_budget"]
+        rows.append([f"{m}: plans between the ends, measured activation memory", "<= budget",
+                     f"{n_between - len(over)} of {n_between} within"
+                     + ("" if not over else " (over: " + ", ".join(
+                         f"{n} by {mib(b)} MiB" for n, b in over.items()) + ")"),
+                     _check(float(len(over)), not over)])
+        above = k["above_line"]
+        rows.append([f"{m}: plans between the ends, step time", "<= the all-rebuild/all-stored line",
+                     f"{n_between - len(above)} of {n_between} at or below"
+                     + ("" if not above else " (above: " + ", ".join(
+                         f"{n} by {v:.1%}" for n, v in above.items()) + ")"),
+                     _check(float(len(above)), not above)])
+        v = k["vs_checkpoint"]
+        rows.append([f"{m}: the planner's step at checkpoint-per-block's memory / checkpoint's step",
+                     "<= 1.00",
+                     _fmt(v, ".3f"), _check(v, v is not None and v <= 1.0)])
+        v = k["plan_steps"]
+        rows.append([f"{m}: planning (profile + solve + checked step), in all-rebuild steps", "< 10",
+                     f"{v:.1f}", _check(v, v < 10)])
+    return rows
+
+
+def _budget_section(budget: dict[str, Any], rel: str) -> list[str]:
+    env = budget.get("environment") or {}
+    parts = [
+        "## Memory-budget planner: step time against activation memory", "",
+        f"![the planner's frontier]({rel}/budget/budget.png)", "",
+        f"Measured by `{budget.get('command', 'revnet bench budget')}` (run apart from the rest of this "
+        "report; "
+        f"{env.get('date', '?')}, {env.get('cpu', '?')}, torch threads {env.get('torch_threads', '?')}, "
+        f"commit {env.get('git_commit', '?')}) and rendered from its JSON. For each budget "
+        "`minimum + f x (all stored - minimum)`, `revnet.plan` chooses which blocks and stage openers to "
+        "store; every configuration's activation memory is measured in a fresh process, and the step times "
+        "of all of them (with all-rebuild `revnet`, all-stored `revnet-plain` and per-block "
+        "`revnet-checkpoint`) alternate in one process on the same weights. `predicted` is the plan's own "
+        "prediction; `time / all-rebuild` the median of the per-repeat ratios.", "",
+    ]
+    for r in budget.get("runs", []):
+        parts += [markdown_table(*budget_table(r)), "",
+                  f"Planning took {r['plan_s']:.1f} s ({frontier_checks(r)['plan_steps']:.1f} all-rebuild "
+                  f"steps) for {r['units']} units.", ""]
+    return parts
+
+
 def _vit_targets(vit: dict[str, Any] | None) -> list[Row]:
     """The transformer targets (RevViT, Mangalam et al. 2022: "up to 15.5x" at ViT-L size)."""
     if not vit:
@@ -174,7 +232,8 @@ def _vit_section(vit: dict[str, Any], rel: str) -> list[str]:
 def render_report(meta: dict[str, Any], memory: dict[str, Any], speeds: list[dict[str, Any]],
                   capacity: dict[str, Any], rel: str, flat: dict[str, Any] | None = None,
                   loader_vs_step: dict[str, Any] | None = None,
-                  compiled: dict[str, Any] | None = None, vit: dict[str, Any] | None = None) -> str:
+                  compiled: dict[str, Any] | None = None, vit: dict[str, Any] | None = None,
+                  budget: dict[str, Any] | None = None) -> str:
     """docs/BENCHMARKS.md: every number below comes from the results passed in."""
     env, h = meta["environment"], _headline(memory, speeds, flat, compiled)
     load0, load1 = env["loadavg"][0], meta["loadavg_end"][0]
@@ -195,7 +254,8 @@ def render_report(meta: dict[str, Any], memory: dict[str, Any], speeds: list[dic
         "",
         "## Targets",
         "",
-        markdown_table(["what", "target", "measured", ""], _targets(h, memory, flat) + _vit_targets(vit)),
+        markdown_table(["what", "target", "measured", ""], _targets(h, memory, flat) + _vit_targets(vit)
+                       + _budget_targets(budget)),
         "",
         "## Activation memory across depth",
         "",
@@ -295,6 +355,8 @@ def render_report(meta: dict[str, Any], memory: dict[str, Any], speeds: list[dic
         ]
     if vit:
         parts += _vit_section(vit, rel)
+    if budget:
+        parts += _budget_section(budget, rel)
     parts += [
         "## How it is measured", "",
         "- CPU memory: each point runs in a fresh process with `MALLOC_MMAP_THRESHOLD_=65536` (freed "

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -316,9 +318,13 @@ def _cmd_budget(args: argparse.Namespace) -> int:
                             repeats=2 if args.quick else args.repeats, device=args.device)
         results.append(r)
         print(text_table(*budget_table(r)))
-        print(f"{model}: planning (profile + solve + one checked step) took {r['plan_s']:.1f} s")
-    result = {"runs": results}
-    print(f"wrote {_save(out, 'budget', result)} and {plot_budget(results, out / 'budget.png')}")
+        print(f"{model}: planning (profile + solve + one checked step) took {r['plan_s']:.1f} s, "
+              f"{r['plan_s'] / r['points']['revnet']['median_s']:.1f} all-rebuild steps")
+        # saved after every model: a long sweep stopped half-way keeps what it measured
+        given = sys.argv[1:] if sys.argv[1:3] == ["bench", "budget"] else ["bench", "budget"]
+        command = "revnet " + shlex.join(given)
+        print(f"wrote {_save(out, 'budget', {'runs': results, 'command': command})} and "
+              f"{plot_budget(results, out / 'budget.png')}")
     return 0
 
 
@@ -398,6 +404,16 @@ def _report_files(out: Path, name: str, result: dict[str, Any], plot: Callable[.
     print(f"wrote {_save(out, name, result)} and {plot(result, out / f'{name}.png')}")
 
 
+def _planner_results(out: Path) -> dict[str, Any] | None:
+    """What `revnet bench budget --out OUT/budget` measured, if it was run (the planner's frontier
+    takes ~40 min on a 2-core CPU, so the report renders it rather than measuring it again)."""
+    path = out / "budget" / "budget.json"
+    if not path.exists():
+        print(f"no {path}: the report leaves out the planner (run `revnet bench budget --out {path.parent}`)")
+        return None
+    return {"command": f"revnet bench budget --out {path.parent}", **json.loads(path.read_text())}
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
@@ -405,7 +421,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         doc.write_text(render_report(saved["meta"], saved["memory"], saved["speed"], saved["capacity"],
                                      os.path.relpath(Path(args.from_json).parent, doc.parent),
                                      saved.get("flatness"), saved.get("data"), saved.get("compiled_memory"),
-                                     saved.get("vit")))
+                                     saved.get("vit"), saved.get("budget")))
         print(f"wrote {doc} from {args.from_json} (measured {saved['meta']['environment']['date']})")
         return 0
     out = _setup(args)
@@ -483,12 +499,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
                                  *(f for f, on in flags if on)]),
             "environment": env, "loadavg_end": environment()["loadavg"],
             "minutes": (time.time() - started) / 60}
+    budget = _planner_results(out)
     _save(out, "report", {"meta": meta, "memory": memory, "flatness": flat, "speed": speeds,
                           "capacity": capacity, "data": loader_vs_step, "compiled_memory": compiled,
-                          "vit": vit, "environment": env})
+                          "vit": vit, "budget": budget, "environment": env})
     doc = Path(args.doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(render_report(meta, memory, speeds, capacity, os.path.relpath(out, doc.parent), flat,
-                                 loader_vs_step, compiled, vit))
+                                 loader_vs_step, compiled, vit, budget))
     print(f"wrote {doc} in {meta['minutes']:.1f} min")
     return 0

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .coupling import Coupling
-from .peak import peak_of
+from .peak import freed_memory_returned, peak_of
 from .recompute import Recomputed
 from .replay import batchnorm_stats_frozen
 from .reversible import ReversibleSequence
@@ -303,7 +303,9 @@ def plan(model: nn.Module, inputs: torch.Tensor, *, budget: int | str,
         peak = peak_of(step, device)
         return peak, time.perf_counter() - t
 
-    with _kept_modes(model):
+    # One block for every measurement: large allocations return to the system throughout
+    # (between measurements too, or the heap they leave makes the next peaks read high).
+    with _kept_modes(model), freed_memory_returned():
         measured(set())  # warm-up
         minimum, rebuild_s = measured(set())
         stored_bytes = _bytes_per_unit(model, inputs, units)
