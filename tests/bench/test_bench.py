@@ -357,5 +357,5 @@ def test_frontier_checks_reads_the_targets_off_the_points():
     assert "## Memory-budget planner" in text and "benchmarks/budget/budget.png" in text
     assert "| revnet110: plans between the ends, measured activation memory | <= budget | 1 of 2 within " \
            "(over: plan@0.5 by 10.0 MiB) | **not met** |" in text
-    assert "| revnet110: planning (profile + solve + checked step), in all-rebuild steps | < 10 | 3.0 " \
+    assert "| revnet110: planning (profile + solve + checked steps), in all-rebuild steps | < 10 | 3.0 " \
            "| met |" in text

@@ -203,7 +203,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--no-vit", dest="vit", action="store_false",
                    help="leave out the transformers (ViT vs RevViT memory at 224px and speed: ~10 min)")
     q.add_argument("--from", dest="from_json", default=None, metavar="REPORT_JSON",
-                   help="measure nothing: render --doc again from a report.json this command wrote")
+                   help="measure nothing: render --doc again from a report.json this command wrote "
+                        "(and the budget/budget.json beside it, if any)")
     q.set_defaults(func=_cmd_report)
 
 
@@ -318,7 +319,7 @@ def _cmd_budget(args: argparse.Namespace) -> int:
                             repeats=2 if args.quick else args.repeats, device=args.device)
         results.append(r)
         print(text_table(*budget_table(r)))
-        print(f"{model}: planning (profile + solve + one checked step) took {r['plan_s']:.1f} s, "
+        print(f"{model}: planning (profile + solve + checked steps) took {r['plan_s']:.1f} s, "
               f"{r['plan_s'] / r['points']['revnet']['median_s']:.1f} all-rebuild steps")
         # saved after every model: a long sweep stopped half-way keeps what it measured
         given = sys.argv[1:] if sys.argv[1:3] == ["bench", "budget"] else ["bench", "budget"]
@@ -421,7 +422,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         doc.write_text(render_report(saved["meta"], saved["memory"], saved["speed"], saved["capacity"],
                                      os.path.relpath(Path(args.from_json).parent, doc.parent),
                                      saved.get("flatness"), saved.get("data"), saved.get("compiled_memory"),
-                                     saved.get("vit"), saved.get("budget")))
+                                     saved.get("vit"),
+                                     _planner_results(Path(args.from_json).parent) or saved.get("budget")))
         print(f"wrote {doc} from {args.from_json} (measured {saved['meta']['environment']['date']})")
         return 0
     out = _setup(args)
