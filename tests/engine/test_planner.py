@@ -58,6 +58,17 @@ def test_plans_fit_their_budgets_and_span_the_range(planned):
     assert "memory plan: budget" in text and "stages.1.0" in text
 
 
+def test_a_budget_just_above_the_measured_all_stored_peak_stores_every_unit(planned):
+    """The prediction (minimum + each unit's bytes) runs above the measured all-stored peak, so the
+    first solve at such a budget leaves a unit out; the plan then grows into the room its checked
+    step left, and stores everything, within the budget."""
+    model, x, everything, _, _ = planned
+    budget = int(everything.measured_peak * 1.05)
+    assert budget < everything.all_stored  # the prediction alone would not store everything
+    p = revnet.plan(model, x, budget=budget)
+    assert len(p.stored) == len(p.units) and p.measured_peak <= budget
+
+
 def test_applied_plan_sets_the_switches_and_trains_as_plain_autograd(planned):
     model, x, _, mid, _ = planned
     net = mid.apply(copy.deepcopy(model)).double()

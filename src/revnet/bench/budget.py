@@ -122,7 +122,7 @@ def frontier_checks(result: dict[str, Any]) -> dict[str, Any]:
     def line(x: float) -> float:
         return t0 + (t1 - t0) * (x - x0) / (x1 - x0) if x1 != x0 else t0
 
-    between = {n: p for n, p in by_f[1:-1]}  # the targets' "every budget between" the two ends
+    between = dict(by_f[1:-1])  # the targets' "every budget between" the two ends
     above = {n: p["median_s"] / line(p["activation_bytes"]) - 1 for n, p in between.items()
              if p["median_s"] > line(p["activation_bytes"])}
     frontier = sorted((p["activation_bytes"], p["median_s"]) for p in plans.values())

@@ -10,7 +10,6 @@ counted too, as a cross-check.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import re
@@ -26,7 +25,7 @@ from torch import nn
 
 from ..engine import Coupling, set_exact
 from ..engine import compile as revnet_compile
-from ..engine.peak import freed_memory_returned, nbytes, proc_status, reset_peak_rss, trim_heap
+from ..engine.peak import freed_memory_returned, nbytes, peak_of
 from ..engine.planner import set_stored
 from ..models import RevViT, VisionTransformer
 from ..models.transformer import TransformerBlock
@@ -85,45 +84,36 @@ def step_memory(
     loss_fn = loss_fn or _square_mean
     dev = inputs.device
     cuda = dev.type == "cuda"
-    # On CPU: large allocations return to the system while measured (resident memory follows live
-    # tensors), and glibc's thresholds are left as its own would settle afterwards.
+
+    def step(saved: SavedBytes | None = None, x: torch.Tensor = inputs) -> None:
+        # Only the forward is counted: what backward recomputes and frees is not kept.
+        with saved if saved is not None else contextlib.nullcontext():
+            loss = loss_fn(model(x))
+        loss.backward()
+
+    def measured_step() -> None:
+        step(saved)
+        sync(dev)
+
+    # On CPU the warm-up too runs with large allocations returned to the system (peak_of's rule).
     with contextlib.nullcontext() if cuda else freed_memory_returned():
-        level = (lambda: torch.cuda.memory_allocated(dev)) if cuda else (lambda: proc_status("VmRSS"))
-
-        def step(saved: SavedBytes | None = None, x: torch.Tensor = inputs) -> None:
-            # Only the forward is counted: what backward recomputes and frees is not kept.
-            with saved if saved is not None else contextlib.nullcontext():
-                loss = loss_fn(model(x))
-            loss.backward()
-
         step(x=inputs if warmup_inputs is None else warmup_inputs)
         model.zero_grad(set_to_none=True)
-        gc.collect()
-        sync(dev)
-        if not cuda:
-            trim_heap()
-        before = level()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(dev)
-        else:
-            reset_peak_rss()
         params = [p for p in model.parameters() if p.requires_grad]
         hooks = [p.register_post_accumulate_grad_hook(_drop_grad) for p in params] if grads == "freed" else []
         saved = SavedBytes(model)
         try:
-            step(saved)
-            sync(dev)
+            peak = peak_of(measured_step, dev)  # above the level before the step
         finally:
             for h in hooks:
                 h.remove()
-        peak = torch.cuda.max_memory_allocated(dev) if cuda else proc_status("VmHWM")
     grad_bytes = sum(map(nbytes, params))
     # Tensors only (not the interpreter, libraries or thread stacks), as CUDA's allocator counts.
     resident = sum(map(nbytes, [*model.parameters(), *model.buffers(), inputs]))
     kept = grad_bytes if grads == "kept" else 0
-    return {"params": sum(p.numel() for p in params), "grads": grads, "peak_bytes": peak - before,
-            "grad_bytes": grad_bytes, "activation_bytes": peak - before - kept, "saved_bytes": saved.total,
-            "total_bytes": resident + grad_bytes - kept + peak - before,
+    return {"params": sum(p.numel() for p in params), "grads": grads, "peak_bytes": peak,
+            "grad_bytes": grad_bytes, "activation_bytes": peak - kept, "saved_bytes": saved.total,
+            "total_bytes": resident + grad_bytes - kept + peak,
             "method": "cuda.max_memory_allocated" if cuda else "VmHWM-VmRSS"}
 
 

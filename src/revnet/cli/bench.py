@@ -313,6 +313,8 @@ def _cmd_speed(args: argparse.Namespace) -> int:
 def _cmd_budget(args: argparse.Namespace) -> int:
     out = _setup(args)
     results = []
+    given = sys.argv[1:] if sys.argv[1:3] == ["bench", "budget"] else ["bench", "budget"]
+    command = "revnet " + shlex.join(given)
     for model in (["revnet38"] if args.quick else args.models):
         r = budget_frontier(model, batch=8 if args.quick else args.batch, image_size=args.image_size or 32,
                             fractions=[0.0, 1.0] if args.quick else args.fractions,
@@ -322,8 +324,6 @@ def _cmd_budget(args: argparse.Namespace) -> int:
         print(f"{model}: planning (profile + solve + checked steps) took {r['plan_s']:.1f} s, "
               f"{r['plan_s'] / r['points']['revnet']['median_s']:.1f} all-rebuild steps")
         # saved after every model: a long sweep stopped half-way keeps what it measured
-        given = sys.argv[1:] if sys.argv[1:3] == ["bench", "budget"] else ["bench", "budget"]
-        command = "revnet " + shlex.join(given)
         print(f"wrote {_save(out, 'budget', {'runs': results, 'command': command})} and "
               f"{plot_budget(results, out / 'budget.png')}")
     return 0
