@@ -346,6 +346,11 @@ def test_frontier_checks_reads_the_targets_off_the_points():
     assert k["above_line"] == pytest.approx({"plan@0.5": 0.9 / 0.8 - 1, "plan@0.75": 0.8 / 0.7 - 1})
     assert k["vs_checkpoint"] == pytest.approx(0.85 / 0.95)  # halfway between 0.90 and 0.80
     assert k["plan_steps"] == pytest.approx(3.0)
+    # With the rounds' times, the same-computation ratios are paired round by round: a slow round
+    # (the machine's drift) slows both and cancels.
+    r["points"]["plan@1"].update(times_s=[0.61, 0.90, 0.62], median_s=0.62)
+    r["points"]["revnet-plain"].update(times_s=[0.60, 0.88, 0.64], median_s=0.64)
+    assert budget.frontier_checks(r)["stored_vs_plain"] == pytest.approx(0.61 / 0.60)  # medians: 0.97
     meta = {"command": "revnet bench report", "environment": environment.environment(),
             "loadavg_end": (0.0, 0.0, 0.0), "minutes": 1.0}
     cap = {"config": {"budget_bytes": 2**20, "depth_batch": 2, "verify_max_batch": 8, "verify_max_units": 1},

@@ -101,7 +101,9 @@ def frontier_checks(result: dict[str, Any]) -> dict[str, Any]:
     """The planner's targets, from one :func:`budget_frontier` result (None where not measured).
 
     - ``stored_vs_plain``: step time of the plan at the all-stored budget / plain autograd's;
-    - ``minimum_vs_rebuild``: the plan at the all-rebuild minimum / all-rebuild;
+    - ``minimum_vs_rebuild``: the plan at the all-rebuild minimum / all-rebuild; these two
+      as the median of the ratios within each round of the alternation (the two steps of a
+      round ran seconds apart; the machine's drift between rounds cancels);
     - ``over_budget``: plans between the ends whose measured activation memory exceeds their
       budget, by how many bytes;
     - ``above_line``: plans between the ends slower than the straight line from all-rebuild to all-stored
@@ -133,11 +135,19 @@ def frontier_checks(result: dict[str, Any]) -> dict[str, Any]:
             at_ckpt = ta + (tb - ta) * share
             break
     return {
-        "stored_vs_plain": hi["median_s"] / t1 if float(hi_name.split("@")[1]) >= 1 else None,
-        "minimum_vs_rebuild": lo["median_s"] / t0 if float(lo_name.split("@")[1]) <= 0 else None,
+        "stored_vs_plain": _paired(hi, plain) if float(hi_name.split("@")[1]) >= 1 else None,
+        "minimum_vs_rebuild": _paired(lo, rebuild) if float(lo_name.split("@")[1]) <= 0 else None,
         "over_budget": {n: p["activation_bytes"] - p["budget"] for n, p in between.items()
                         if p.get("budget") is not None and p["activation_bytes"] > p["budget"]},
         "above_line": above,
         "vs_checkpoint": None if at_ckpt is None else at_ckpt / ckpt["median_s"],
         "plan_steps": result["plan_s"] / t0,
     }
+
+
+def _paired(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Median of ``a``'s step time over ``b``'s, round by round (medians' ratio without rounds)."""
+    ta, tb = a.get("times_s"), b.get("times_s")
+    if not ta or not tb or len(ta) != len(tb):
+        return a["median_s"] / b["median_s"]
+    return statistics.median(x / y for x, y in zip(ta, tb, strict=True))

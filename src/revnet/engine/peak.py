@@ -1,10 +1,20 @@
-"""The peak memory of one piece of work, on CPU (Linux) or CUDA: what the planner and the benchmarks read.
+"""The peak memory of one piece of work, on CPU or CUDA: what the planner and the benchmarks read.
 
-On CUDA the allocator's peak (``torch.cuda.max_memory_allocated``). On CPU the peak
-resident set (``VmHWM`` in ``/proc/self/status``) after its mark was reset, above the
-resident level before; during the measurement large allocations are made to go back to the
-system when freed (glibc's mmap threshold, as ``MALLOC_MMAP_THRESHOLD_=65536``), so the peak
-follows live tensors.
+On CUDA the allocator's peak (``torch.cuda.max_memory_allocated``). On CPU, two sources:
+
+- ``"allocator"``: the CPU allocator's allocation and free events, which PyTorch's profiler
+  records when asked for memory (``profile_memory``), each with the total then allocated;
+  the peak is the largest total minus the total before. What ``max_memory_allocated`` is on
+  CUDA: tensors only, exact, the same on every call, whatever the process did before.
+- ``"resident"`` (Linux): the peak resident set (``VmHWM`` in ``/proc/self/status``) after its
+  mark was reset, above the resident level before; during the measurement large
+  allocations are made to go back to the system when freed (glibc's mmap threshold, as
+  ``MALLOC_MMAP_THRESHOLD_=65536``), so the peak follows live tensors. What the process
+  costs the machine, DESIGN.md's measure in a fresh process (``revnet bench memory``); in a
+  process whose heap earlier work fragmented it moves by tens of percent between calls.
+
+In a fresh process with ``MALLOC_MMAP_THRESHOLD_=65536`` the two agree within about 1%
+(RevNet-110, batch 128: 88.0 vs 88.3 MiB reversible, 1051 vs 1062 MiB plain).
 """
 
 from __future__ import annotations
@@ -14,11 +24,14 @@ import ctypes
 import gc
 import os
 import sys
+import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["freed_memory_returned", "nbytes", "peak_of", "proc_status", "reset_peak_rss", "trim_heap"]
+__all__ = ["allocated_peak_of", "freed_memory_returned", "nbytes", "peak_of", "proc_status", "reset_peak_rss",
+           "trim_heap"]
 
 
 def proc_status(field: str) -> int:
@@ -97,20 +110,89 @@ def freed_memory_returned() -> Iterator[None]:
             libc.mallopt(param, value)
 
 
-def peak_of(work: Callable[[], object], device: torch.device) -> int:
-    """Bytes that ``work()`` needed at its peak above what was allocated before it."""
-    cuda = device.type == "cuda"
+def peak_of(work: Callable[[], object], device: torch.device, *, source: str = "allocator") -> int:
+    """Bytes that ``work()`` needed at its peak above what was allocated before it.
+
+    ``source`` (CPU only): ``"allocator"`` (default) or ``"resident"``; see the module's
+    docstring. Where the profiler cannot record (one is already running), the allocator's
+    count falls back to the resident one, with a warning.
+    """
+    if source not in ("allocator", "resident"):
+        raise ValueError(f"peak_of: source must be 'allocator' or 'resident', got {source!r}.")
     gc.collect()
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         work()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
+    if source == "allocator":
+        if not torch.autograd._profiler_enabled():
+            return allocated_peak_of(work)
+        warnings.warn("peak_of: a profiler is running, so the CPU allocator's events cannot be recorded "
+                      "as well; measuring the peak resident set instead (less exact).", stacklevel=2)
     with freed_memory_returned():
         trim_heap()
         before = proc_status("VmRSS")
         reset_peak_rss()
         work()
         return proc_status("VmHWM") - before
+
+
+def allocated_peak_of(work: Callable[[], object]) -> int:
+    """The CPU allocator's peak during ``work()`` above its level before, from the allocation
+    events PyTorch's profiler records (CPU activity, ``profile_memory``; nothing else kept).
+
+    Memory allocated before ``work()`` and freed during it is not subtracted (the profiler
+    knows no sizes for it), so the figure errs high, never low.
+    """
+    from torch._C._profiler import (
+        ProfilerActivity,
+        ProfilerConfig,
+        ProfilerState,
+        _EventType,
+        _ExperimentalConfig,
+    )
+
+    config = ProfilerConfig(ProfilerState.KINETO, False, True, False, False, False, _ExperimentalConfig())
+    activities = {ProfilerActivity.CPU}
+    with _stderr_without("USDT:"):  # kineto announces each start and stop on stderr
+        torch.autograd._prepare_profiler(config, activities)
+        torch.autograd._enable_profiler(config, activities)
+    try:
+        work()
+    finally:
+        with _stderr_without("USDT:"):
+            result = torch.autograd._disable_profiler()
+    events, stack = [], list(result.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            events.append((e.start_time_ns, e.extra_fields.alloc_size, e.extra_fields.total_allocated))
+        stack.extend(e.children)
+    if not events:
+        return 0
+    events.sort()
+    _, size, total = events[0]
+    return max(0, max(t for _, _, t in events) - (total - size))
+
+
+@contextlib.contextmanager
+def _stderr_without(prefix: str) -> Iterator[None]:
+    """Lines the C++ side writes to file descriptor 2 within the block, those starting with
+    ``prefix`` left out (written through ``sys.stderr`` when the block ends)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                    if not line.startswith(prefix)]
+            if kept:
+                sys.stderr.write("".join(kept))

@@ -7,13 +7,16 @@ unit saves its forward time and costs the bytes its graph keeps. :func:`plan` me
 both per unit on an example batch, then solves the 0/1 knapsack over the units exactly (a
 dynamic program over the byte budget, as Rotor/Checkmate-style planners do for chains;
 Jiang et al., ECCV 2020, choose per block for reversible networks): the largest saving of
-time whose bytes fit between the all-rebuild step's peak and the budget. The plan is then
-checked by one measured step, tightened until the measured peak fits, and, where that step
-left room under the budget, grown once into it (checked again).
+time whose bytes fit between the all-rebuild step's peak and the budget. Each candidate plan is
+checked by a measured step, and the knapsack's capacity corrected by what the prediction
+missed (tightened where the step did not fit, grown into the room it left where it did).
 
 "Memory" here is the activation memory of one training step: the peak of forward, loss
 and backward above what was allocated before it, each parameter gradient freed as it is
-accumulated (what ``revnet bench memory`` reports; on CUDA the allocator's bytes).
+accumulated (what ``revnet bench memory`` reports). It is read from the allocator: on CUDA its
+peak, on CPU its allocation and free events (:func:`revnet.engine.peak.peak_of`), which in a
+fresh process agree with the resident-memory peak that ``revnet bench memory`` reads, and
+unlike that, stay exact in a process whose heap earlier work has fragmented.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 
 from .coupling import Coupling
-from .peak import freed_memory_returned, peak_of
+from .peak import peak_of
 from .recompute import Recomputed
 from .replay import batchnorm_stats_frozen
 from .reversible import ReversibleSequence
@@ -38,7 +41,7 @@ from .sizes import format_bytes, parse_bytes
 __all__ = ["Plan", "PlanUnit", "plan", "plan_units", "set_stored"]
 
 _BUCKETS = 4096  # resolution of the knapsack over the free bytes
-_TRIES = 4  # measured checks before the planner gives up tightening
+_TRIES = 4  # measured steps of candidate plans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +258,34 @@ def _solve(units: list[tuple[str, int, float]], capacity: int) -> set[str]:
     return chosen
 
 
+def _checked(items: list[tuple[str, int, float]], capacity: int, limit: int,
+             measured: Callable[[set[str]], int], seconds: dict[str, float]
+             ) -> tuple[set[str] | None, int]:
+    """The fastest solution, among at most ``_TRIES`` measured ones, whose measured peak fits ``limit``.
+
+    The prediction (the all-rebuild peak plus each stored unit's bytes) is not exact: the
+    rebuild's transient and the stored activations need not peak together, so it errs
+    high, and a unit's bytes may share storage with its neighbour's. Each measured step
+    corrects the capacity by what it missed: down by the excess where it did not fit, up
+    by the room it left where it did (so a budget at plain autograd's peak stores every unit).
+    """
+    best: tuple[set[str] | None, int] = (None, 0)
+    tried: list[set[str]] = []
+    for _ in range(_TRIES):
+        chosen = _solve(items, capacity)
+        if chosen in tried:
+            break
+        tried.append(chosen)
+        peak = measured(chosen)
+        if peak <= limit:
+            if best[0] is None or sum(map(seconds.get, chosen)) > sum(map(seconds.get, best[0])):
+                best = (chosen, peak)
+            if len(chosen) == len(items):
+                break
+        capacity += limit - peak
+    return best
+
+
 def _square_mean(output: torch.Tensor) -> torch.Tensor:
     return output.float().square().mean()
 
@@ -297,18 +328,19 @@ def plan(model: nn.Module, inputs: torch.Tensor, *, budget: int | str,
             for h in hooks:
                 h.remove()
 
-    def measured(stored: set[str]) -> tuple[int, float]:
+    def measured(stored: set[str]) -> int:
         set_stored(model, stored)
         model.zero_grad(set_to_none=True)
-        t = time.perf_counter()
-        peak = peak_of(step, device)
-        return peak, time.perf_counter() - t
+        return peak_of(step, device)  # on CPU from the allocator's events: the same on every call
 
-    # One block for every measurement: large allocations return to the system throughout
-    # (between measurements too, or the heap they leave makes the next peaks read high).
-    with _kept_modes(model), freed_memory_returned():
-        measured(set())  # warm-up
-        minimum, rebuild_s = measured(set())
+    with _kept_modes(model):
+        set_stored(model, set())
+        step()  # warm-up
+        model.zero_grad(set_to_none=True)
+        t = time.perf_counter()
+        step()  # timed outside the measurement, whose profiler costs a few percent
+        rebuild_s = time.perf_counter() - t
+        minimum = measured(set())
         stored_bytes = _bytes_per_unit(model, inputs, units)
         seconds = _forward_seconds(model, inputs, units, repeats)
         all_stored = minimum + sum(stored_bytes.values())
@@ -320,26 +352,16 @@ def plan(model: nn.Module, inputs: torch.Tensor, *, budget: int | str,
                 f"least {format_bytes(minimum)}, or a batch of at most about {fits} (activation memory "
                 "grows with the batch).")
         items = [(n, stored_bytes[n], seconds[n]) for n, _, _ in units]
-        capacity, peak, fitted = limit - minimum, 0, False
-        for _ in range(_TRIES):
-            chosen = _solve(items, capacity)
-            peak, _ = measured(chosen)
-            if peak <= limit:
-                fitted = True
-                break
-            capacity -= peak - limit  # the prediction missed by this much: ask for less
-        else:
-            chosen = set()
-            peak = minimum
-        # The prediction errs on the safe side (the minimum, measured again, moves by a percent or
-        # two): where the measured step left room, solve once more with it and keep the result if a
-        # measured step fits. So a budget at plain autograd's peak stores every unit.
-        room = capacity + (limit - peak)
-        grown = _solve(items, room) if fitted and room > capacity else chosen
-        if sum(seconds[n] for n in grown) > sum(seconds[n] for n in chosen):
-            grown_peak, _ = measured(grown)
-            if grown_peak <= limit:
-                chosen, peak = grown, grown_peak
+        peaks = {frozenset(): minimum}
+
+        def peak_of_plan(stored: set[str]) -> int:
+            if frozenset(stored) not in peaks:
+                peaks[frozenset(stored)] = measured(stored)
+            return peaks[frozenset(stored)]
+
+        chosen, peak = _checked(items, limit - minimum, limit, peak_of_plan, seconds)
+        if chosen is None:
+            chosen, peak = set(), minimum
     decided = tuple(PlanUnit(n, kind, stored_bytes[n], seconds[n], n in chosen) for n, kind, _ in units)
     return Plan(budget=limit, units=decided, minimum=minimum, all_stored=all_stored,
                 rebuild_step_s=rebuild_s,

@@ -1,0 +1,55 @@
+"""Peak memory on CPU from the allocator's events: exact, repeatable, quiet."""
+
+import sys
+
+import pytest
+import torch
+
+from revnet.engine.peak import peak_of
+
+CPU = torch.device("cpu")
+MiB = 2**20
+
+
+def two_mebibytes_at_once() -> None:
+    a = torch.ones(MiB // 4)  # 1 MiB of float32
+    b = torch.ones(MiB // 4)
+    del a, b
+    torch.ones(MiB // 8)  # 0.5 MiB after they are gone: not a new peak
+
+
+def test_the_allocators_peak_is_exact_even_on_a_fragmented_heap(capfd):
+    assert peak_of(two_mebibytes_at_once, CPU) == 2 * MiB
+    gen = torch.Generator().manual_seed(0)
+    kept = [torch.ones(int(n)) for n in torch.randint(1, 2_000_000, (400,), generator=gen)][::20]
+    assert kept and [peak_of(two_mebibytes_at_once, CPU) for _ in range(3)] == [2 * MiB] * 3
+    assert "USDT" not in capfd.readouterr().err  # kineto's start/stop lines are left out
+
+
+def test_a_step_measures_the_same_every_time():
+    import revnet
+
+    torch.manual_seed(0)
+    model = revnet.create_model("revnet38")
+    x = torch.randn(16, 3, 16, 16)
+
+    def step() -> None:
+        model(x).square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    peaks = [peak_of(step, CPU) for _ in range(3)]
+    assert peaks[0] > 0 and peaks == peaks[:1] * 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resident memory from /proc")
+def test_under_a_running_profiler_it_falls_back_to_resident_memory_with_a_warning():
+    with (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]),
+          pytest.warns(UserWarning, match="profiler is running")):
+        peak = peak_of(two_mebibytes_at_once, CPU)
+    assert peak >= 0
+
+
+def test_an_unknown_source_is_an_error():
+    with pytest.raises(ValueError, match="'allocator' or 'resident'"):
+        peak_of(two_mebibytes_at_once, CPU, source="rss")
