@@ -1,5 +1,6 @@
 """Peak memory on CPU from the allocator's events: exact, repeatable, quiet."""
 
+import os
 import sys
 
 import pytest
@@ -53,3 +54,31 @@ def test_under_a_running_profiler_it_falls_back_to_resident_memory_with_a_warnin
 def test_an_unknown_source_is_an_error():
     with pytest.raises(ValueError, match="'allocator' or 'resident'"):
         peak_of(two_mebibytes_at_once, CPU, source="rss")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ,
+                    reason="glibc's malloc thresholds, changed at run time")
+def test_kept_memory_stays_with_the_process_and_outlives_a_measurement():
+    """keep_freed_memory(): a freed 48 MiB block (above glibc's largest dynamic mmap threshold,
+    so by default mapped on its own and unmapped when freed) stays in the process for the next
+    tensor, also after a resident-set measurement switched the thresholds for its duration."""
+    import revnet.engine.peak as peak
+
+    def freed_block_stays() -> bool:
+        block = torch.ones(48 * MiB // 4)  # 48 MiB, touched
+        held = peak.proc_status("VmRSS")
+        del block
+        return held - peak.proc_status("VmRSS") < 24 * MiB
+
+    saved = peak._after
+    try:
+        assert peak.keep_freed_memory()  # (a fresh process unmaps the block: glibc's default)
+        assert freed_block_stays()
+        peak_of(two_mebibytes_at_once, CPU, source="resident")  # 64 KiB thresholds while it measures
+        assert freed_block_stays()
+    finally:
+        peak._after = saved
+        lib = peak._libc()
+        for param, value in saved:
+            lib.mallopt(param, value)
+        peak.trim_heap()

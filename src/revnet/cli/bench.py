@@ -40,6 +40,7 @@ from ..bench.tables import (
     speed_table,
     text_table,
 )
+from ..engine.peak import keep_freed_memory
 from ..engine.sizes import parse_bytes
 from ..training.datasets import load_dataset
 from ..training.loader import normalize
@@ -221,6 +222,9 @@ def _budget(text: str) -> str:
 # --------------------------------------------------------------------------------------
 
 def _setup(args: argparse.Namespace) -> Path:
+    # Step times without the kernel's page faults of memory freed a step earlier (engine.peak);
+    # the memory points run in fresh processes with their own malloc settings.
+    keep_freed_memory()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..engine import Plan, plan, set_exact, set_reversible
 from ..engine import compile as revnet_compile
+from ..engine.peak import keep_freed_memory
 from ..models import create_model
 from .config import NORMS, TrainConfig
 from .datasets import load_dataset
@@ -173,6 +174,7 @@ def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
     """Resolves the device and precision, loads the data, builds the model, optimizer and loaders."""
     info = info or DistInfo()
     device = device_for(config, info)
+    keep_freed_memory()  # host memory reused from step to step, not faulted in anew (engine.peak)
     per_rank = per_process_batch(config, info.world_size)
     torch.manual_seed(config.seed)
     extra = dict(config.synthetic) if config.dataset == "synthetic" else {}
