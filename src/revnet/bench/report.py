@@ -374,6 +374,14 @@ def render_report(meta: dict[str, Any], memory: dict[str, Any], speeds: list[dic
         "updates them once.)",
         "- Times: `time.perf_counter` around one step, after warm-up; ratios are ratios of medians. "
         "This machine is shared and noisy, so read the ratios; absolute times move with the load.",
+        "- Host memory while timing: the timing process keeps freed memory for reuse "
+        "(`revnet.engine.peak.keep_freed_memory`: glibc's blocks up to 1 GiB from a heap never "
+        "trimmed, as CUDA's caching allocator keeps memory), as `revnet train` does; with glibc's "
+        "defaults each step faults its memory in again, which costs plain autograd, the kind that "
+        "frees the most, the most (`scripts/page_faults.py`).",
+        "- The planner reads its peaks from the CPU allocator's allocation and free events "
+        "(PyTorch's profiler, `profile_memory`), exact in any process; the frontier's memory column "
+        "is the fresh-process measure above.",
         "",
     ]
     return "\n".join(parts)
