@@ -2,7 +2,8 @@
 
 Times, alternated in one process with freed memory kept (after one warm-up round): every
 unit rebuilt; the units `revnet bench budget` stored at its f = 0.25 budget (read from
-docs/benchmarks/budget/budget.json); as many units of the last stage; every unit stored. For
+docs/benchmarks/budget/budget.json); as many units of the last stage, and of the first;
+the stage openers alone; every unit stored. For
 each set it prints the planner's predicted saving (the sum of its units' forward times), its
 bytes, and the measured step time as a median ratio to all-rebuild, round by round.
 
@@ -36,11 +37,14 @@ def main() -> None:
     x, y = make_batch(net, 128, 32)
     units = plan(net, x, budget=2**62, loss_fn=lambda o: F.cross_entropy(o, y)).units
     seconds, nbytes = {u.name: u.seconds for u in units}, {u.name: u.bytes for u in units}
+    openers = [u.name for u in units if u.kind == "opener"]
     runs = json.loads(args.budget_json.read_text())["runs"]
     run = next(r for r in runs if r["config"]["model"] == "revnet164")
     planned = run["points"]["plan@0.25"]["stored"]
     sets = {"all rebuilt": [], "plan@0.25's units": planned,
             "last stage's units": [n for n in seconds if n.startswith("stages.2")][:len(planned)],
+            "first stage's units": [n for n in seconds if n.startswith("stages.0")][:len(planned)],
+            "stage openers": openers,
             "all stored": list(seconds)}
     times: dict[str, list[float]] = {k: [] for k in sets}
     with run_mode(net, "revnet"):
