@@ -309,9 +309,15 @@ def test_vit_kinds_do_not_mix_with_cnn_kinds():
         memory.memory_sweep(units=[1], kinds=["revnet", "revvit"])
 
 
-def test_cli_budget_frontier_quick(tmp_path):
-    """`revnet bench budget --quick`: plans at the two ends, measured in fresh processes."""
+def test_cli_budget_frontier_quick(tmp_path, monkeypatch):
+    """`revnet bench budget --quick`: plans at the two ends, measured in fresh processes; the
+    timing process keeps freed memory (engine.peak.keep_freed_memory), as training does."""
+    import revnet.cli.bench as bench_cli
+
+    kept = []
+    monkeypatch.setattr(bench_cli, "keep_freed_memory", lambda: kept.append(1) or True)
     assert cli.main(["bench", "budget", "--quick", "--out", str(tmp_path)]) == 0
+    assert kept
     (run,) = json.loads((tmp_path / "budget.json").read_text())["runs"]
     pts = run["points"]
     assert set(pts) == {"plan@0", "plan@1", "revnet", "revnet-plain", "revnet-checkpoint"}

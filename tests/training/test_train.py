@@ -351,3 +351,14 @@ def test_compile_flags(tmp_path):
     assert parsed("--compile", "--no-compile").compile is None
     with pytest.raises(ValueError, match="compile must be"):
         TrainConfig(compile="")
+
+
+def test_training_keeps_freed_host_memory_for_the_next_step(tmp_path, monkeypatch):
+    """A run keeps freed memory in the process (engine.peak.keep_freed_memory): without it, each
+    large step had its memory faulted in again (RevNet-164 b128 plain: 5.6 -> 2.9 s with it)."""
+    import revnet.training.run as run_mod
+
+    calls = []
+    monkeypatch.setattr(run_mod, "keep_freed_memory", lambda: calls.append(1) or True)
+    fit(tiny(tmp_path, steps=1))
+    assert calls

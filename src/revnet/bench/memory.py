@@ -50,7 +50,7 @@ def _drop_grad(p: torch.Tensor) -> None:
 
 def step_memory(
     model: nn.Module, inputs: torch.Tensor, loss_fn: Callable[[Any], torch.Tensor] | None = None, *,
-    grads: str = "freed", warmup_inputs: torch.Tensor | None = None, source: str = "resident",
+    grads: str = "freed", warmup_inputs: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Memory of one training step of any model, in this process: forward, ``loss_fn``, backward.
 
@@ -70,9 +70,6 @@ def step_memory(
             flight: the activation measurement. ``"kept"``: gradients stay, as in an
             ordinary step: what the step needs in all.
         warmup_inputs: batch of the warm-up step.
-        source: on CPU, ``"resident"`` (DESIGN.md's measure) or ``"allocator"`` (the CPU
-            allocator's events: tensors only, exact in any process; see
-            :func:`revnet.engine.peak.peak_of`).
 
     Returns:
         ``peak_bytes`` (the step's peak above the level before it), ``grad_bytes`` (the
@@ -106,7 +103,7 @@ def step_memory(
         hooks = [p.register_post_accumulate_grad_hook(_drop_grad) for p in params] if grads == "freed" else []
         saved = SavedBytes(model)
         try:
-            peak = peak_of(measured_step, dev, source=source)  # above the level before the step
+            peak = peak_of(measured_step, dev, source="resident")  # DESIGN.md: above the level before
         finally:
             for h in hooks:
                 h.remove()
@@ -117,8 +114,7 @@ def step_memory(
     return {"params": sum(p.numel() for p in params), "grads": grads, "peak_bytes": peak,
             "grad_bytes": grad_bytes, "activation_bytes": peak - kept, "saved_bytes": saved.total,
             "total_bytes": resident + grad_bytes - kept + peak,
-            "method": "cuda.max_memory_allocated" if cuda else
-            {"resident": "VmHWM-VmRSS", "allocator": "cpu allocator events"}[source]}
+            "method": "cuda.max_memory_allocated" if cuda else "VmHWM-VmRSS"}
 
 
 def _square_mean(output: torch.Tensor) -> torch.Tensor:

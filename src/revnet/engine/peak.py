@@ -13,8 +13,10 @@ On CUDA the allocator's peak (``torch.cuda.max_memory_allocated``). On CPU, two 
   costs the machine, DESIGN.md's measure in a fresh process (``revnet bench memory``); in a
   process whose heap earlier work fragmented it moves by tens of percent between calls.
 
-In a fresh process with ``MALLOC_MMAP_THRESHOLD_=65536`` the two agree within about 1%
-(RevNet-110, batch 128: 88.0 vs 88.3 MiB reversible, 1051 vs 1062 MiB plain).
+The two agree where the resident set is measured cleanly: the planner's peaks (allocator)
+against the same plans' activation memory in fresh processes (resident), in
+``docs/benchmarks/budget/budget.json`` (``revnet bench budget``): RevNet-110 88.3 / 88.1 MiB
+all rebuilt, 1062.0 / 1062.9 MiB all stored; RevNet-164 3236.1 / 3237.4 MiB all stored.
 """
 
 from __future__ import annotations
@@ -123,10 +125,10 @@ def keep_freed_memory() -> bool:
 
     By default glibc maps every block above its dynamic threshold (at most 32 MiB) anew and
     returns the heap's top once it holds twice that. On this project's 2-core virtual
-    machines the page faults cost more than the arithmetic in large steps: a RevNet-164 step
-    at batch 128 under plain autograd (3.2 GiB of activations) took 9.1 s with 1.26 million
-    faults (9.3 s of system time), 2.6 s with none after this call; the reversible step 4.6 s
-    and 3.4 s. The price: the process's resident memory stays at its peak, as a GPU's does
+    machines the page faults cost more than the arithmetic in large steps
+    (``scripts/page_faults.py``, RevNet-164 at batch 128, a 2-core AMD EPYC): plain autograd
+    5.64 s with 1.16 million faults, 2.93 s after this call; the reversible step 5.36 s and
+    3.53 s. The price: the process's resident memory stays at its peak, as a GPU's does
     under PyTorch. ``revnet train`` and ``revnet bench`` call it (on Linux, glibc).
 
     Returns:
