@@ -82,3 +82,21 @@ def test_kept_memory_stays_with_the_process_and_outlives_a_measurement():
         for param, value in saved:
             lib.mallopt(param, value)
         peak.trim_heap()
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_window_peaks_split_the_peak_at_the_marks(device):
+    from revnet.engine.peak import window_peaks_of
+
+    def work(mark):
+        a = torch.ones(1 << 20, device=device)  # 4 MiB
+        mark("b")
+        b = torch.ones(2 << 20, device=device)  # 8 MiB more: 12
+        del a  # 8
+        mark("c")
+        c = torch.ones(1 << 18, device=device)  # 1 MiB more: 9
+        del b, c
+
+    assert window_peaks_of(work, torch.device(device)) == [("", 4 << 20), ("b", 12 << 20), ("c", 9 << 20)]

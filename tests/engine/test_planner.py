@@ -13,20 +13,41 @@ from conftest import rel_err
 from torch import nn
 
 import revnet
-from revnet.engine.planner import _solve
+from revnet.engine.planner import _Item, _predicted_peak, _solve
 
 
 def test_solver_is_exact_against_brute_force():
+    """Over random chains: the dynamic program finds the best set whose predicted peak (each
+    moment's all-rebuild peak plus the bytes stored before it) fits, as trying every set does."""
     rng = random.Random(0)
-    for _ in range(40):
-        items = [(f"u{i}", rng.randint(1, 50), rng.random()) for i in range(rng.randint(1, 9))]
-        capacity = rng.randint(0, 150)
-        subsets = (s for r in range(len(items) + 1) for s in itertools.combinations(items, r))
-        best = max(sum(v for _, _, v in s) for s in subsets if sum(b for _, b, _ in s) <= capacity)
-        chosen = _solve(items, capacity)
-        assert sum(b for n, b, _ in items if n in chosen) <= capacity
+    for _ in range(60):
+        items = [_Item(f"u{i}", b := rng.randint(1, 50), rng.randint(0, b), rng.randint(0, 60),
+                       rng.randint(0, 60), rng.random()) for i in range(rng.randint(1, 8))]
+        limit = rng.randint(0, 200)
+        subsets = [set(s) for r in range(len(items) + 1)
+                   for s in itertools.combinations([it.name for it in items], r)]
+        value = {it.name: it.seconds for it in items}
+        fits = [s for s in subsets if _predicted_peak(items, s) <= limit]
+        chosen = _solve(items, limit)
+        if not fits:  # not even the all-rebuild step fits: nothing to store
+            assert chosen == set()
+            continue
+        best = max(sum(map(value.get, s)) for s in fits)
+        assert _predicted_peak(items, chosen) <= limit or chosen == set()
         # Bytes are rounded up to buckets, so the optimum may give up a sliver; here buckets are 1 byte.
-        assert sum(v for n, _, v in items if n in chosen) == pytest.approx(best)
+        assert sum(map(value.get, chosen)) == pytest.approx(best)
+
+
+def test_units_stored_where_the_step_is_below_its_peak_cost_no_memory():
+    """The last stage's units are stored after the peak has passed (the first stage's backward):
+    a chain-aware prediction stores them at no cost, where counting every stored byte on top of
+    the peak would store nothing."""
+    items = [_Item("first", 40, 20, 50, 100, 1.0), _Item("last", 30, 10, 60, 70, 1.0)]
+    assert _predicted_peak(items, {"last"}) == 100 and _solve(items, 100) == {"last"}
+    # "first" stored: its own backward holds its graph (100 + 20 over the rebuild's transient), and
+    # "last"'s forward runs with it kept (60 + 40).
+    assert _predicted_peak(items, {"first"}) == 120 and _solve(items, 119) == {"last"}
+    assert _predicted_peak(items, {"first", "last"}) == 130 and _solve(items, 130) == {"first", "last"}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +62,18 @@ def planned():
     # (below it: an error, tested below).
     floor = revnet.plan(model, x, budget=low.minimum)
     return model, x, low, mid, floor
+
+
+def test_at_the_minimum_the_units_stored_after_the_peak_come_free(planned):
+    """The all-rebuild step peaks in the first stage's backward; the last stage's couplings,
+    stored, are gone by then: the plan at the minimum stores them, and its step fits it."""
+    model, x, low, _, floor = planned
+    assert floor.budget == low.minimum and floor.measured_peak <= low.minimum
+    assert floor.stored and all(n.startswith("stages.2.") for n in floor.stored)
+    assert floor.predicted_step_s < floor.rebuild_step_s
+    by_name = revnet.plan(model, x, budget="min")  # the same, without knowing the minimum first
+    assert by_name.budget == by_name.minimum and by_name.measured_peak <= by_name.minimum
+    assert by_name.stored == floor.stored
 
 
 def test_plans_fit_their_budgets_and_span_the_range(planned):
@@ -109,7 +142,7 @@ def test_planning_again_and_again_holds_no_memory():
         model = revnet.create_model("revnet38")
         x = torch.randn(64, 3, 16, 16)
         units = plan_units(model)
-        per_call = sum(_bytes_per_unit(model, x, units).values())
+        per_call = sum(b for b, _ in _bytes_per_unit(model, x, units).values())
         before = proc_status("VmRSS")
         for _ in range(3):
             _bytes_per_unit(model, x, units)
@@ -134,6 +167,22 @@ def test_planning_leaves_glibcs_thresholds_alone(monkeypatch):
     monkeypatch.setattr(peak, "_libc", Libc)
     p = revnet.plan(revnet.create_model("revnet38"), torch.randn(8, 3, 8, 8), budget="1GiB")
     assert p.measured_peak > 0 and calls == []
+
+
+def test_attributing_bytes_holds_one_branch_not_the_whole_graph():
+    """Regression: the pass that attributes stored bytes to units kept every unit's graph, as
+    large as plain autograd's, which a model planned for a smaller budget cannot afford."""
+    from revnet.engine.peak import allocated_peak_of
+    from revnet.engine.planner import _bytes_per_unit, plan_units
+
+    model = revnet.create_model("revnet38")
+    x = torch.randn(64, 3, 16, 16)
+    units = plan_units(model)
+    got = {}
+    peak = allocated_peak_of(lambda: got.update(_bytes_per_unit(model, x, units)))
+    total, largest = sum(b for b, _ in got.values()), max(b for b, _ in got.values())
+    assert all(b >= branch > 0 for b, branch in got.values())
+    assert peak < 2 * largest < total
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ,

@@ -83,6 +83,24 @@ def test_memory_budget_plans_before_training_and_records_the_plan(tmp_path):
         fit(tiny(tmp_path, name="auto", memory_budget="auto"))
 
 
+def test_memory_budget_min_stores_only_what_fits_under_the_all_rebuild_peak(tmp_path, capsys):
+    from revnet.cli.train import _memory_report
+
+    summary = fit(tiny(tmp_path, memory_budget="min"))
+    text = (tmp_path / "run" / "plan.txt").read_text()
+    plan_line = text.splitlines()[0]
+    assert summary["stored"] and len(summary["stored"]) < 9 and "units stored" in plan_line
+    assert RECIPES["fashion-mnist"]["memory_budget"] == "min"  # the main job's
+    # Plain autograd has nothing to rebuild: "min" plans nothing there (explicit sizes are refused).
+    plain = fit(tiny(tmp_path, name="plain", memory_budget="min", reversible=False, steps=2))
+    assert plain["stored"] == [] and not (tmp_path / "plain" / "plan.txt").exists()
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["memory_budget"] is None
+    # The report at the end of `revnet train` measures the step the run trained: the plan's units stored.
+    _memory_report(tiny(tmp_path, batch_size=8), 8, 3, summary["stored"])
+    out = capsys.readouterr().out
+    assert f"reversible ({len(summary['stored'])} units stored by the plan)" in out and "x less" in out
+
+
 def _interrupt_at(monkeypatch, at_step: int) -> None:
     """Sends SIGTERM to this process right after optimiser step ``at_step``."""
     real = loop_mod._train_step

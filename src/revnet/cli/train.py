@@ -37,8 +37,9 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--lr", "lr", {"type": float, "help": "peak learning rate"}),
     ("--memory-budget", "memory_budget", {
         "metavar": "SIZE", "help": "store the blocks that fit SIZE of activation memory (e.g. 1.5GiB; auto: "
-                                   "what the GPU has free) and rebuild the rest: revnet.plan, once before "
-                                   "training; the plan goes to plan.txt"}),
+                                   "what the GPU has free; min: no more than rebuilding every block needs, "
+                                   "the default recipe's; none: rebuild every block) and rebuild the rest: "
+                                   "revnet.plan, once before training; the plan goes to plan.txt"}),
     ("--optimizer", "optimizer", {"choices": ["sgd", "adamw"],
                                   "help": "sgd (Nesterov momentum; default) or adamw (transformer recipes)"}),
     ("--momentum", "momentum", {"type": float, "help": "SGD momentum; AdamW's beta1"}),
@@ -121,6 +122,8 @@ def _train_config(args: argparse.Namespace) -> Any:
     given = {k: v for k, v in given.items() if v is not None}
     if given.get("compile") == "":  # --no-compile
         given["compile"] = None
+    if str(given.get("memory_budget")).lower() == "none":  # every block rebuilt, whatever the recipe says
+        given["memory_budget"] = None
     if args.resume:
         if "out" not in given:
             raise SystemExit("revnet train: --resume needs --out RUN_DIR (the run to continue).")
@@ -217,14 +220,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.memory_report:  # one process's step: its share of the batch, one micro-batch
         micro = config.batch_size // (summary["world_size"] * config.accum_steps)
         _memory_report(dataclasses.replace(config, batch_size=micro, accum_steps=1),
-                       summary["image_size"], summary["in_chans"])
+                       summary["image_size"], summary["in_chans"], summary.get("stored", []))
     return 0
 
 
-def _memory_report(config: Any, image_size: int, in_chans: int) -> None:
+def _memory_report(config: Any, image_size: int, in_chans: int, stored: list[str]) -> None:
     """What reversibility saved: activation memory of one training step, reversible vs plain.
 
-    Each side is measured in a fresh process (revnet.bench.memory.measure), as `revnet bench memory` does.
+    Each side is measured in a fresh process (revnet.bench.memory.measure), as `revnet bench memory` does;
+    the reversible side with the units the run's memory plan stored (``stored``) stored.
     """
     if not config.model.startswith("rev"):
         return
@@ -233,12 +237,13 @@ def _memory_report(config: Any, image_size: int, in_chans: int) -> None:
              "in_chans": in_chans, "exact": config.exact,
              "device": str(resolve_device(config.device))}
     try:
-        rev = measure(kind=kind, **point)
+        rev = measure(kind=kind, stored=stored, **point)
         plain = measure(kind=f"{kind}-plain", **point)
     except (RuntimeError, OSError) as e:  # a report, not the job: say so and go on
         print(f"(activation memory comparison skipped: {e})", file=sys.stderr)
         return
     a, b = rev["activation_bytes"], plain["activation_bytes"]
     print(f"activation memory of one {config.model} training step at batch {config.batch_size} "
-          f"({rev['method']}): reversible {format_bytes(a)} vs plain backprop "
+          f"({rev['method']}): reversible{f' ({len(stored)} units stored by the plan)' if stored else ''} "
+          f"{format_bytes(a)} vs plain backprop "
           f"{format_bytes(b)}: {b / max(a, 1):.1f}x less, {format_bytes(b - a)} saved")

@@ -29,11 +29,12 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
 __all__ = ["allocated_peak_of", "freed_memory_returned", "keep_freed_memory", "nbytes", "peak_of",
-           "proc_status", "reset_peak_rss", "trim_heap"]
+           "proc_status", "reset_peak_rss", "trim_heap", "window_peaks_of"]
 
 
 def proc_status(field: str) -> int:
@@ -183,13 +184,17 @@ def allocated_peak_of(work: Callable[[], object]) -> int:
     Memory allocated before ``work()`` and freed during it is not subtracted (the profiler
     knows no sizes for it), so the figure errs high, never low.
     """
-    from torch._C._profiler import (
-        ProfilerActivity,
-        ProfilerConfig,
-        ProfilerState,
-        _EventType,
-        _ExperimentalConfig,
-    )
+    result = _recording(work)
+    events, _ = _allocations(result)
+    if not events:
+        return 0
+    _, size, total = events[0]
+    return max(0, max(t for _, _, t in events) - (total - size))
+
+
+def _recording(work: Callable[[], object]) -> Any:
+    """Runs ``work()`` under PyTorch's profiler recording CPU allocations; its raw result."""
+    from torch._C._profiler import ProfilerActivity, ProfilerConfig, ProfilerState, _ExperimentalConfig
 
     config = ProfilerConfig(ProfilerState.KINETO, False, True, False, False, False, _ExperimentalConfig())
     activities = {ProfilerActivity.CPU}
@@ -201,17 +206,78 @@ def allocated_peak_of(work: Callable[[], object]) -> int:
     finally:
         with _stderr_without("USDT:"):
             result = torch.autograd._disable_profiler()
-    events, stack = [], list(result.experimental_event_tree())
+    return result
+
+
+def _allocations(result: Any, marked: str = "\0") -> tuple[list[tuple[int, int, int]], list[tuple[int, str]]]:
+    """CPU allocation events ``(time_ns, size, total after)`` in time order, and the ranges
+    whose names start with ``marked`` as ``(time_ns, name)``, from a profiler's result."""
+    from torch._C._profiler import _EventType
+
+    events, marks, stack = [], [], list(result.experimental_event_tree())
     while stack:
         e = stack.pop()
         if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
             events.append((e.start_time_ns, e.extra_fields.alloc_size, e.extra_fields.total_allocated))
+        elif e.name.startswith(marked):
+            marks.append((e.start_time_ns, e.name[len(marked):]))
         stack.extend(e.children)
-    if not events:
-        return 0
     events.sort()
-    _, size, total = events[0]
-    return max(0, max(t for _, _, t in events) - (total - size))
+    marks.sort()
+    return events, marks
+
+
+_MARK = "revnet.window:"
+
+
+def window_peaks_of(work: Callable[[Callable[[str], None]], object], device: torch.device
+                    ) -> list[tuple[str, int]]:
+    """The peak of each window of ``work(mark)`` above what was allocated before it.
+
+    ``work`` calls ``mark(name)`` to close the window before and open one called ``name``;
+    the first window, from the start to the first mark, is called ``""``. The largest of the
+    peaks is :func:`peak_of`'s. On CUDA from the allocator's peak, read and reset at each
+    mark; on CPU from the allocation events PyTorch's profiler records (as
+    :func:`allocated_peak_of`), split at the times of the marks. What the planner reads to
+    learn where in a step memory peaks.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        peaks: list[tuple[str, int]] = []
+        current = [""]
+
+        def cuda_mark(name: str) -> None:  # the caching allocator counts on the host, in launch order
+            peaks.append((current[0], torch.cuda.max_memory_allocated(device) - before))
+            torch.cuda.reset_peak_memory_stats(device)
+            current[0] = name
+
+        work(cuda_mark)
+        torch.cuda.synchronize(device)
+        return [*peaks, (current[0], torch.cuda.max_memory_allocated(device) - before)]
+    if torch.autograd._profiler_enabled():
+        raise RuntimeError("window_peaks_of: a profiler is already running, so the CPU allocator's "
+                           "events cannot be recorded as well. Fix: measure outside the profiler.")
+
+    def cpu_mark(name: str) -> None:
+        with torch.autograd.profiler.record_function(_MARK + name):
+            pass
+
+    events, marks = _allocations(_recording(lambda: work(cpu_mark)), _MARK)
+    if not events:
+        return [("", 0), *((name, 0) for _, name in marks)]
+    base = events[0][2] - events[0][1]
+    level, i, peaks = base, 0, []
+    for name, end in zip(["", *(n for _, n in marks)], [*(t for t, _ in marks), None], strict=True):
+        top = level  # a window's peak: the level it opens at, and every total reached within it
+        while i < len(events) and (end is None or events[i][0] < end):
+            level = events[i][2]
+            top = max(top, level)
+            i += 1
+        peaks.append((name, max(0, top - base)))
+    return peaks
 
 
 @contextlib.contextmanager

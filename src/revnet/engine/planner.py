@@ -3,13 +3,17 @@
 Every reversible block can be rebuilt in backward (no activations kept, one extra forward
 of F and G) or stored (``Coupling.stored``: ordinary autograd, its activations kept); every
 recomputed unit (a RevNet's stage opener) likewise (``Recomputed.reversible``). Storing a
-unit saves its forward time and costs the bytes its graph keeps. :func:`plan` measures
-both per unit on an example batch, then solves the 0/1 knapsack over the units exactly (a
-dynamic program over the byte budget, as Rotor/Checkmate-style planners do for chains;
-Jiang et al., ECCV 2020, choose per block for reversible networks): the largest saving of
-time whose bytes fit between the all-rebuild step's peak and the budget. Each candidate plan is
-checked by a measured step, and the knapsack's capacity corrected by what the prediction
-missed (tightened where the step did not fit, grown into the room it left where it did).
+unit saves its forward time and costs the bytes its graph keeps, from its forward until its
+backward. :func:`plan` measures, on an example batch, each unit's stored bytes and forward
+time, and where the all-rebuild step's memory peaks: the peak in each unit's forward and in
+each unit's backward. A unit stored adds its bytes to every moment between its forward and
+its backward, so the units stored in the stage of the step that peaks cost memory, and those
+stored where the step is below its peak, often the last stage, may cost none. The solver is
+an exact dynamic program over the chain (as Rotor/Checkmate-style planners solve
+checkpointing; Jiang et al., ECCV 2020, choose per block for reversible networks): units in
+forward order, the bytes stored so far as its state, each moment's peak (its all-rebuild
+peak plus what is stored before it) within the budget. Each candidate plan is checked by a
+measured step, and the budget the solver sees corrected by what the prediction missed.
 
 "Memory" here is the activation memory of one training step: the peak of forward, loss
 and backward above what was allocated before it, each parameter gradient freed as it is
@@ -32,7 +36,7 @@ import torch
 from torch import nn
 
 from .coupling import Coupling
-from .peak import peak_of
+from .peak import peak_of, window_peaks_of
 from .recompute import Recomputed
 from .replay import batchnorm_stats_frozen
 from .reversible import ReversibleSequence
@@ -42,6 +46,7 @@ __all__ = ["Plan", "PlanUnit", "plan", "plan_units", "set_stored"]
 
 _BUCKETS = 4096  # resolution of the knapsack over the free bytes
 _TRIES = 4  # measured steps of candidate plans
+_MIN = ("min", "minimum")  # budget: the all-rebuild step's peak (store what costs no memory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,42 +158,52 @@ def _kept_modes(model: nn.Module) -> Iterator[None]:
 
 
 def _bytes_per_unit(model: nn.Module, inputs: torch.Tensor, units: list[tuple[str, str, nn.Module]]
-                    ) -> dict[str, int]:
-    """What each unit's graph keeps when stored: a forward with every unit stored, the saved
-    tensors attributed to the unit running when they were saved (each storage counted once)."""
+                    ) -> dict[str, tuple[int, int]]:
+    """What each unit's graph keeps when stored, and the most of that one of its branches (F or G)
+    keeps: a forward with every unit stored, the saved tensors attributed to the module running
+    when they were saved (each storage counted once per branch: a tensor two branches save, such
+    as one's output that the next takes in, counts in both, as each alone stored would keep it).
+
+    The graph keeps none of them (there is no backward): each branch's saved tensors are let go
+    when it returns, so the pass needs the memory of one branch's graph, not of all of them
+    (a model planned for a budget below plain autograd's peak would not fit otherwise).
+    """
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: set[int] = set()
-    current: list[str] = []
-    counts = {name: 0 for name, _, _ in units}
+    held: list[torch.Tensor] = []  # the running branch's saved tensors, alive while it runs
+    current: list[tuple[str, int]] = []
+    counts = {name: [0, 0] for name, _, _ in units}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def pack(t: torch.Tensor) -> None:
         ptr = t.untyped_storage().data_ptr()
         if current and ptr not in skip and ptr not in seen:
             seen.add(ptr)
-            counts[current[-1]] += t.untyped_storage().nbytes()
-        # Not t itself: a node that saves its own output would then hold a tensor that holds the
-        # node, a cycle in C++ that Python's gc cannot break (the graph leaked, ~1 step per call).
-        return t.detach()
+            held.append(t)
+            name, part = current[-1]
+            counts[name][part] += t.untyped_storage().nbytes()
 
-    def enter(_m: nn.Module, _a: Any, n: str) -> None:
-        current.append(n)
+    def enter(_m: nn.Module, _a: Any, key: tuple[str, int]) -> None:
+        current.append(key)
 
     def leave(_m: nn.Module, _a: Any, _o: Any) -> None:  # a hook's return value would replace the output
+        seen.clear()  # the branch's saved tensors are freed now: a later one may take their address
+        held.clear()
         current.pop()
 
     hooks = []
-    for m, name in _watched(units):
-        hooks.append(m.register_forward_pre_hook(lambda m_, a, n=name: enter(m_, a, n)))
+    for m, name, part in _watched(units):
+        hooks.append(m.register_forward_pre_hook(lambda m_, a, k=(name, part): enter(m_, a, k)))
         hooks.append(m.register_forward_hook(leave))
     set_stored(model, {name for name, _, _ in units})
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
             out = model(inputs)
         del out
     finally:
+        held.clear()
         for h in hooks:
             h.remove()
-    return counts
+    return {name: (sum(c), max(c)) for name, c in counts.items()}
 
 
 def _forward_seconds(model: nn.Module, inputs: torch.Tensor, units: list[tuple[str, str, nn.Module]],
@@ -207,7 +222,7 @@ def _forward_seconds(model: nn.Module, inputs: torch.Tensor, units: list[tuple[s
         times[n].append(time.perf_counter() - started[n])
 
     hooks = []
-    for m, name in _watched(units):
+    for m, name, _ in _watched(units):
         hooks.append(m.register_forward_pre_hook(lambda m_, a, n=name: pre(m_, a, n)))
         hooks.append(m.register_forward_hook(lambda m_, a, o, n=name: post(m_, a, o, n)))
     try:
@@ -223,66 +238,133 @@ def _forward_seconds(model: nn.Module, inputs: torch.Tensor, units: list[tuple[s
     return {n: sorted(v)[len(v) // 2] for n, v in per_forward.items()}
 
 
-def _watched(units: list[tuple[str, str, nn.Module]]) -> list[tuple[nn.Module, str]]:
-    """The modules whose calls make up each unit: a coupling's F and G (the engine calls the
-    coupling's halves, not the coupling), a recomputed unit itself."""
-    return [(m, name) for name, kind, unit in units
-            for m in ((unit.f, unit.g) if kind == "block" else (unit,))]
+def _watched(units: list[tuple[str, str, nn.Module]]) -> list[tuple[nn.Module, str, int]]:
+    """The modules whose calls make up each unit, with their part: a coupling's F (0) and G (1)
+    (the engine calls the coupling's halves, not the coupling), a recomputed unit itself (0)."""
+    return [(m, name, part) for name, kind, unit in units
+            for part, m in enumerate((unit.f, unit.g) if kind == "block" else (unit,))]
 
 
-def _solve(units: list[tuple[str, int, float]], capacity: int) -> set[str]:
-    """Exact 0/1 knapsack: the units whose bytes fit ``capacity`` with the most seconds saved.
+@dataclasses.dataclass(frozen=True)
+class _Item:
+    """A unit as the solver sees it (bytes and seconds as measured; peaks of the all-rebuild step)."""
 
-    Bytes are rounded up to buckets of ``capacity / _BUCKETS``, so a chosen set never
-    exceeds the capacity.
+    name: str
+    bytes: int  # what its graph keeps when stored
+    extra: int  # what storing it adds at its own backward over its rebuild's transient (F and G at once)
+    forward: int  # the all-rebuild step's peak from this unit's forward to the next unit's
+    backward: int  # ... from this unit's backward to the next one's (the unit before it)
+    seconds: float  # forward time: what storing it saves
+
+
+def _predicted_peak(items: list[_Item], stored: set[str], floor: int = 0) -> int:
+    """The step's peak with ``stored`` stored: at each moment the all-rebuild peak, plus the bytes
+    of the units stored before it (kept from their forward to their backward)."""
+    peak, kept = floor, 0
+    for it in items:
+        s = it.name in stored
+        peak = max(peak, it.forward + kept + (it.bytes if s else 0),
+                   it.backward + kept + (it.extra if s else 0))
+        kept += it.bytes if s else 0
+    return peak
+
+
+def _windows(units: list[tuple[str, str, nn.Module]], step: Callable[[], None], device: torch.device
+             ) -> tuple[int, dict[str, tuple[int, int]]]:
+    """The all-rebuild step's peak, and per unit its peaks in forward and in backward.
+
+    A unit's forward starts where F (or the recomputed unit) runs without a graph, its
+    backward where G (or the unit) runs again with one. Where the calls do not come as a
+    chain's do (each unit's forward in order, then each backward in reverse), every window
+    gets the whole step's peak: each stored unit then counts as kept through the peak.
     """
-    if capacity <= 0:
+    names = [name for name, _, _ in units]
+    marks: list[str] = []
+    mark: list[Callable[[str], None]] = [lambda _n: None]
+
+    def pre(_m: nn.Module, _a: Any, name: str, first: bool) -> None:
+        graph = torch.is_grad_enabled()
+        if graph != first:  # forward: the first part without a graph; backward: the last part with one
+            marks.append(("b:" if graph else "f:") + name)
+            mark[0](marks[-1])
+
+    hooks = []
+    for name, kind, unit in units:
+        first, last = (unit.f, unit.g) if kind == "block" else (unit, unit)
+        hooks.append(first.register_forward_pre_hook(lambda m_, a, n=name: pre(m_, a, n, True)))
+        hooks.append(last.register_forward_pre_hook(lambda m_, a, n=name: pre(m_, a, n, False)))
+
+    def work(m: Callable[[str], None]) -> None:
+        mark[0] = m
+        step()
+
+    try:
+        windows = window_peaks_of(work, device)
+    finally:
+        for h in hooks:
+            h.remove()
+    peak = max(p for _, p in windows)
+    expected = [f"f:{n}" for n in names] + [f"b:{n}" for n in reversed(names)]
+    if [n for n, _ in windows[1:]] != expected:
+        return peak, {n: (peak, peak) for n in names}
+    found = dict(windows[1:])
+    return peak, {n: (found[f"f:{n}"], found[f"b:{n}"]) for n in names}
+
+
+def _solve(items: list[_Item], limit: int) -> set[str]:
+    """Exact: the units whose storing saves the most seconds with :func:`_predicted_peak` within
+    ``limit``. A dynamic program over the chain whose state is the bytes stored so far, rounded
+    up to buckets of ``limit / _BUCKETS`` (so a chosen set never exceeds the limit)."""
+    if limit <= 0:
         return set()
-    if sum(b for _, b, _ in units) <= capacity:
-        return {n for n, _, _ in units}
-    size = max(1, math.ceil(capacity / _BUCKETS))
-    cap = capacity // size
-    weights = [math.ceil(b / size) for _, b, _ in units]
-    best = [0.0] * (cap + 1)
-    keep = [[False] * (cap + 1) for _ in units]
-    for i, ((_, _, value), w) in enumerate(zip(units, weights, strict=True)):
-        for c in range(cap, w - 1, -1):
-            if best[c - w] + value > best[c]:
-                best[c] = best[c - w] + value
-                keep[i][c] = True
-    chosen, c = set(), cap
-    for i in range(len(units) - 1, -1, -1):
-        if keep[i][c]:
-            chosen.add(units[i][0])
-            c -= weights[i]
-    return chosen
+    size = max(1, math.ceil(limit / _BUCKETS))
+    states: dict[int, tuple[float, tuple[str, ...]]] = {0: (0.0, ())}  # buckets kept -> best so far
+    for it in items:
+        nxt: dict[int, tuple[float, tuple[str, ...]]] = {}
+        w = math.ceil(it.bytes / size)
+        for at, (value, chosen) in states.items():
+            kept = at * size
+            options = []
+            if max(it.forward, it.backward) + kept <= limit:  # rebuilt
+                options.append((at, value, chosen))
+            if (max(it.forward + it.bytes, it.backward + it.extra) + kept <= limit
+                    and (at + w) * size <= limit):  # stored
+                options.append((at + w, value + it.seconds, (*chosen, it.name)))
+            for key, v, c in options:
+                if key not in nxt or v > nxt[key][0]:
+                    nxt[key] = (v, c)
+        states = nxt
+    if not states:
+        return set()
+    return set(max(states.values(), key=lambda v: v[0])[1])
 
 
-def _checked(items: list[tuple[str, int, float]], capacity: int, limit: int,
-             measured: Callable[[set[str]], int], seconds: dict[str, float]
+def _checked(items: list[_Item], limit: int, measured: Callable[[set[str]], int]
              ) -> tuple[set[str] | None, int]:
     """The fastest solution, among at most ``_TRIES`` measured ones, whose measured peak fits ``limit``.
 
-    The prediction (the all-rebuild peak plus each stored unit's bytes) is not exact: the
-    rebuild's transient and the stored activations need not peak together, so it errs
-    high, and a unit's bytes may share storage with its neighbour's. Each measured step
-    corrects the capacity by what it missed: down by the excess where it did not fit, up
-    by the room it left where it did (so a budget at plain autograd's peak stores every unit).
+    The prediction is not exact (a stored unit's graph and the step's transients need not
+    peak together, and neighbouring units may share storage), so each measured step corrects
+    the limit the solver sees by what the prediction missed: lower where the step needed more
+    than predicted, higher where it needed less (so a budget at plain autograd's peak stores
+    every unit).
     """
     best: tuple[set[str] | None, int] = (None, 0)
     tried: list[set[str]] = []
+    target = limit
+    value = {it.name: it.seconds for it in items}
     for _ in range(_TRIES):
-        chosen = _solve(items, capacity)
+        chosen = _solve(items, target)
         if chosen in tried:
             break
         tried.append(chosen)
         peak = measured(chosen)
         if peak <= limit:
-            if best[0] is None or sum(map(seconds.get, chosen)) > sum(map(seconds.get, best[0])):
+            if best[0] is None or sum(map(value.get, chosen)) > sum(map(value.get, best[0])):
                 best = (chosen, peak)
             if len(chosen) == len(items):
                 break
-        capacity += limit - peak
+        target = limit - (peak - _predicted_peak(items, chosen))
     return best
 
 
@@ -303,7 +385,8 @@ def plan(model: nn.Module, inputs: torch.Tensor, *, budget: int | str,
     Args:
         model: a model holding :class:`ReversibleSequence` s (and :class:`Recomputed` units).
         inputs: an example batch.
-        budget: activation bytes (an int, or a string such as ``"1.5GiB"``).
+        budget: activation bytes (an int, or a string such as ``"1.5GiB"``), or ``"min"``: the
+            all-rebuild step's peak, so that only what costs no memory at the peak is stored.
         loss_fn: ``loss_fn(output) -> scalar``; default ``output.float().square().mean()``.
         repeats: timed forwards per unit.
 
@@ -311,7 +394,8 @@ def plan(model: nn.Module, inputs: torch.Tensor, *, budget: int | str,
         ValueError: nothing to plan, or ``budget`` below what the all-rebuild step needs
             (the message names that minimum and the largest batch that would fit).
     """
-    limit = parse_bytes(budget) if isinstance(budget, str) else int(budget)
+    lowest = isinstance(budget, str) and budget.strip().lower() in _MIN
+    limit = 0 if lowest else parse_bytes(budget) if isinstance(budget, str) else int(budget)
     units = plan_units(model)
     if not units:
         raise ValueError(f"plan: {type(model).__name__} has no reversible blocks or recomputed units, so "
@@ -340,18 +424,20 @@ def plan(model: nn.Module, inputs: torch.Tensor, *, budget: int | str,
         t = time.perf_counter()
         step()  # timed outside the measurement, whose profiler costs a few percent
         rebuild_s = time.perf_counter() - t
-        minimum = measured(set())
+        model.zero_grad(set_to_none=True)
+        minimum, windows = _windows(units, step, device)
+        limit = minimum if lowest else limit
         stored_bytes = _bytes_per_unit(model, inputs, units)
         seconds = _forward_seconds(model, inputs, units, repeats)
-        all_stored = minimum + sum(stored_bytes.values())
+        items = [_Item(n, b, b - branch, *windows[n], seconds[n])
+                 for n, (b, branch) in ((n, stored_bytes[n]) for n, _, _ in units)]
         if limit < minimum:
             fits = max(0, batch * limit // max(minimum, 1))
             raise ValueError(
                 f"plan: budget {format_bytes(limit)} is below the smallest peak of this model's step, "
                 f"{format_bytes(minimum)} (every unit rebuilt) at batch {batch}. Fix: a budget of at "
-                f"least {format_bytes(minimum)}, or a batch of at most about {fits} (activation memory "
-                "grows with the batch).")
-        items = [(n, stored_bytes[n], seconds[n]) for n, _, _ in units]
+                f"least {format_bytes(minimum)} (or \"min\"), or a batch of at most about {fits} (activation "
+                "memory grows with the batch).")
         peaks = {frozenset(): minimum}
 
         def peak_of_plan(stored: set[str]) -> int:
@@ -359,14 +445,16 @@ def plan(model: nn.Module, inputs: torch.Tensor, *, budget: int | str,
                 peaks[frozenset(stored)] = measured(stored)
             return peaks[frozenset(stored)]
 
-        chosen, peak = _checked(items, limit - minimum, limit, peak_of_plan, seconds)
+        chosen, peak = _checked(items, limit, peak_of_plan)
         if chosen is None:
             chosen, peak = set(), minimum
-    decided = tuple(PlanUnit(n, kind, stored_bytes[n], seconds[n], n in chosen) for n, kind, _ in units)
-    return Plan(budget=limit, units=decided, minimum=minimum, all_stored=all_stored,
+    decided = tuple(PlanUnit(it.name, kind, it.bytes, it.seconds, it.name in chosen)
+                    for it, (_, kind, _) in zip(items, units, strict=True))
+    return Plan(budget=limit, units=decided, minimum=minimum,
+                all_stored=_predicted_peak(items, {it.name for it in items}, minimum),
                 rebuild_step_s=rebuild_s,
-                predicted_peak=minimum + sum(stored_bytes[n] for n in chosen),
-                predicted_step_s=max(0.0, rebuild_s - sum(seconds[n] for n in chosen)),
+                predicted_peak=_predicted_peak(items, chosen, minimum),
+                predicted_step_s=max(0.0, rebuild_s - sum(it.seconds for it in items if it.name in chosen)),
                 measured_peak=peak, batch=batch)
 
 

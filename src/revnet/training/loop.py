@@ -317,4 +317,5 @@ def _summarize(run: Run, wall: float, interrupted: bool) -> dict[str, Any]:
         "image_size": run.train.dataset.image_size[0], "in_chans": run.train.dataset.in_chans,
         "device": str(run.device), "torch": torch.__version__, "config": asdict(run.config),
         "world_size": run.dist.world_size,
+        "stored": run.plan.stored if run.plan is not None else [],  # units --memory-budget stored
     }

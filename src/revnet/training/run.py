@@ -19,6 +19,7 @@ from torch import nn
 from ..engine import Plan, plan, set_exact, set_reversible
 from ..engine import compile as revnet_compile
 from ..engine.peak import keep_freed_memory
+from ..engine.planner import plan_units
 from ..models import create_model
 from .config import NORMS, TrainConfig
 from .datasets import load_dataset
@@ -130,7 +131,7 @@ def _compile_problem(backend: str, device: torch.device) -> str | None:
 
 def plan_memory(model: nn.Module, config: TrainConfig, device: torch.device, shape: tuple[int, ...],
                 num_classes: int) -> Plan:
-    """``--memory-budget``: plans on a batch of the run's shape, in its precision, and applies it.
+    """``--memory-budget``: the plan on a batch of the run's shape, in its precision (not applied).
 
     ``auto`` (CUDA): 90% of the device memory free now, less the optimizer's share (one
     gradient and up to two moments per parameter) that the step's activations must leave.
@@ -148,9 +149,7 @@ def plan_memory(model: nn.Module, config: TrainConfig, device: torch.device, sha
     x = to_layout(torch.randn(shape, generator=g, device=device), config)
     y = torch.randint(0, num_classes, shape[:1], generator=g, device=device)
     with autocast(device, config.amp):
-        result = plan(model, x, budget=budget, loss_fn=lambda out: F.cross_entropy(out.float(), y))
-    result.apply(model)
-    return result
+        return plan(model, x, budget=budget, loss_fn=lambda out: F.cross_entropy(out.float(), y))
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -196,9 +195,14 @@ def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
     if info.is_main:
         log.info("precision: %s (%s)", config.amp, config.amp_reason or "asked for")
     plan = None
+    if config.memory_budget == "min" and not (config.reversible and plan_units(model)):
+        config = dataclasses.replace(config, memory_budget=None)  # plain autograd: nothing to plan
     if config.memory_budget:  # before compiling: the plan's modes are what gets compiled
         shape = (per_rank // config.accum_steps, train_ds.in_chans, *train_ds.image_size)
-        plan = plan_memory(model, config, device, shape, train_ds.num_classes)
+        # Every rank applies rank 0's plan: DDP's ranks run the same graph.
+        plan = info.broadcast(plan_memory(model, config, device, shape, train_ds.num_classes)
+                              if info.is_main else None)
+        plan.apply(model)
         if info.is_main:
             log.info("%s", plan)
     if config.compile:
