@@ -371,6 +371,22 @@ def test_compile_flags(tmp_path):
         TrainConfig(compile="")
 
 
+def test_memory_budget_flags(tmp_path):
+    """The main job plans at "min" unless told otherwise (regression: an absent flag read as "none")."""
+    from revnet.cli import build_parser
+    from revnet.cli.train import _train_config
+
+    def parsed(*flags):
+        return _train_config(build_parser().parse_args(["train", *flags, "--out", str(tmp_path / "x")]))
+
+    assert parsed().memory_budget == "min"
+    assert parsed("--memory-budget", "none").memory_budget is None
+    assert parsed("--memory-budget", "None").memory_budget is None
+    assert parsed("--memory-budget", "2GiB").memory_budget == "2GiB"
+    assert parsed("--recipe", "fashion-mnist-long").memory_budget is None
+    assert parsed("--no-reversible").memory_budget == "min"  # allowed; plain autograd plans nothing
+
+
 def test_training_keeps_freed_host_memory_for_the_next_step(tmp_path, monkeypatch):
     """A run keeps freed memory in the process (engine.peak.keep_freed_memory): without it, each
     large step had its memory faulted in again (RevNet-164 b128 plain: 5.6 -> 2.9 s with it)."""

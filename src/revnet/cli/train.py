@@ -122,7 +122,7 @@ def _train_config(args: argparse.Namespace) -> Any:
     given = {k: v for k, v in given.items() if v is not None}
     if given.get("compile") == "":  # --no-compile
         given["compile"] = None
-    if str(given.get("memory_budget")).lower() == "none":  # every block rebuilt, whatever the recipe says
+    if str(given.get("memory_budget", "")).lower() == "none":  # every block rebuilt, whatever the recipe says
         given["memory_budget"] = None
     if args.resume:
         if "out" not in given:
