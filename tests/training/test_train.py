@@ -90,7 +90,6 @@ def test_memory_budget_min_stores_only_what_fits_under_the_all_rebuild_peak(tmp_
     text = (tmp_path / "run" / "plan.txt").read_text()
     plan_line = text.splitlines()[0]
     assert summary["stored"] and len(summary["stored"]) < 9 and "units stored" in plan_line
-    assert RECIPES["fashion-mnist"]["memory_budget"] == "min"  # the main job's
     # Plain autograd has nothing to rebuild: "min" plans nothing there (explicit sizes are refused).
     plain = fit(tiny(tmp_path, name="plain", memory_budget="min", reversible=False, steps=2))
     assert plain["stored"] == [] and not (tmp_path / "plain" / "plan.txt").exists()
@@ -372,19 +371,24 @@ def test_compile_flags(tmp_path):
 
 
 def test_memory_budget_flags(tmp_path):
-    """The main job plans at "min" unless told otherwise (regression: an absent flag read as "none")."""
+    """``none`` overrides a recipe's budget (regression: an absent flag read as "none")."""
     from revnet.cli import build_parser
     from revnet.cli.train import _train_config
 
     def parsed(*flags):
         return _train_config(build_parser().parse_args(["train", *flags, "--out", str(tmp_path / "x")]))
 
-    assert parsed().memory_budget == "min"
-    assert parsed("--memory-budget", "none").memory_budget is None
+    assert parsed().memory_budget is None
+    assert parsed("--memory-budget", "min").memory_budget == "min"
     assert parsed("--memory-budget", "None").memory_budget is None
     assert parsed("--memory-budget", "2GiB").memory_budget == "2GiB"
-    assert parsed("--recipe", "fashion-mnist-long").memory_budget is None
-    assert parsed("--no-reversible").memory_budget == "min"  # allowed; plain autograd plans nothing
+    assert parsed("--no-reversible", "--memory-budget", "min").memory_budget == "min"  # plans nothing
+    RECIPES["budgeted"] = dict(memory_budget="min")
+    try:
+        assert parsed("--recipe", "budgeted").memory_budget == "min"
+        assert parsed("--recipe", "budgeted", "--memory-budget", "none").memory_budget is None
+    finally:
+        del RECIPES["budgeted"]
 
 
 def test_training_keeps_freed_host_memory_for_the_next_step(tmp_path, monkeypatch):
