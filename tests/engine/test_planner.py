@@ -169,6 +169,23 @@ def test_planning_leaves_glibcs_thresholds_alone(monkeypatch):
     assert p.measured_peak > 0 and calls == []
 
 
+def test_the_all_rebuild_step_is_split_at_each_units_forward_and_backward():
+    from revnet.engine.planner import _windows, plan_units
+
+    torch.manual_seed(0)
+    model = revnet.create_model("revnet38")
+    x = torch.randn(16, 3, 16, 16)
+    units = plan_units(model)
+    peak, w = _windows(units, lambda: model(x).square().mean().backward(), torch.device("cpu"))
+    assert list(w) == [n for n, _, _ in units] and max(max(v) for v in w.values()) == peak
+    # The first stage's backward is where the step peaks; the last stage's is lower.
+    first, last = units[0][0], units[-1][0]
+    assert w[first][1] == peak > w[last][1]
+    # Work that does not run the units as a chain: every window is given the whole peak.
+    peak, w = _windows(units, lambda: torch.ones(1 << 20), torch.device("cpu"))
+    assert peak >= 4 << 20 and all(v == (peak, peak) for v in w.values())
+
+
 def test_attributing_bytes_holds_one_branch_not_the_whole_graph():
     """Regression: the pass that attributes stored bytes to units kept every unit's graph, as
     large as plain autograd's, which a model planned for a smaller budget cannot afford."""

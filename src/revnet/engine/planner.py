@@ -279,14 +279,12 @@ def _windows(units: list[tuple[str, str, nn.Module]], step: Callable[[], None], 
     gets the whole step's peak: each stored unit then counts as kept through the peak.
     """
     names = [name for name, _, _ in units]
-    marks: list[str] = []
-    mark: list[Callable[[str], None]] = [lambda _n: None]
+    mark: list[Callable[[str], None]] = [lambda _n: None]  # window_peaks_of's, once it runs
 
     def pre(_m: nn.Module, _a: Any, name: str, first: bool) -> None:
         graph = torch.is_grad_enabled()
         if graph != first:  # forward: the first part without a graph; backward: the last part with one
-            marks.append(("b:" if graph else "f:") + name)
-            mark[0](marks[-1])
+            mark[0](("b:" if graph else "f:") + name)
 
     hooks = []
     for name, kind, unit in units:
