@@ -18,11 +18,13 @@ from revnet.engine.planner import _Item, _predicted_peak, _solve
 
 def test_solver_is_exact_against_brute_force():
     """Over random chains: the dynamic program finds the best set whose predicted peak (each
-    moment's all-rebuild peak plus the bytes stored before it) fits, as trying every set does."""
+    moment's all-rebuild peak plus the bytes stored before it, and what a stored unit after a
+    rebuilt one keeps besides) fits, as trying every set does."""
     rng = random.Random(0)
     for _ in range(60):
         items = [_Item(f"u{i}", b := rng.randint(1, 50), rng.randint(0, b), rng.randint(0, 60),
-                       rng.randint(0, 60), rng.random()) for i in range(rng.randint(1, 8))]
+                       rng.randint(0, 60), rng.random(), rng.choice([0, rng.randint(1, 20)]))
+                 for i in range(rng.randint(1, 8))]
         limit = rng.randint(0, 200)
         subsets = [set(s) for r in range(len(items) + 1)
                    for s in itertools.combinations([it.name for it in items], r)]
@@ -142,7 +144,7 @@ def test_planning_again_and_again_holds_no_memory():
         model = revnet.create_model("revnet38")
         x = torch.randn(64, 3, 16, 16)
         units = plan_units(model)
-        per_call = sum(b for b, _ in _bytes_per_unit(model, x, units).values())
+        per_call = sum(b for b, *_ in _bytes_per_unit(model, x, units).values())
         before = proc_status("VmRSS")
         for _ in range(3):
             _bytes_per_unit(model, x, units)
@@ -167,6 +169,27 @@ def test_planning_leaves_glibcs_thresholds_alone(monkeypatch):
     monkeypatch.setattr(peak, "_libc", Libc)
     p = revnet.plan(revnet.create_model("revnet38"), torch.randn(8, 3, 8, 8), budget="1GiB")
     assert p.measured_peak > 0 and calls == []
+
+
+def test_a_coupling_stored_after_a_rebuilt_one_keeps_the_chains_output_too():
+    """Regression: the chain before a stored coupling keeps its output (the stored block's input)
+    for the rebuild to restart from; its graph holds one half of that, the prediction missed the
+    other, and a plan at the minimum measured 2 MiB over (RevNet-110)."""
+    items = [_Item("a", 10, 0, 50, 50, 0.5), _Item("b", 10, 0, 50, 50, 1.0, entry=4),
+             _Item("c", 10, 0, 50, 50, 1.0, entry=4)]
+    assert _predicted_peak(items, {"b"}) == 64 and _predicted_peak(items, {"a", "b"}) == 70
+    assert _predicted_peak(items, {"b", "c"}) == 74 and _predicted_peak(items, {"a", "c"}) == 74
+    assert _solve(items, 63) == {"a"} and _solve(items, 64) in ({"b"}, {"c"})
+    assert _solve(items, 70) == {"a", "b"} and _solve(items, 74) == {"b", "c"}
+
+    model = revnet.create_model("revnet38")
+    p = revnet.plan(model, torch.randn(16, 3, 16, 16), budget="1GiB")
+    from revnet.engine.planner import _bytes_per_unit, plan_units
+
+    got = _bytes_per_unit(model, torch.randn(16, 3, 16, 16), plan_units(model))
+    # A first-stage coupling's F takes half of 32 channels at 16x16 (float32); openers take none.
+    assert got["stages.0.0.couplings.1"][2] == 16 * 16 * 16 * 16 * 4 and got["stages.1.0"][2] == 0
+    assert p.measured_peak <= p.budget
 
 
 def test_the_all_rebuild_step_is_split_at_each_units_forward_and_backward():
@@ -197,8 +220,8 @@ def test_attributing_bytes_holds_one_branch_not_the_whole_graph():
     units = plan_units(model)
     got = {}
     peak = allocated_peak_of(lambda: got.update(_bytes_per_unit(model, x, units)))
-    total, largest = sum(b for b, _ in got.values()), max(b for b, _ in got.values())
-    assert all(b >= branch > 0 for b, branch in got.values())
+    total, largest = sum(b for b, *_ in got.values()), max(b for b, *_ in got.values())
+    assert all(b >= branch > 0 for b, branch, _ in got.values())
     assert peak < 2 * largest < total
 
 

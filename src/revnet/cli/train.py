@@ -38,8 +38,8 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--memory-budget", "memory_budget", {
         "metavar": "SIZE", "help": "store the blocks that fit SIZE of activation memory (e.g. 1.5GiB; auto: "
                                    "what the GPU has free; min: no more than rebuilding every block needs; "
-                                   "none: rebuild every block, whatever the recipe says) and rebuild the rest: "
-                                   "revnet.plan, once before training; the plan goes to plan.txt"}),
+                                   "none: rebuild every block, whatever the recipe says) and rebuild the "
+                                   "rest: revnet.plan, once before training; the plan goes to plan.txt"}),
     ("--optimizer", "optimizer", {"choices": ["sgd", "adamw"],
                                   "help": "sgd (Nesterov momentum; default) or adamw (transformer recipes)"}),
     ("--momentum", "momentum", {"type": float, "help": "SGD momentum; AdamW's beta1"}),

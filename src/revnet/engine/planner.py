@@ -44,7 +44,7 @@ from .sizes import format_bytes, parse_bytes
 
 __all__ = ["Plan", "PlanUnit", "plan", "plan_units", "set_stored"]
 
-_BUCKETS = 4096  # resolution of the knapsack over the free bytes
+_BUCKETS = 4096  # resolution of the dynamic program over the stored bytes
 _TRIES = 4  # measured steps of candidate plans
 _MIN = ("min", "minimum")  # budget: the all-rebuild step's peak (store what costs no memory)
 
@@ -158,9 +158,10 @@ def _kept_modes(model: nn.Module) -> Iterator[None]:
 
 
 def _bytes_per_unit(model: nn.Module, inputs: torch.Tensor, units: list[tuple[str, str, nn.Module]]
-                    ) -> dict[str, tuple[int, int]]:
-    """What each unit's graph keeps when stored, and the most of that one of its branches (F or G)
-    keeps: a forward with every unit stored, the saved tensors attributed to the module running
+                    ) -> dict[str, tuple[int, int, int]]:
+    """What each unit's graph keeps when stored, the most of that one of its branches (F or G)
+    keeps, and the bytes of the half of the stream a coupling's F takes (0 for other units):
+    a forward with every unit stored, the saved tensors attributed to the module running
     when they were saved (each storage counted once per branch: a tensor two branches save, such
     as one's output that the next takes in, counts in both, as each alone stored would keep it).
 
@@ -173,6 +174,7 @@ def _bytes_per_unit(model: nn.Module, inputs: torch.Tensor, units: list[tuple[st
     held: list[torch.Tensor] = []  # the running branch's saved tensors, alive while it runs
     current: list[tuple[str, int]] = []
     counts = {name: [0, 0] for name, _, _ in units}
+    halves = {name: 0 for name, _, _ in units}
 
     def pack(t: torch.Tensor) -> None:
         ptr = t.untyped_storage().data_ptr()
@@ -182,17 +184,24 @@ def _bytes_per_unit(model: nn.Module, inputs: torch.Tensor, units: list[tuple[st
             name, part = current[-1]
             counts[name][part] += t.untyped_storage().nbytes()
 
-    def enter(_m: nn.Module, _a: Any, key: tuple[str, int]) -> None:
+    def enter(_m: nn.Module, args: Any, key: tuple[str, int], half: bool) -> None:
         current.append(key)
+        if half and args and isinstance(args[0], torch.Tensor):
+            x = args[0]  # under autocast, the float32 half cast to the autocast dtype (Coupling._run)
+            cast = torch.is_autocast_enabled(x.device.type) and x.dtype == torch.get_autocast_dtype(
+                x.device.type)
+            halves[key[0]] = x.numel() * (4 if cast else x.element_size())
 
     def leave(_m: nn.Module, _a: Any, _o: Any) -> None:  # a hook's return value would replace the output
         seen.clear()  # the branch's saved tensors are freed now: a later one may take their address
         held.clear()
         current.pop()
 
+    blocks = {name for name, kind, _ in units if kind == "block"}
     hooks = []
     for m, name, part in _watched(units):
-        hooks.append(m.register_forward_pre_hook(lambda m_, a, k=(name, part): enter(m_, a, k)))
+        hooks.append(m.register_forward_pre_hook(
+            lambda m_, a, k=(name, part), h=(name in blocks and part == 0): enter(m_, a, k, h)))
         hooks.append(m.register_forward_hook(leave))
     set_stored(model, {name for name, _, _ in units})
     try:
@@ -203,7 +212,7 @@ def _bytes_per_unit(model: nn.Module, inputs: torch.Tensor, units: list[tuple[st
         held.clear()
         for h in hooks:
             h.remove()
-    return {name: (sum(c), max(c)) for name, c in counts.items()}
+    return {name: (sum(c), max(c), halves[name]) for name, c in counts.items()}
 
 
 def _forward_seconds(model: nn.Module, inputs: torch.Tensor, units: list[tuple[str, str, nn.Module]],
@@ -255,17 +264,22 @@ class _Item:
     forward: int  # the all-rebuild step's peak from this unit's forward to the next unit's
     backward: int  # ... from this unit's backward to the next one's (the unit before it)
     seconds: float  # forward time: what storing it saves
+    # Kept besides, stored after a rebuilt unit: the chain before it keeps its output for the
+    # rebuild to restart from, the half its graph does not hold (a coupling after a coupling).
+    entry: int = 0
 
 
 def _predicted_peak(items: list[_Item], stored: set[str], floor: int = 0) -> int:
     """The step's peak with ``stored`` stored: at each moment the all-rebuild peak, plus the bytes
     of the units stored before it (kept from their forward to their backward)."""
-    peak, kept = floor, 0
+    peak, kept, before = floor, 0, False
     for it in items:
         s = it.name in stored
-        peak = max(peak, it.forward + kept + (it.bytes if s else 0),
-                   it.backward + kept + (it.extra if s else 0))
-        kept += it.bytes if s else 0
+        entry = it.entry if s and not before else 0
+        peak = max(peak, it.forward + kept + (it.bytes + entry if s else 0),
+                   it.backward + kept + (it.extra + entry if s else 0))
+        kept += it.bytes + entry if s else 0
+        before = s
     return peak
 
 
@@ -312,22 +326,25 @@ def _windows(units: list[tuple[str, str, nn.Module]], step: Callable[[], None], 
 def _solve(items: list[_Item], limit: int) -> set[str]:
     """Exact: the units whose storing saves the most seconds with :func:`_predicted_peak` within
     ``limit``. A dynamic program over the chain whose state is the bytes stored so far, rounded
-    up to buckets of ``limit / _BUCKETS`` (so a chosen set never exceeds the limit)."""
+    up to buckets of ``limit / _BUCKETS`` (so a chosen set never exceeds the limit), and whether
+    the unit before was stored."""
     if limit <= 0:
         return set()
     size = max(1, math.ceil(limit / _BUCKETS))
-    states: dict[int, tuple[float, tuple[str, ...]]] = {0: (0.0, ())}  # buckets kept -> best so far
+    # (buckets kept, unit before stored) -> (seconds saved, units stored): the best so far
+    states: dict[tuple[int, bool], tuple[float, tuple[str, ...]]] = {(0, False): (0.0, ())}
     for it in items:
-        nxt: dict[int, tuple[float, tuple[str, ...]]] = {}
-        w = math.ceil(it.bytes / size)
-        for at, (value, chosen) in states.items():
+        nxt: dict[tuple[int, bool], tuple[float, tuple[str, ...]]] = {}
+        for (at, before), (value, chosen) in states.items():
             kept = at * size
             options = []
             if max(it.forward, it.backward) + kept <= limit:  # rebuilt
-                options.append((at, value, chosen))
-            if (max(it.forward + it.bytes, it.backward + it.extra) + kept <= limit
+                options.append(((at, False), value, chosen))
+            entry = 0 if before else it.entry
+            w = math.ceil((it.bytes + entry) / size)
+            if (max(it.forward + it.bytes + entry, it.backward + it.extra + entry) + kept <= limit
                     and (at + w) * size <= limit):  # stored
-                options.append((at + w, value + it.seconds, (*chosen, it.name)))
+                options.append(((at + w, True), value + it.seconds, (*chosen, it.name)))
             for key, v, c in options:
                 if key not in nxt or v > nxt[key][0]:
                     nxt[key] = (v, c)
@@ -364,6 +381,11 @@ def _checked(items: list[_Item], limit: int, measured: Callable[[set[str]], int]
                 break
         target = limit - (peak - _predicted_peak(items, chosen))
     return best
+
+
+def _same_sequence(a: tuple[str, str, nn.Module], b: tuple[str, str, nn.Module]) -> bool:
+    """Whether units ``a`` and ``b`` are couplings of one :class:`ReversibleSequence`."""
+    return a[1] == b[1] == "block" and a[0].rsplit(".", 1)[0] == b[0].rsplit(".", 1)[0]
 
 
 def _square_mean(output: torch.Tensor) -> torch.Tensor:
@@ -427,8 +449,9 @@ def plan(model: nn.Module, inputs: torch.Tensor, *, budget: int | str,
         limit = minimum if lowest else limit
         stored_bytes = _bytes_per_unit(model, inputs, units)
         seconds = _forward_seconds(model, inputs, units, repeats)
-        items = [_Item(n, b, b - branch, *windows[n], seconds[n])
-                 for n, (b, branch) in ((n, stored_bytes[n]) for n, _, _ in units)]
+        items = [_Item(n, b, b - branch, *windows[n], seconds[n],
+                       entry=half if i and _same_sequence(units[i - 1], units[i]) else 0)
+                 for i, (n, (b, branch, half)) in enumerate((n, stored_bytes[n]) for n, _, _ in units)]
         if limit < minimum:
             fits = max(0, batch * limit // max(minimum, 1))
             raise ValueError(
