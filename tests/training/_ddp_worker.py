@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import revnet
 import revnet.training.loop as loop_mod
+import revnet.training.run as run_mod
 from revnet import create_model
 from revnet.cli import main as cli_main
 from revnet.engine.planner import plan_units, set_stored
@@ -136,6 +137,14 @@ def scenarios(out: Path) -> None:
         t = time.perf_counter()
         results[name] = fit(config(out, name, **kw))
         timings[name] = time.perf_counter() - t
+    # --memory-budget: rank 0 plans and every rank applies its plan; rank 1 must not plan at all.
+    planner = run_mod.plan_memory
+    if rank == 1:
+        def refuse(*_a, **_k):
+            raise AssertionError("rank 1 planned: ranks must apply rank 0's plan")
+        run_mod.plan_memory = refuse
+    results["planned"] = fit(config(out, "planned", memory_budget="min", norm="batch"))
+    run_mod.plan_memory = planner
     real = loop_mod._train_step
     stop_on_rank1_at(2)
     results["stop"] = fit(config(out, "stop"))

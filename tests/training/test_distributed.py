@@ -160,6 +160,14 @@ def test_rank_zero_alone_logs_and_writes(ddp):
     assert not list(out.rglob("*.tmp"))
 
 
+def test_every_rank_applies_rank_zeros_memory_plan(ddp):
+    """Rank 1 plans nothing (the worker makes it fail if it tries) and stores what rank 0 chose."""
+    out, r0, r1, _ = ddp
+    assert r0["planned"]["step"] == r1["planned"]["step"] == 4
+    assert r0["planned"]["stored"] == r1["planned"]["stored"]
+    assert (out / "planned" / "plan.txt").is_file()
+
+
 def test_batchnorm_statistics_do_not_diverge_between_ranks(ddp):
     """Each rank updates its running statistics with its own samples; evaluation (sharded over
     ranks) must use rank 0's, those in the checkpoint: the DDP figures equal one process's

@@ -184,8 +184,7 @@ def allocated_peak_of(work: Callable[[], object]) -> int:
     Memory allocated before ``work()`` and freed during it is not subtracted (the profiler
     knows no sizes for it), so the figure errs high, never low.
     """
-    result = _recording(work)
-    events, _ = _allocations(result)
+    events, _ = _allocations(_recording(work))
     if not events:
         return 0
     _, size, total = events[0]
@@ -209,9 +208,10 @@ def _recording(work: Callable[[], object]) -> Any:
     return result
 
 
-def _allocations(result: Any, marked: str = "\0") -> tuple[list[tuple[int, int, int]], list[tuple[int, str]]]:
+def _allocations(result: Any, marked: str = "") -> tuple[list[tuple[int, int, int]], list[tuple[int, str]]]:
     """CPU allocation events ``(time_ns, size, total after)`` in time order, and the ranges
-    whose names start with ``marked`` as ``(time_ns, name)``, from a profiler's result."""
+    whose names start with ``marked`` as ``(time_ns, name)`` (none if ``marked`` is empty),
+    from a profiler's result."""
     from torch._C._profiler import _EventType
 
     events, marks, stack = [], [], list(result.experimental_event_tree())
@@ -219,7 +219,7 @@ def _allocations(result: Any, marked: str = "\0") -> tuple[list[tuple[int, int, 
         e = stack.pop()
         if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
             events.append((e.start_time_ns, e.extra_fields.alloc_size, e.extra_fields.total_allocated))
-        elif e.name.startswith(marked):
+        elif marked and e.name.startswith(marked):
             marks.append((e.start_time_ns, e.name[len(marked):]))
         stack.extend(e.children)
     events.sort()
