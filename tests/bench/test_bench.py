@@ -70,6 +70,17 @@ def test_saved_bytes_resnet_grows_revnet_flat():
         memory.memory_point("resnet", 2, batch=2, image_size=8, grads="some")
 
 
+def test_memory_point_measures_the_step_in_the_runs_precision():
+    # Under bf16 autocast the convolutions save bf16 inputs: plain autograd keeps fewer bytes
+    # (0.65x at this size; at a tiny batch the weights' bf16 copies, also saved, would dominate).
+    f32 = memory.memory_point("revnet-plain", 2, batch=8, image_size=32)
+    bf16 = memory.memory_point("revnet-plain", 2, batch=8, image_size=32, amp="bf16")
+    assert bf16["amp"] == "bf16" and f32["amp"] == "none"
+    assert bf16["saved_bytes"] < 0.75 * f32["saved_bytes"]
+    with pytest.raises(ValueError, match="amp must be one of none, bf16, fp16"):
+        memory.memory_point("revnet", 2, batch=2, image_size=8, amp="float16")
+
+
 @pytest.fixture(scope="module")
 def cli_sweep(tmp_path_factory):
     """`revnet bench memory` on four points, each in a fresh process (about two seconds each)."""

@@ -98,6 +98,9 @@ def test_memory_budget_min_stores_only_what_fits_under_the_all_rebuild_peak(tmp_
     _memory_report(tiny(tmp_path, batch_size=8), 8, 3, summary["stored"])
     out = capsys.readouterr().out
     assert f"reversible ({len(summary['stored'])} units stored by the plan)" in out and "x less" in out
+    assert "autocast" not in out
+    _memory_report(tiny(tmp_path, batch_size=8, amp="bf16"), 8, 3, [])  # in the run's precision
+    assert "(VmHWM-VmRSS, bf16 autocast): reversible " in capsys.readouterr().out
 
 
 def _interrupt_at(monkeypatch, at_step: int) -> None:

@@ -44,13 +44,16 @@ from .modes import (
 
 __all__ = ["measure", "memory_point", "memory_sweep", "step_memory"]
 
+_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # memory_point's amp -> autocast dtype
+
+
 def _drop_grad(p: torch.Tensor) -> None:
     p.grad = None  # post-accumulate-grad hook: gradients leave the measurement at once
 
 
 def step_memory(
     model: nn.Module, inputs: torch.Tensor, loss_fn: Callable[[Any], torch.Tensor] | None = None, *,
-    grads: str = "freed", warmup_inputs: torch.Tensor | None = None,
+    grads: str = "freed", warmup_inputs: torch.Tensor | None = None, autocast: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Memory of one training step of any model, in this process: forward, ``loss_fn``, backward.
 
@@ -70,6 +73,8 @@ def step_memory(
             flight: the activation measurement. ``"kept"``: gradients stay, as in an
             ordinary step: what the step needs in all.
         warmup_inputs: batch of the warm-up step.
+        autocast: run the forward and ``loss_fn`` under ``torch.autocast`` in this dtype (as a
+            training step with ``--amp bf16``/``fp16`` does); backward runs outside it.
 
     Returns:
         ``peak_bytes`` (the step's peak above the level before it), ``grad_bytes`` (the
@@ -87,7 +92,8 @@ def step_memory(
 
     def step(saved: SavedBytes | None = None, x: torch.Tensor = inputs) -> None:
         # Only the forward is counted: what backward recomputes and frees is not kept.
-        with saved if saved is not None else contextlib.nullcontext():
+        cast = torch.autocast(dev.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+        with saved if saved is not None else contextlib.nullcontext(), cast:
             loss = loss_fn(model(x))
         loss.backward()
 
@@ -125,7 +131,7 @@ def memory_point(
     kind: str, units: int | None = None, *, model: str | None = None, block: str = "basic",
     batch: int = 32, image_size: int = 32, in_chans: int = 3, warmup_batch: int | None = None,
     grads: str = "freed", device: str = "cpu", dtype: str = "float32", seed: int = 0, exact: bool = False,
-    compile: str | None = None, stored: Sequence[str] = (),
+    compile: str | None = None, stored: Sequence[str] = (), amp: str = "none",
 ) -> dict[str, Any]:
     """Memory of one training step (forward, cross-entropy, backward) of a zoo network, in this process.
 
@@ -142,7 +148,11 @@ def memory_point(
         compile: a torch.compile backend: the network under :func:`revnet.compile` (the
             warm-up step compiles; ``revnet`` and ``revnet-plain`` kinds, and ``resnet``).
         stored: units stored in a reversible kind (names as in a :class:`revnet.Plan`).
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"``: the forward under autocast in that dtype, as
+            ``revnet train --amp`` runs it.
     """
+    if amp not in _AMP:
+        raise ValueError(f"memory_point: amp must be one of {', '.join(_AMP)}, got {amp!r}.")
     torch.manual_seed(seed)
     net = build(kind, units, model=model, block=block, in_chans=in_chans, device=device,
                 dtype=getattr(torch, dtype), image_size=image_size if family_of(kind) == "vit" else None)
@@ -160,14 +170,14 @@ def memory_point(
             set_stored(net, stored)
         warm_x, warm_y = make_batch(net, warmup_batch or batch, image_size, in_chans)
         labels = {len(warm_y): warm_y, len(y): y}  # by batch size: the warm-up's may differ
-        result = step_memory(net, x, lambda out: F.cross_entropy(out, labels[out.shape[0]]), grads=grads,
-                             warmup_inputs=warm_x)
+        result = step_memory(net, x, lambda out: F.cross_entropy(out.float(), labels[out.shape[0]]),
+                             grads=grads, warmup_inputs=warm_x, autocast=_AMP[amp])
     result["total_bytes"] += nbytes(y)  # the batch: images and labels
     return {
         "kind": kind, "units": units, "model": model, "block": block,
         "depth": depth_of(kind, units, block) if model is None else _model_depth(model, net),
         "batch": batch, "image_size": image_size, "in_chans": in_chans, "device": device,
-        "dtype": dtype, "exact": exact, "compile": compile, "stored": list(stored), **result,
+        "dtype": dtype, "amp": amp, "exact": exact, "compile": compile, "stored": list(stored), **result,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
     }
 

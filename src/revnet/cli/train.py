@@ -219,8 +219,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"run directory: {config.out} (curves.png, metrics.jsonl, summary.json, best.pt)")
     if args.memory_report:  # one process's step: its share of the batch, one micro-batch
         micro = config.batch_size // (summary["world_size"] * config.accum_steps)
-        _memory_report(dataclasses.replace(config, batch_size=micro, accum_steps=1),
-                       summary["image_size"], summary["in_chans"], summary.get("stored", []))
+        measured = dataclasses.replace(config, batch_size=micro, accum_steps=1, amp=summary["config"]["amp"])
+        _memory_report(measured, summary["image_size"], summary["in_chans"], summary.get("stored", []))
     return 0
 
 
@@ -228,13 +228,14 @@ def _memory_report(config: Any, image_size: int, in_chans: int, stored: list[str
     """What reversibility saved: activation memory of one training step, reversible vs plain.
 
     Each side is measured in a fresh process (revnet.bench.memory.measure), as `revnet bench memory` does;
-    the reversible side with the units the run's memory plan stored (``stored``) stored.
+    the reversible side with the units the run's memory plan stored (``stored``) stored, both in
+    the run's precision (``config.amp`` as resolved at its start).
     """
     if not config.model.startswith("rev"):
         return
     kind = "revvit" if "vit" in config.model else "revnet"
     point = {"model": config.model, "batch": config.batch_size, "image_size": image_size,
-             "in_chans": in_chans, "exact": config.exact,
+             "in_chans": in_chans, "exact": config.exact, "amp": config.amp,
              "device": str(resolve_device(config.device))}
     try:
         rev = measure(kind=kind, stored=stored, **point)
@@ -243,7 +244,9 @@ def _memory_report(config: Any, image_size: int, in_chans: int, stored: list[str
         print(f"(activation memory comparison skipped: {e})", file=sys.stderr)
         return
     a, b = rev["activation_bytes"], plain["activation_bytes"]
+    precision = "" if config.amp == "none" else f", {config.amp} autocast"
+    planned = f" ({len(stored)} units stored by the plan)" if stored else ""
     print(f"activation memory of one {config.model} training step at batch {config.batch_size} "
-          f"({rev['method']}): reversible{f' ({len(stored)} units stored by the plan)' if stored else ''} "
+          f"({rev['method']}{precision}): reversible{planned} "
           f"{format_bytes(a)} vs plain backprop "
           f"{format_bytes(b)}: {b / max(a, 1):.1f}x less, {format_bytes(b - a)} saved")
