@@ -368,6 +368,14 @@ def test_frontier_checks_reads_the_targets_off_the_points():
     r["points"]["plan@1"].update(times_s=[0.61, 0.90, 0.62], median_s=0.62)
     r["points"]["revnet-plain"].update(times_s=[0.60, 0.88, 0.64], median_s=0.64)
     assert budget.frontier_checks(r)["stored_vs_plain"] == pytest.approx(0.61 / 0.60)  # medians: 0.97
+    # The line too, each round against its own ends: plan@0.5 in a round where everything ran 1.5x
+    # slower is on that round's line, not 1.35 / 0.8 above the medians' line.
+    for name, times in (("revnet", [1.0, 1.5, 1.0]), ("revnet-plain", [0.6, 0.9, 0.6]),
+                        ("plan@0.5", [0.76, 1.2, 0.84])):
+        r["points"][name].update(times_s=times, median_s=sorted(times)[1])
+    excess = budget.frontier_checks(r)["line_excess"]["plan@0.5"]
+    assert excess == pytest.approx((0.0, (0.76 / 0.8 - 1) / 2, (0.84 / 0.8 - 1) / 2))  # median, quartiles
+    assert "plan@0.5" not in budget.frontier_checks(r)["above_line"]
     meta = {"command": "revnet bench report", "environment": environment.environment(),
             "loadavg_end": (0.0, 0.0, 0.0), "minutes": 1.0}
     cap = {"config": {"budget_bytes": 2**20, "depth_batch": 2, "verify_max_batch": 8, "verify_max_units": 1},

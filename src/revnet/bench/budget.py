@@ -106,8 +106,11 @@ def frontier_checks(result: dict[str, Any]) -> dict[str, Any]:
       round ran seconds apart; the machine's drift between rounds cancels);
     - ``over_budget``: plans between the ends whose measured activation memory exceeds their
       budget, by how many bytes;
-    - ``above_line``: plans between the ends slower than the straight line from all-rebuild to all-stored
-      (time against measured memory), by their relative excess;
+    - ``line_excess``: for each plan between the ends, its step time over the straight line from
+      all-rebuild to all-stored (time against measured memory) less 1, as the median over the
+      rounds of the alternation of each round's excess over that round's line (drift between
+      rounds cancels, as in the ratios above), with the rounds' quartiles: ``(median, q25, q75)``;
+    - ``above_line``: those whose median excess is above 0, by it;
     - ``vs_checkpoint``: the frontier's step time at checkpoint-per-block's memory (linear
       between the neighbouring plans; None when no plan uses as little) / checkpoint's time;
     - ``plan_steps``: planning time in all-rebuild steps.
@@ -118,15 +121,11 @@ def frontier_checks(result: dict[str, Any]) -> dict[str, Any]:
     by_f = sorted(plans.items(), key=lambda kv: float(kv[0].split("@")[1]))
     lo_name, lo = by_f[0]
     hi_name, hi = by_f[-1]
-    x0, t0 = rebuild["activation_bytes"], rebuild["median_s"]
-    x1, t1 = plain["activation_bytes"], plain["median_s"]
-
-    def line(x: float) -> float:
-        return t0 + (t1 - t0) * (x - x0) / (x1 - x0) if x1 != x0 else t0
+    t0 = rebuild["median_s"]
 
     between = dict(by_f[1:-1])  # the targets' "every budget between" the two ends
-    above = {n: p["median_s"] / line(p["activation_bytes"]) - 1 for n, p in between.items()
-             if p["median_s"] > line(p["activation_bytes"])}
+    excess = {n: _line_excess(p, rebuild, plain) for n, p in between.items()}
+    above = {n: e[0] for n, e in excess.items() if e[0] > 0}
     frontier = sorted((p["activation_bytes"], p["median_s"]) for p in plans.values())
     at_ckpt = None
     for (xa, ta), (xb, tb) in zip(frontier, frontier[1:], strict=False):
@@ -139,10 +138,27 @@ def frontier_checks(result: dict[str, Any]) -> dict[str, Any]:
         "minimum_vs_rebuild": _paired(lo, rebuild) if float(lo_name.split("@")[1]) <= 0 else None,
         "over_budget": {n: p["activation_bytes"] - p["budget"] for n, p in between.items()
                         if p.get("budget") is not None and p["activation_bytes"] > p["budget"]},
+        "line_excess": excess,
         "above_line": above,
         "vs_checkpoint": None if at_ckpt is None else at_ckpt / ckpt["median_s"],
         "plan_steps": result["plan_s"] / t0,
     }
+
+
+def _line_excess(p: dict[str, Any], rebuild: dict[str, Any], plain: dict[str, Any]
+                 ) -> tuple[float, float, float]:
+    """``p``'s step time over the all-rebuild/all-stored line at its memory, less 1: the median and
+    quartiles over rounds, each round against its own two ends (the medians' alone without rounds)."""
+    x0, x1 = rebuild["activation_bytes"], plain["activation_bytes"]
+    share = (p["activation_bytes"] - x0) / (x1 - x0) if x1 != x0 else 0.0
+    ta, t0, t1 = p.get("times_s"), rebuild.get("times_s"), plain.get("times_s")
+    if not (ta and t0 and t1 and len(ta) == len(t0) == len(t1)):
+        ta, t0, t1 = [p["median_s"]], [rebuild["median_s"]], [plain["median_s"]]
+    per_round = [t / (a + (b - a) * share) - 1 for t, a, b in zip(ta, t0, t1, strict=True)]
+    if len(per_round) < 2:
+        return per_round[0], per_round[0], per_round[0]
+    q25, _, q75 = statistics.quantiles(per_round, n=4, method="inclusive")
+    return statistics.median(per_round), q25, q75
 
 
 def _paired(a: dict[str, Any], b: dict[str, Any]) -> float:

@@ -156,8 +156,10 @@ def _budget_targets(budget: dict[str, Any] | None) -> list[Row]:
                      k["minimum_vs_rebuild"]),
             _all_of(f"{m}: plans between the ends, measured activation memory", "<= budget", n,
                     {p: f"{mib(b)} MiB" for p, b in k["over_budget"].items()}, "within", "over"),
-            _all_of(f"{m}: plans between the ends, step time", "<= the all-rebuild/all-stored line", n,
-                    {p: f"{v:.1%}" for p, v in k["above_line"].items()}, "at or below", "above"),
+            _all_of(f"{m}: plans between the ends, step time (median of the rounds)",
+                    "<= the all-rebuild/all-stored line", n,
+                    {p: f"{v:.1%} (rounds' quartiles {lo:+.1%} to {hi:+.1%})"
+                     for p, (v, lo, hi) in k["line_excess"].items() if v > 0}, "at or below", "above"),
             _at_most(f"{m}: the planner's step at checkpoint-per-block's memory / checkpoint's step", 1.0,
                      k["vs_checkpoint"]),
         ]
