@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from revnet.bench.environment import environment
-from revnet.bench.modes import build, make_batch, run_mode, train_step
+from revnet.bench.modes import build, make_batch, run_mode
 from revnet.engine.peak import keep_freed_memory
 from revnet.engine.planner import _forward_seconds, plan_units
 
@@ -99,12 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         layout = "channels_last" if r["channels_last"] else "contiguous"
         print(f"{r['model']:<12} {r['batch']:>5} {r['image_size']:>4} {layout:<14} {r['amp']:<5} "
-              f"{r['plain_s']:>8.3f} {r['floor']:>6.3f} {r['measured']:>9.3f} {r['engine']:>7.3f}", flush=True)
+              f"{r['plain_s']:>8.3f} {r['floor']:>6.3f} {r['measured']:>9.3f} {r['engine']:>7.3f}",
+              flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"command": " ".join(["python", "scripts/rebuild_floor.py", *sys.argv[1:]]),
-                                        "environment": environment(), "rounds": args.rounds,
-                                        "results": results}, indent=1))
+        command = " ".join(["python", "scripts/rebuild_floor.py", *sys.argv[1:]])
+        args.out.write_text(json.dumps({"command": command, "environment": environment(),
+                                        "rounds": args.rounds, "results": results}, indent=1))
     return 0
 
 

@@ -146,10 +146,10 @@ class Coupling(nn.Module):
         else:
             if not _dense(inp):
                 # A half split off a whole tensor (a sequence's first block) is a strided slice, on
-                # which convolutions and normalisations take a slow path: RevNet-164's first F,
-                # channels_last, 61 ms on the slice against 22 ms on a dense copy. The copy costs one
-                # pass over the half; the recomputation in backward gets a rebuilt, dense half anyway.
-                # A write into the copy is reported as into the half: in backward F gets the half.
+                # which CPU convolutions and normalisations take a slow path: a dense copy, one pass
+                # over the half, made RevNet-38's and RevNet-164's reversible steps 2-3% faster
+                # (README). The recomputation in backward gets a rebuilt, dense half anyway. A
+                # write into the copy is reported as into the half: in backward F gets the half.
                 arg = inp.clone(memory_format=torch.preserve_format)
             version = arg._version if checked else None
             h = fn(arg)
