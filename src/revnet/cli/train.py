@@ -235,7 +235,8 @@ def _memory_report(config: Any, image_size: int, in_chans: int, stored: list[str
         return
     kind = "revvit" if "vit" in config.model else "revnet"
     point = {"model": config.model, "batch": config.batch_size, "image_size": image_size,
-             "in_chans": in_chans, "exact": config.exact, "amp": config.amp,
+             "in_chans": in_chans, "exact": config.exact,
+             "amp": config.amp if config.amp in ("bf16", "fp16") else "none",  # "auto": not resolved
              "device": str(resolve_device(config.device))}
     try:
         rev = measure(kind=kind, stored=stored, **point)
@@ -244,7 +245,7 @@ def _memory_report(config: Any, image_size: int, in_chans: int, stored: list[str
         print(f"(activation memory comparison skipped: {e})", file=sys.stderr)
         return
     a, b = rev["activation_bytes"], plain["activation_bytes"]
-    precision = "" if config.amp == "none" else f", {config.amp} autocast"
+    precision = "" if point["amp"] == "none" else f", {point['amp']} autocast"
     planned = f" ({len(stored)} units stored by the plan)" if stored else ""
     print(f"activation memory of one {config.model} training step at batch {config.batch_size} "
           f"({rev['method']}{precision}): reversible{planned} "
