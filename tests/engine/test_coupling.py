@@ -77,6 +77,26 @@ def test_branch_changing_shape_is_reported():
 
 
 @pytest.mark.parametrize("reversible", [True, False])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_branches_get_dense_halves(reversible, layout):
+    # The first block's halves are strided slices of its input, slow for CPU convolutions: F and
+    # G get dense tensors in every call (forward and, reversible, the rebuild in backward).
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, v):
+            seen.append(v.is_contiguous() or v.is_contiguous(memory_format=torch.channels_last))
+            return torch.tanh(v)
+
+    seq = revnet.ReversibleSequence([revnet.AdditiveCoupling(Probe(), Probe()) for _ in range(2)],
+                                    reversible=reversible)
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=layout).requires_grad_()
+    assert not x.chunk(2, 1)[1].is_contiguous(memory_format=layout)  # the half is a slice
+    seq(x).sum().backward()
+    assert len(seen) == (8 if reversible else 4) and all(seen)
+
+
+@pytest.mark.parametrize("reversible", [True, False])
 def test_inplace_write_into_input_is_reported(reversible):
     f = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(2, 2, 1))
     seq = revnet.ReversibleSequence([revnet.AdditiveCoupling(f, branch(2))], reversible=reversible)

@@ -101,6 +101,8 @@ def test_memory_budget_min_stores_only_what_fits_under_the_all_rebuild_peak(tmp_
     assert "autocast" not in out
     _memory_report(tiny(tmp_path, batch_size=8, amp="bf16"), 8, 3, [])  # in the run's precision
     assert "(VmHWM-VmRSS, bf16 autocast): reversible " in capsys.readouterr().out
+    _memory_report(tiny(tmp_path, batch_size=8, amp="auto"), 8, 3, [])  # not resolved: float32
+    assert "(VmHWM-VmRSS): reversible " in capsys.readouterr().out
 
 
 def _interrupt_at(monkeypatch, at_step: int) -> None:
