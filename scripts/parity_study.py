@@ -9,6 +9,11 @@ then writes a table (test accuracy mean +- std, wall time, memory) and the curve
 `--family cnn` (default): RevNet-38 vs ResNet-32 on the default recipe; `--family vit`:
 RevViT-mini vs the residual ViT-mini on `--recipe fashion-mnist-vit`.
 Extra arguments after `--` go to every `revnet train` (e.g. `-- --epochs 10`).
+`--tune-lr 1e-3 2e-3 4e-3`: first train the reversible network and the residual baseline at
+each of those peak learning rates (the first seed), then run the study with each at the
+rate that scored best (the plain-backprop run takes the reversible network's rate: it is the
+same network); PARITY.md gets the sweep's table too. Each architecture is then compared at
+its own best rate rather than at a rate tuned for one of them.
 Runs already finished in --out are reused, so an interrupted study continues.
 Only the part of --doc/PARITY.md between the family's two parity-study markers is
 rewritten; the rest of the page is kept.
@@ -54,14 +59,16 @@ FAMILIES = {
 CONFIGS = FAMILIES["cnn"]  # set by main() from --family
 
 
-def run_one(label: str, seed: int, out: Path, extra: list[str], threads: int) -> Path:
+def run_one(label: str, seed: int, out: Path, extra: list[str], threads: int,
+            lr: float | None = None) -> Path:
+    """Trains one configuration at one seed (at peak learning rate ``lr`` if given) and returns its folder."""
     prefix, _, train_args = CONFIGS[label]
-    run_dir = out / f"{prefix}-seed{seed}"
+    run_dir = out / (f"{prefix}-seed{seed}" if lr is None else f"{prefix}-lr{lr:g}-seed{seed}")
     if (run_dir / "summary.json").is_file() and not json.loads(
             (run_dir / "summary.json").read_text())["interrupted"]:
         return run_dir
     cmd = [sys.executable, "-m", "revnet", "train", *train_args, "--seed", str(seed),
-           "--out", str(run_dir), "--no-memory-report", *extra]
+           "--out", str(run_dir), "--no-memory-report", *extra, *([] if lr is None else ["--lr", f"{lr:g}"])]
     if (run_dir / "last.pt").is_file():
         cmd.append("--resume")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -124,11 +131,13 @@ def markers(family: str) -> tuple[str, str]:
     return f"<!-- {tag}: begin (written by scripts/parity_study.py) -->", f"<!-- {tag}: end -->"
 
 
-def write_doc(rows: dict, args: argparse.Namespace, extra: list[str], doc: Path, commit: str) -> None:
+def write_doc(rows: dict, args: argparse.Namespace, extra: list[str], doc: Path, commit: str,
+              sweep: dict[str, dict[float, float]]) -> None:
     cmd = "python scripts/parity_study.py " + " ".join(
         (["--family", args.family] if args.family != "cnn" else [])
         + ["--seeds", *map(str, args.seeds), "--jobs", str(args.jobs), "--out", str(args.out),
-           "--doc", str(args.doc)] + (["--", *extra] if extra else []))
+           "--doc", str(args.doc)] + (["--tune-lr", *(f"{lr:g}" for lr in args.tune_lr)] if sweep else [])
+        + (["--", *extra] if extra else []))
     (rev_label, rev), (plain_label, plain), (res_label, res) = rows.items()
     cfg = rev["config"]
     begin, end = markers(args.family)
@@ -136,8 +145,9 @@ def write_doc(rows: dict, args: argparse.Namespace, extra: list[str], doc: Path,
     aug = ", ".join(name for name, on in ((f"crop (pad {cfg['crop_pad']})", cfg["crop_pad"]),
                                           ("flip", cfg["flip"])) if on)
     precision = f"{cfg['amp']} autocast" if cfg["amp"] != "none" else "float32"
-    optimizer = (f"AdamW lr {cfg['lr']:g} weight decay {cfg['weight_decay']:g}"
-                 if cfg.get("optimizer") == "adamw" else f"SGD lr {cfg['lr']:g}")
+    lr = "peak lr per row" if sweep else f"lr {cfg['lr']:g}"
+    optimizer = (f"AdamW {lr} weight decay {cfg['weight_decay']:g}"
+                 if cfg.get("optimizer") == "adamw" else f"SGD {lr}")
     smoothing = f", label smoothing {cfg['label_smoothing']:g}" if cfg.get("label_smoothing") else ""
     lines = [
         begin, "",
@@ -148,14 +158,31 @@ def write_doc(rows: dict, args: argparse.Namespace, extra: list[str], doc: Path,
         "", f"Recipe: `revnet train --recipe {cfg['recipe']}` (Fashion-MNIST: {precision}, {length}, batch "
         f"{cfg['batch_size']}, {optimizer} {cfg['schedule']}{smoothing}, {aug or 'no augmentation'}; see "
         "`config.json` of each run)" + (f" plus `{' '.join(extra)}`" if extra else "") + ".", "",
-        "| configuration | params | test accuracy (mean +- std) | per seed | wall s | img/s "
-        "| activation memory / step |",
-        "|---|---|---|---|---|---|---|",
+    ]
+    if sweep:
+        tried = sorted({lr for scores in sweep.values() for lr in scores})
+        lines += [
+            f"Peak learning rate, tuned first: test accuracy of seed {args.seeds[0]} at each rate (the best "
+            "in bold; chosen on the test set, as there is no held-out split, for every architecture alike).",
+            "", "| configuration | " + " | ".join(f"lr {lr:g}" for lr in tried) + " |",
+            "|---|" + "---|" * len(tried),
+        ]
+        for label, scores in sweep.items():
+            best = max(scores, key=scores.__getitem__)
+            cells = [(f"**{100 * scores[lr]:.2f}**" if lr == best else f"{100 * scores[lr]:.2f}")
+                     if lr in scores else "" for lr in tried]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [
+        "| configuration | params | " + ("peak lr | " if sweep else "") + "test accuracy (mean +- std) "
+        "| per seed | wall s | img/s | activation memory / step |",
+        "|---|---|" + ("---|" if sweep else "") + "---|---|---|---|---|",
     ]
     for label, r in rows.items():
         per = ", ".join(f"{a:.4f}" for a in r["test_accuracy"])
-        lines.append(f"| {label} | {r['params'] / 1e6:.3f}M | {100 * r['mean']:.2f} +- {100 * r['std']:.2f} "
-                     f"| {per} | {r['wall_seconds']:.0f} | {r['images_per_s']:.0f} "
+        lr_cell = f"{r['config']['lr']:g} | " if sweep else ""
+        lines.append(f"| {label} | {r['params'] / 1e6:.3f}M | {lr_cell}{100 * r['mean']:.2f} +- "
+                     f"{100 * r['std']:.2f} | {per} | {r['wall_seconds']:.0f} | {r['images_per_s']:.0f} "
                      f"| {format_bytes(r['activation_bytes'])} |")
     name = rev_label.split(" (")[0]
     lines += [
@@ -188,6 +215,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--out", type=Path, default=Path("runs/parity"))
     p.add_argument("--doc", type=Path, default=Path("docs"))
+    p.add_argument("--tune-lr", type=float, nargs="+", metavar="LR",
+                   help="peak learning rates to try (first seed) before the study; each architecture then "
+                        "trains at its best")
     args = p.parse_args(argv)
     global CONFIGS
     CONFIGS = FAMILIES[args.family]
@@ -195,15 +225,30 @@ def main() -> int:
     commit = environment()["git_commit"] or "unknown (not a git checkout)"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.doc / "parity").mkdir(parents=True, exist_ok=True)
+    rev_label, plain_label, res_label = CONFIGS
+    lrs: dict[str, float | None] = dict.fromkeys(CONFIGS)
+    sweep: dict[str, dict[float, float]] = {}
+    if args.tune_lr:
+        tries = [(label, lr) for lr in args.tune_lr for label in (rev_label, res_label)]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            dirs = list(pool.map(lambda j: run_one(j[0], args.seeds[0], args.out, extra, args.threads, j[1]),
+                                 tries))
+        for (label, lr), d in zip(tries, dirs, strict=True):
+            sweep.setdefault(label, {})[lr] = json.loads((d / "summary.json").read_text())["test_accuracy"]
+        for label, scores in sweep.items():
+            lrs[label] = max(scores, key=scores.__getitem__)
+        lrs[plain_label] = lrs[rev_label]  # the same network: only the backward differs
     jobs = [(label, seed) for seed in args.seeds for label in CONFIGS]
     with ThreadPoolExecutor(args.jobs) as pool:
-        done = list(pool.map(lambda j: run_one(j[0], j[1], args.out, extra, args.threads), jobs))
+        done = list(pool.map(lambda j: run_one(j[0], j[1], args.out, extra, args.threads, lrs[j[0]]), jobs))
     runs = {label: [d for (lab, _), d in zip(jobs, done, strict=True) if lab == label] for label in CONFIGS}
     rows = summarize(runs, extra)
     suffix = "" if args.family == "cnn" else f"-{args.family}"
-    (args.doc / "parity" / f"results{suffix}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    results = {**rows, **({"lr_sweep": {k: {f"{lr:g}": a for lr, a in v.items()} for k, v in sweep.items()}}
+                          if sweep else {})}
+    (args.doc / "parity" / f"results{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(runs, args.doc / "parity" / curves_name(args.family))
-    write_doc(rows, args, extra, args.doc / "PARITY.md", commit)
+    write_doc(rows, args, extra, args.doc / "PARITY.md", commit, sweep)
     print((args.doc / "PARITY.md").read_text())
     return 0
 

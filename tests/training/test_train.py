@@ -326,6 +326,15 @@ def test_cli_train_eval_plot(tmp_path, capsys):
         main(["train", "--recipe", "paper-imagenet"])
 
 
+def test_cli_first_line_says_when_a_model_has_nothing_to_rebuild():
+    from revnet.cli.train import _mode
+
+    assert _mode(TrainConfig(model="revnet38")) == "reversible"
+    assert _mode(TrainConfig(model="revvit_mini", reversible=False)) == "plain backprop"
+    assert _mode(TrainConfig(model="vit_mini")) == "no reversible blocks: plain backprop"  # not "reversible"
+    assert _mode(TrainConfig(model="resnet32")) == "no reversible blocks: plain backprop"
+
+
 def test_bf16_autocast_training_and_fractional_epochs(tmp_path):
     config = tiny(tmp_path, steps=None, epochs=0.5, amp="bf16")  # 96 samples / 16 = 6 steps per epoch
     summary = fit(config)

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..bench.memory import measure
+from ..engine.reversible import Recomputed, ReversibleSequence
 from ..engine.sizes import format_bytes
+from ..models import create_model
 from ..training.config import RECIPES, TrainConfig
 from ..training.distributed import DistributedError, launch_command
 from ..training.loop import TrainingDivergedError, fit
@@ -191,14 +193,24 @@ def _launch(args: argparse.Namespace, config: Any) -> int:
             signal.signal(sig, handler)
 
 
+def _mode(config: TrainConfig) -> str:
+    """How the model trains, for the first line: a residual baseline has nothing to rebuild."""
+    try:  # built on the meta device: no memory, no initialisation cost
+        model = create_model(config.model, device="meta")
+    except (KeyError, TypeError, ValueError):  # the run itself reports a bad name or argument
+        return "reversible" if config.reversible else "plain backprop"
+    if not any(isinstance(m, (ReversibleSequence, Recomputed)) for m in model.modules()):
+        return "no reversible blocks: plain backprop"
+    return "reversible" if config.reversible else "plain backprop"
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
     if args.nproc is not None:
         return _launch(args, config)
     main_rank = rank() == 0
     if main_rank:
-        print(f"training {config.model} on {config.dataset} "
-              f"({'reversible' if config.reversible else 'plain backprop'}) -> {config.out}")
+        print(f"training {config.model} on {config.dataset} ({_mode(config)}) -> {config.out}")
     try:
         summary = fit(config, resume=args.resume, progress=sys.stderr.isatty())
     except (TrainingDivergedError, DistributedError, FileNotFoundError, FileExistsError, ValueError) as e:
