@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..bench.memory import measure
-from ..engine.reversible import Recomputed, ReversibleSequence
 from ..engine.sizes import format_bytes
 from ..models import create_model
+from ..training.checkpoint import engine_modes
 from ..training.config import RECIPES, TrainConfig
 from ..training.distributed import DistributedError, launch_command
 from ..training.loop import TrainingDivergedError, fit
@@ -196,10 +196,10 @@ def _launch(args: argparse.Namespace, config: Any) -> int:
 def _mode(config: TrainConfig) -> str:
     """How the model trains, for the first line: a residual baseline has nothing to rebuild."""
     try:  # built on the meta device: no memory, no initialisation cost
-        model = create_model(config.model, device="meta")
-    except (KeyError, TypeError, ValueError):  # the run itself reports a bad name or argument
-        return "reversible" if config.reversible else "plain backprop"
-    if not any(isinstance(m, (ReversibleSequence, Recomputed)) for m in model.modules()):
+        units = engine_modes(create_model(config.model, device="meta"))["reversible"]
+    except (TypeError, ValueError):  # the run itself reports a model it cannot build
+        units = {"unknown": True}
+    if not units:
         return "no reversible blocks: plain backprop"
     return "reversible" if config.reversible else "plain backprop"
 
