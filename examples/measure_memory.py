@@ -17,7 +17,7 @@ from torch import nn
 
 import revnet
 from revnet.bench.memory import step_memory
-from revnet.engine.sizes import format_bytes
+from revnet.memory.sizes import format_bytes
 
 
 def my_block(channels: int) -> nn.Module:

@@ -28,7 +28,7 @@ from torch import nn
 
 import revnet
 from revnet.bench.environment import environment
-from revnet.bench.modes import time_stats
+from revnet.bench.contenders import time_stats
 
 
 def memcnn_revnet38() -> nn.Module:

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 import revnet
 from revnet.bench.environment import environment
-from revnet.engine.peak import keep_freed_memory, peak_of
-from revnet.engine.planner import set_stored
+from revnet.memory.measure import keep_freed_memory, peak_of
+from revnet.memory.planner import set_stored
 from revnet.training.precision import autocast
 
 

@@ -2,7 +2,7 @@
 
 Each setting runs in a fresh process: glibc's defaults (a freed block above its mmap
 threshold, at most 32 MiB, is unmapped, and the heap's top returned past twice that), and
-after ``revnet.engine.peak.keep_freed_memory()`` (blocks up to 1 GiB from a heap that is never
+after ``revnet.memory.measure.keep_freed_memory()`` (blocks up to 1 GiB from a heap that is never
 trimmed). Per kind, the median over rounds (after one warm-up round, kinds alternated) of
 the step time, the minor page faults and the system CPU time of one training step.
 
@@ -27,8 +27,8 @@ def one_setting(model: str, batch: int, image_size: int, rounds: int, kept: bool
     import torch
 
     from revnet.bench.environment import environment
-    from revnet.bench.modes import build, make_batch, run_mode, train_step
-    from revnet.engine.peak import keep_freed_memory
+    from revnet.bench.contenders import build, make_batch, run_mode, train_step
+    from revnet.memory.measure import keep_freed_memory
 
     told = keep_freed_memory() if kept else False
     torch.manual_seed(0)

@@ -36,7 +36,7 @@ import torch
 
 from revnet.bench.environment import environment
 from revnet.bench.memory import measure
-from revnet.engine.sizes import format_bytes
+from revnet.memory.sizes import format_bytes
 from revnet.training import read_metrics
 
 # family -> label -> (run folder prefix, memory kind, revnet train arguments); the first

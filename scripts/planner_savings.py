@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from revnet.bench.modes import build, make_batch, run_mode, train_step
-from revnet.engine.peak import keep_freed_memory
-from revnet.engine.planner import plan, set_stored
+from revnet.bench.contenders import build, make_batch, run_mode, train_step
+from revnet.memory.measure import keep_freed_memory
+from revnet.memory.planner import plan, set_stored
 
 
 def main() -> None:

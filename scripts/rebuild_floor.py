@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from revnet.bench.environment import environment
-from revnet.bench.modes import build, make_batch, run_mode
-from revnet.engine.peak import keep_freed_memory
-from revnet.engine.planner import _forward_seconds, plan_units
+from revnet.bench.contenders import build, make_batch, run_mode
+from revnet.memory.measure import keep_freed_memory
+from revnet.memory.planner import _forward_seconds, plan_units
 
 # (kind, model, batch, image size, channels_last, autocast dtype)
 CONFIGS = [

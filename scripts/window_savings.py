@@ -18,9 +18,9 @@ from collections import defaultdict
 
 import torch
 
-from revnet.bench.modes import build, make_batch, run_mode, train_step
-from revnet.engine.peak import keep_freed_memory
-from revnet.engine.planner import _forward_seconds, plan_units, set_stored
+from revnet.bench.contenders import build, make_batch, run_mode, train_step
+from revnet.memory.measure import keep_freed_memory
+from revnet.memory.planner import _forward_seconds, plan_units, set_stored
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """The package's architecture, checked: imports point down the module map, and what needs what.
 
-The map (../shared/DESIGN.md, "Module map"): cli -> bench -> training -> models -> engine,
-each part importing only the parts below it; ``engine`` imports nothing else of revnet,
-and the engine and the zoo need nothing but the standard library and torch.
+The map (docs/DESIGN.md, "Module map"): cli -> bench -> training -> models, memory,
+fidelity -> engine, each part importing only the parts below it; ``engine`` imports nothing
+else of revnet (so nothing that measures), and the engine, the memory tools, the fidelity
+checks and the zoo need nothing but the standard library and torch.
 """
 
 import ast
@@ -18,10 +19,12 @@ PACKAGE = SRC / "revnet"
 # import anything; _version is a leaf every part may read.
 MAY_IMPORT = {
     "engine": {"engine"},
+    "memory": {"memory", "engine"},
+    "fidelity": {"fidelity", "engine"},
     "models": {"models", "engine"},
-    "training": {"training", "models", "engine"},
-    "bench": {"bench", "training", "models", "engine"},
-    "cli": {"cli", "bench", "training", "models", "engine"},
+    "training": {"training", "models", "memory", "fidelity", "engine"},
+    "bench": {"bench", "training", "models", "memory", "fidelity", "engine"},
+    "cli": {"cli", "bench", "training", "models", "memory", "fidelity", "engine"},
 }
 LEAVES = {"_version"}
 EXTRAS = ("numpy", "tqdm", "matplotlib")  # the `train` extra
@@ -88,11 +91,11 @@ def test_imports_point_down_the_module_map():
     assert not wrong, "imports against the module map:\n" + "\n".join(wrong)
 
 
-def test_engine_and_models_need_only_torch():
+def test_engine_memory_fidelity_and_models_need_only_torch():
     stdlib = set(sys.stdlib_module_names)
     wrong = []
     for path in sources():
-        if part_of(module_name(path)) not in ("engine", "models"):
+        if part_of(module_name(path)) not in ("engine", "memory", "fidelity", "models"):
             continue
         for line, target in imports(path):
             top = target.split(".")[0]

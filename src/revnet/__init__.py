@@ -1,14 +1,16 @@
 """revnet: memory-free backpropagation for PyTorch (Gomez et al., NeurIPS 2017).
 
-The package in four parts, each importing only the parts below it:
+The package in parts, each importing only the parts below it (docs/DESIGN.md):
 
 - ``revnet.engine``: reversible couplings and the backward that rebuilds activations;
-- ``revnet.models``: the model zoo (RevNets and their ResNet baselines) and its registry;
+- ``revnet.memory``: measuring a step's activation memory, and the memory-budget planner;
+- ``revnet.fidelity``: reconstruction error, gradient angle and the drift guard;
+- ``revnet.models``: the model zoo (RevNets, ResNets, RevViT, ViT) and its registry;
 - ``revnet.training``: ``revnet train`` as a library (``fit(config)``): data, loop, checkpoints;
 - ``revnet.bench``: the measurements behind ``revnet bench`` (memory, speed, capacity, drift);
 
-and ``revnet.cli``, the command line. ``import revnet`` loads the engine and the zoo only,
-which need nothing but torch.
+and ``revnet.cli``, the command line. ``import revnet`` loads the engine, the planner and the
+zoo only, which need nothing but torch.
 """
 
 from ._version import __version__
@@ -16,14 +18,14 @@ from .engine import (
     AdditiveCoupling,
     AffineCoupling,
     Coupling,
-    Plan,
     Recomputed,
     ReversibleSequence,
-    plan,
+    has_reversible_units,
     set_exact,
     set_reversible,
 )
 from .engine import compile as compile  # public, but not in __all__: a star import would hide the builtin
+from .memory import Plan, plan
 from .models import ResNet, RevNet, create_model, list_models, register_model
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "RevNet",
     "ReversibleSequence",
     "create_model",
+    "has_reversible_units",
     "list_models",
     "plan",
     "register_model",

@@ -322,7 +322,7 @@ def test_vit_kinds_do_not_mix_with_cnn_kinds():
 
 def test_cli_budget_frontier_quick(tmp_path, monkeypatch):
     """`revnet bench budget --quick`: plans at the two ends, measured in fresh processes; the
-    timing process keeps freed memory (engine.peak.keep_freed_memory), as training does."""
+    timing process keeps freed memory (memory.measure.keep_freed_memory), as training does."""
     import revnet.cli.bench as bench_cli
 
     kept = []

@@ -16,7 +16,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import revnet
-from revnet.engine.compile import compiled_modules
+from revnet.engine.compiler import compiled_modules
 from revnet.models import ResNet, RevNet
 
 

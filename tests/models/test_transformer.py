@@ -7,7 +7,7 @@ import torch
 from conftest import rel_err
 
 import revnet
-from revnet.bench.modes import SavedBytes
+from revnet.bench.contenders import SavedBytes
 from revnet.models import RevTransformer, RevViT, Transformer, VisionTransformer
 
 # Parameter counts at 1000 classes, 224px: timm's vit_*_patch16_224 and RevViT's released configs.

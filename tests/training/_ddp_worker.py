@@ -25,10 +25,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 import revnet
 import revnet.training.loop as loop_mod
-import revnet.training.run as run_mod
+import revnet.training.setup as run_mod
 from revnet import create_model
 from revnet.cli import main as cli_main
-from revnet.engine.planner import plan_units, set_stored
+from revnet.engine.modes import set_stored
+from revnet.engine.modes import units as plan_units
 from revnet.training import TrainConfig, fit
 
 TINY = {"num_samples": 64, "image_size": 8, "channels": 3}

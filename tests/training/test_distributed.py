@@ -25,7 +25,7 @@ from revnet import create_model
 from revnet.cli import build_parser, main
 from revnet.training import TrainConfig, evaluate_checkpoint, fit, lr_at
 from revnet.training.distributed import DistributedError, init_from_env, launch_command
-from revnet.training.run import per_process_batch
+from revnet.training.setup import per_process_batch
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")

@@ -359,7 +359,7 @@ def test_compiled_training_matches_eager_and_resumes_either_way(tmp_path, monkey
 
 
 def test_compile_without_a_compiler_trains_eagerly_and_says_so(tmp_path, monkeypatch, caplog):
-    import revnet.training.run as run_mod
+    import revnet.training.setup as run_mod
 
     monkeypatch.setattr(run_mod.shutil, "which", lambda name: None)
     with caplog.at_level("WARNING"):
@@ -406,9 +406,9 @@ def test_memory_budget_flags(tmp_path):
 
 
 def test_training_keeps_freed_host_memory_for_the_next_step(tmp_path, monkeypatch):
-    """A run keeps freed memory in the process (engine.peak.keep_freed_memory): without it, each
+    """A run keeps freed memory in the process (memory.measure.keep_freed_memory): without it, each
     large step had its memory faulted in again (RevNet-164 b128 plain: 5.6 -> 2.9 s with it)."""
-    import revnet.training.run as run_mod
+    import revnet.training.setup as run_mod
 
     calls = []
     monkeypatch.setattr(run_mod, "keep_freed_memory", lambda: calls.append(1) or True)

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..engine.planner import plan, set_stored
+from ..engine.modes import set_stored
+from ..memory import plan
+from .contenders import Progress, build, make_batch, run_mode, sync, time_stats, train_step
 from .memory import measure
-from .modes import Progress, build, make_batch, run_mode, sync, time_stats, train_step
 
 __all__ = ["budget_frontier", "frontier_checks"]
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
+from .contenders import Progress, depth_of
 from .memory import measure
-from .modes import Progress, depth_of
 
 __all__ = ["capacity"]
 

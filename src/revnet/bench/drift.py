@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import fidelity, set_exact
-from ..engine.lattice import EXACT_BITS
+from ..engine import set_exact
+from ..engine.exact import EXACT_BITS
+from ..fidelity import reconstruction_error, roundtrip, sequence_inputs
 from ..models import RevNet, create_model
+from .contenders import Progress, build, make_batch, sync, time_stats
 from .memory import measure
-from .modes import Progress, build, make_batch, sync, time_stats
 
 __all__ = ["DRIFT_PRECISIONS", "drift", "exact_cost"]
 
@@ -48,7 +49,7 @@ def drift(
     For each stage's :class:`ReversibleSequence`, its real input (from a forward of the
     whole model on ``images``, train-mode BatchNorm as in training) is run through its
     first N blocks and rebuilt from their output with the engine's arithmetic
-    (:func:`revnet.engine.fidelity.roundtrip`). Depths beyond the sequence's own length repeat
+    (:func:`revnet.fidelity.roundtrip`). Depths beyond the sequence's own length repeat
     its blocks cyclically (block ``i`` is block ``i mod len``): a deeper stack of the same
     kind of blocks, with trained weights where the model has them.
 
@@ -89,7 +90,7 @@ def drift(
         set_exact(net, exact, bits=exact_bits)
         net, x, ctx = _precision(net.train(), images, precision)
         with ctx:
-            inputs = fidelity.sequence_inputs(net, lambda m, x=x: m(x))
+            inputs = sequence_inputs(net, lambda m, x=x: m(x))
             seqs = dict(net.named_modules())
             for name, inp in inputs.items():
                 blocks = list(seqs[name].couplings)
@@ -99,11 +100,11 @@ def drift(
                              "depth": n, "blocks_in_sequence": len(blocks),
                              "input_max": inp.abs().max().item()}
                     try:
-                        y, rebuilt = fidelity.roundtrip(chain, inp, seqs[name].dim)
+                        y, rebuilt = roundtrip(chain, inp, seqs[name].dim)
                     except OverflowError as e:  # exact mode past its range: say where
                         point.update(max_abs_error=None, rel_error=None, output_max=None, range_error=str(e))
                     else:
-                        point.update(fidelity.reconstruction_error(chain[0].entry(inp), rebuilt),
+                        point.update(reconstruction_error(chain[0].entry(inp), rebuilt),
                                      output_max=y.abs().max().item())
                     points.append(point)
         if progress is not None:

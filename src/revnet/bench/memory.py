@@ -25,11 +25,11 @@ from torch import nn
 
 from ..engine import Coupling, set_exact
 from ..engine import compile as revnet_compile
-from ..engine.peak import freed_memory_returned, nbytes, peak_of
-from ..engine.planner import set_stored
+from ..engine.modes import set_stored
+from ..memory.measure import freed_memory_returned, nbytes, peak_of
 from ..models import RevViT, VisionTransformer
 from ..models.transformer import TransformerBlock
-from .modes import (
+from .contenders import (
     KINDS,
     Progress,
     SavedBytes,
@@ -139,8 +139,8 @@ def memory_point(
     (``grads``, and what is returned besides the configuration).
 
     Args:
-        kind: one of :data:`KINDS` or :data:`revnet.bench.modes.VIT_KINDS`.
-        units: units per stage of a sweep network (:func:`revnet.bench.modes.build`; blocks of
+        kind: one of :data:`KINDS` or :data:`revnet.bench.contenders.VIT_KINDS`.
+        units: units per stage of a sweep network (:func:`revnet.bench.contenders.build`; blocks of
             a transformer), or
         model: a registered model.
         warmup_batch: batch of the warm-up step (default ``batch``).

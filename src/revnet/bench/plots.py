@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..engine.sizes import format_bytes
-from .modes import KINDS, PAPER_PAIRS, VIT_KINDS, VIT_PAIRS
+from ..memory.sizes import format_bytes
+from .contenders import KINDS, PAPER_PAIRS, VIT_KINDS, VIT_PAIRS
 
 __all__ = ["plot_budget", "plot_capacity", "plot_drift", "plot_memory", "plot_speed"]
 

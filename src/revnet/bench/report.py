@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..engine.sizes import format_bytes
+from ..memory.sizes import format_bytes
 from .budget import frontier_checks
-from .modes import PAPER_PAIRS, RESNET_CHANNELS, REVNET_CHANNELS
+from .contenders import PAPER_PAIRS, RESNET_CHANNELS, REVNET_CHANNELS
 from .tables import (
     Row,
     augmentation,
@@ -377,7 +377,7 @@ def render_report(meta: dict[str, Any], memory: dict[str, Any], speeds: list[dic
         "- Times: `time.perf_counter` around one step, after warm-up; ratios are ratios of medians. "
         "This machine is shared and noisy, so read the ratios; absolute times move with the load.",
         "- Host memory while timing: the timing process keeps freed memory for reuse "
-        "(`revnet.engine.peak.keep_freed_memory`: glibc's blocks up to 1 GiB from a heap never "
+        "(`revnet.memory.measure.keep_freed_memory`: glibc's blocks up to 1 GiB from a heap never "
         "trimmed, as CUDA's caching allocator keeps memory), as `revnet train` does; with glibc's "
         "defaults each step faults its memory in again, which costs plain autograd, the kind that "
         "frees the most, the most (`scripts/page_faults.py`).",

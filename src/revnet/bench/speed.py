@@ -25,7 +25,7 @@ from ..engine import ReversibleSequence, set_reversible
 from ..engine import compile as revnet_compile
 from ..engine import reversible as _reversible
 from ..models import create_model
-from .modes import Progress, build, make_batch, run_mode, sync, time_stats, train_step
+from .contenders import Progress, build, make_batch, run_mode, sync, time_stats, train_step
 
 __all__ = ["load_engine", "speed", "train_step_rate"]
 

@@ -6,8 +6,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ..engine.sizes import format_bytes
-from .modes import KINDS, VIT_KINDS
+from ..memory.sizes import format_bytes
+from .contenders import KINDS, VIT_KINDS
 
 __all__ = ["Row", "budget_table", "capacity_table", "data_table", "drift_table", "exact_cost_table",
            "markdown_table", "label", "memory_table", "mib", "models_table", "speed_table", "text_table"]

@@ -21,11 +21,11 @@ import torch
 
 from ..bench.budget import budget_frontier
 from ..bench.capacity import capacity
+from ..bench.contenders import KINDS, PAPER_PAIRS, VIT_KINDS, VIT_PAIRS, is_baseline
 from ..bench.data import data_path
 from ..bench.drift import DRIFT_PRECISIONS, drift, exact_cost
 from ..bench.environment import environment
 from ..bench.memory import memory_sweep
-from ..bench.modes import KINDS, PAPER_PAIRS, VIT_KINDS, VIT_PAIRS, is_baseline
 from ..bench.plots import plot_budget, plot_capacity, plot_drift, plot_memory, plot_speed
 from ..bench.report import render_report
 from ..bench.speed import speed
@@ -40,8 +40,8 @@ from ..bench.tables import (
     speed_table,
     text_table,
 )
-from ..engine.peak import keep_freed_memory
-from ..engine.sizes import parse_bytes
+from ..memory.measure import keep_freed_memory
+from ..memory.sizes import parse_bytes
 from ..training.datasets import load_dataset
 from ..training.loader import normalize
 
@@ -222,7 +222,7 @@ def _budget(text: str) -> str:
 # --------------------------------------------------------------------------------------
 
 def _setup(args: argparse.Namespace) -> Path:
-    # Step times without the kernel's page faults of memory freed a step earlier (engine.peak);
+    # Step times without the kernel's page faults of memory freed a step earlier (memory.measure);
     # the memory points run in fresh processes with their own malloc settings.
     keep_freed_memory()
     if args.threads is not None:

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from ..bench.memory import measure
-from ..engine.sizes import format_bytes
+from ..engine import has_reversible_units
+from ..memory.sizes import format_bytes
 from ..models import create_model
-from ..training.checkpoint import engine_modes
 from ..training.config import RECIPES, TrainConfig
 from ..training.distributed import DistributedError, launch_command
 from ..training.loop import TrainingDivergedError, fit
-from ..training.run import per_process_batch, resolve_device
+from ..training.setup import per_process_batch, resolve_device
 from ._common import rank
 
 __all__ = ["add_parser"]
@@ -196,10 +196,10 @@ def _launch(args: argparse.Namespace, config: Any) -> int:
 def _mode(config: TrainConfig) -> str:
     """How the model trains, for the first line: a residual baseline has nothing to rebuild."""
     try:  # built on the meta device: no memory, no initialisation cost
-        units = engine_modes(create_model(config.model, device="meta"))["reversible"]
+        rebuilds = has_reversible_units(create_model(config.model, device="meta"))
     except (TypeError, ValueError):  # the run itself reports a model it cannot build
-        units = {"unknown": True}
-    if not units:
+        rebuilds = True
+    if not rebuilds:
         return "no reversible blocks: plain backprop"
     return "reversible" if config.reversible else "plain backprop"
 

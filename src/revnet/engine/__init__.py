@@ -1,35 +1,34 @@
 """The engine: reversible blocks whose backward rebuilds their inputs instead of storing them.
 
 - :mod:`.coupling`: the math of a block (additive and affine couplings), plain autograd;
-- :mod:`.lattice`: exact mode's fixed-point lattice (bit-exact inverses);
+- :mod:`.exact`: exact mode's arithmetic on a fixed-point lattice (bit-exact inverses);
 - :mod:`.reversible`: :class:`ReversibleSequence` and its per-block autograd Functions
   (the paper's Algorithm 1);
 - :mod:`.recompute`: units that cannot be inverted keep only their input (:class:`Recomputed`);
-- :mod:`.replay` and :mod:`.grads`: what a recomputation replays (RNG, autocast, BatchNorm)
-  and how it returns parameter gradients;
-- :mod:`.fidelity`: reconstruction error, gradient angle and the drift guard;
-- :mod:`.compile`: ``revnet.compile``, torch.compile of what runs inside the engine;
-- :mod:`.planner`: ``revnet.plan``, which blocks to store and which to rebuild under a memory
-  budget; :mod:`.peak` and :mod:`.sizes`, the measurements and sizes it works in.
+- :mod:`.replay`: what a recomputation replays (RNG, autocast, BatchNorm) and how it
+  returns parameter gradients;
+- :mod:`.modes`: the engine's switches (reversible, stored, exact), read, set and saved;
+- :mod:`.compiler`: ``revnet.compile``, torch.compile of what runs inside the engine.
 
-Imports nothing else of revnet: a user who only wants the engine reads this folder.
+Imports nothing else of revnet, and nothing here measures memory or time: a user who only
+wants the algorithm reads this folder. The tools around it live beside it
+(:mod:`revnet.memory`, :mod:`revnet.fidelity`).
 """
 
-from .compile import compile
-from .coupling import AdditiveCoupling, AffineCoupling, Coupling, set_exact
-from .planner import Plan, plan
+from .compiler import compile
+from .coupling import AdditiveCoupling, AffineCoupling, Coupling
+from .modes import has_reversible_units, set_exact, set_reversible
 from .recompute import Recomputed
-from .reversible import ReversibleSequence, set_reversible
+from .reversible import ReversibleSequence
 
 __all__ = [
     "AdditiveCoupling",
     "AffineCoupling",
     "Coupling",
-    "Plan",
     "Recomputed",
     "ReversibleSequence",
     "compile",
-    "plan",
+    "has_reversible_units",
     "set_exact",
     "set_reversible",
 ]

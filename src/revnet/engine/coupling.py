@@ -14,7 +14,7 @@ over depth. ``AdditiveCoupling(f, g, exact=True)`` removes it with fixed-point a
 F's and G's outputs are rounded to the lattice ``2^-k`` (a straight-through gradient for
 the rounding) and the residual stream is kept on that lattice, where sums are exact as
 long as ``|stream| < 2^(p-k)`` (``p`` = 24 mantissa bits for float32, 53 for float64).
-That bound is checked on every coupling output (:mod:`revnet.engine.lattice`).
+That bound is checked on every coupling output (:mod:`revnet.engine.exact`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import math
 import torch
 from torch import nn
 
-from .lattice import EXACT_BITS, MANTISSA_BITS, check_bits, exact_range, to_lattice
+from .exact import EXACT_BITS, FLOAT, Arithmetic, Lattice, check_bits
 
-__all__ = ["AdditiveCoupling", "AffineCoupling", "Coupling", "merge", "set_exact", "split"]
+__all__ = ["AdditiveCoupling", "AffineCoupling", "Coupling", "halves", "merge", "split"]
 
 
 def split(x: torch.Tensor, dim: int, owner: str = "coupling") -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +50,18 @@ def split(x: torch.Tensor, dim: int, owner: str = "coupling") -> tuple[torch.Ten
 def merge(x1: torch.Tensor, x2: torch.Tensor, dim: int) -> torch.Tensor:
     """Inverse of :func:`split`."""
     return torch.cat((x1, x2), dim)
+
+
+def halves(x: torch.Tensor, dim: int, owner: str = "coupling") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`split` into halves that each fill their memory: where the halves F and G compute on are made.
+
+    A channel slice of a whole tensor is strided, and CPU convolutions and normalisations take
+    a slow path on it (RevNet-164's first F, channels_last: 61 ms on the slice, 22 ms dense;
+    docs/HISTORY.md); in exact mode BatchNorm would also reduce it in another order than the
+    dense half the rebuild gives. One copy per sequence call, where a block's input is split.
+    """
+    return tuple(v if _dense(v) else v.clone(memory_format=torch.preserve_format)  # type: ignore[return-value]
+                 for v in split(x, dim, owner))
 
 
 def _name(module: nn.Module) -> str:
@@ -115,6 +127,10 @@ class Coupling(nn.Module):
         """Shape F and G must return for a half of shape ``half_shape``."""
         return half_shape
 
+    def stream(self, x: torch.Tensor) -> torch.Tensor:
+        """A half in the dtype the coupling keeps its stream in (``x`` itself here)."""
+        return x
+
     def entry(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the coupling computes with it, what its inverse gives back (``x`` here)."""
         return x
@@ -134,26 +150,17 @@ class Coupling(nn.Module):
         # calls run eagerly (revnet.compile compiles F and G, not this), so only a model traced whole
         # in plain mode goes without the check.
         checked = not torch.compiler.is_compiling()
+        version = inp._version if checked else None
         device = inp.device.type
-        arg = inp  # what F or G gets, unless autocast hands it a cast copy
         if inp.dtype == torch.float32 and torch.is_autocast_enabled(device):
             # Under autocast the stream is float32 (ReversibleSequence) but F and G take it in the
             # autocast dtype, as autocast's own layers would: their normalisations and activations
             # run at that precision and speed. A fixed function of the stream, so the backward's
             # recomputation sees the same bits.
-            version = inp._version if checked else None
             h = fn(inp.to(torch.get_autocast_dtype(device)))
         else:
-            if not _dense(inp):
-                # A half split off a whole tensor (a sequence's first block) is a strided slice, on
-                # which CPU convolutions and normalisations take a slow path: a dense copy, one pass
-                # over the half, made RevNet-38's and RevNet-164's reversible steps 2-3% faster
-                # (README). The recomputation in backward gets a rebuilt, dense half anyway. A
-                # write into the copy is reported as into the half: in backward F gets the half.
-                arg = inp.clone(memory_format=torch.preserve_format)
-            version = arg._version if checked else None
-            h = fn(arg)
-        if version is not None and arg._version != version:
+            h = fn(inp)
+        if version is not None and inp._version != version:
             # The half is needed again (y2 = x2 + G(y1) reads x2 after F ran), and the
             # reversible backward rebuilds it: a write into it breaks both.
             raise RuntimeError(
@@ -174,6 +181,9 @@ class Coupling(nn.Module):
 
     # --- forward / inverse on halves (the engine calls these) and on whole tensors ------
     def forward_halves(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # One cast per half into the stream's dtype (exact mode: bf16 -> float32), so plain
+        # autograd sums x2's two gradients in that dtype, as the reversible engine does.
+        x1, x2 = self.stream(x1), self.stream(x2)
         y1 = self.couple(x1, self.run_f(x1, x2))
         y2 = self.couple(x2, self.run_g(x2, y1))
         return y1, y2
@@ -184,11 +194,11 @@ class Coupling(nn.Module):
         return x1, x2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return merge(*self.forward_halves(*split(x, self.dim, type(self).__name__)), self.dim)
+        return merge(*self.forward_halves(*halves(x, self.dim, type(self).__name__)), self.dim)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """Rebuilds the input ``x`` from the output ``y = forward(x)``."""
-        return merge(*self.inverse_halves(*split(y, self.dim, type(self).__name__)), self.dim)
+        return merge(*self.inverse_halves(*halves(y, self.dim, type(self).__name__)), self.dim)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
@@ -196,6 +206,14 @@ class Coupling(nn.Module):
 
 class AdditiveCoupling(Coupling):
     """``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``: the RevNet block (paper eq. 5).
+
+    Example:
+        >>> import torch, revnet
+        >>> from torch import nn
+        >>> c = revnet.AdditiveCoupling(nn.Linear(8, 8), nn.Linear(8, 8), dim=-1)
+        >>> x = torch.randn(2, 16)
+        >>> torch.allclose(c.inverse(c(x)), x, atol=1e-5)
+        True
 
     Args:
         f: residual function of ``x2``, returning a tensor shaped like ``x1``.
@@ -206,12 +224,13 @@ class AdditiveCoupling(Coupling):
             it on entry, with a straight-through gradient). F's and G's outputs are rounded
             to the lattice, the stream is kept in float32 (bf16/fp16 inputs, which need
             ``torch.autocast``) or float64, and a stream that reaches
-            :func:`exact_range` raises instead of losing bits. May be flipped between steps
-            (never between a forward and its backward), e.g. with :func:`set_exact`.
+            :func:`revnet.engine.exact.exact_range` raises instead of losing bits. May be
+            flipped between steps (never between a forward and its backward), e.g. with
+            :func:`revnet.set_exact`.
         exact_bits: fraction bits ``k`` of the lattice ``2^-k`` (exact mode only).
 
     Attributes:
-        name: where the coupling sits in its model (set by :func:`set_exact`), for errors.
+        name: where the coupling sits in its model (set by :func:`revnet.set_exact`), for errors.
     """
 
     def __init__(self, f: nn.Module, g: nn.Module, dim: int = 1, *, exact: bool = False,
@@ -220,14 +239,21 @@ class AdditiveCoupling(Coupling):
         self.exact = bool(exact)
         self.exact_bits = check_bits("AdditiveCoupling: exact_bits", exact_bits)
         self.name = ""
+        self._lattice: Lattice | None = None
+
+    @property
+    def arithmetic(self) -> Arithmetic:
+        """How this coupling adds: :data:`~revnet.engine.exact.FLOAT`, or in exact mode a
+        :class:`~revnet.engine.exact.Lattice` (the one place that tells the two apart)."""
+        if not self.exact:
+            return FLOAT
+        label = f"AdditiveCoupling {self.name!r}" if self.name else "AdditiveCoupling"
+        if self._lattice is None or (self._lattice.bits, self._lattice.owner) != (self.exact_bits, label):
+            self._lattice = Lattice(self.exact_bits, label)
+        return self._lattice
 
     def couple(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        if not self.exact:
-            return x + h
-        x = self._stream(x)
-        y = to_lattice(x, self.exact_bits) + h.to(x.dtype)  # h is on the lattice: see run_f/run_g
-        self._check_range(y)
-        return y
+        return self.arithmetic.add(x, h)
 
     def decouple(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return y - h  # exact in exact mode: the true difference is the (representable) input
@@ -237,115 +263,24 @@ class AdditiveCoupling(Coupling):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return dy, dy  # d(x + h)/dx = d(x + h)/dh = identity (rounding: straight-through)
 
-    def forward_halves(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.exact:
-            # One cast of a bf16/fp16 input per half (plain autograd then sums its gradients
-            # in float32, as the reversible engine does, so both give the same bits).
-            x1, x2 = self._stream(x1), self._stream(x2)
-        return super().forward_halves(x1, x2)
-
-    def run_f(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        if not self.exact:
-            return super().run_f(x1, x2)
-        # F sees x2 on the lattice: in the first block of a sequence x2 may not be, and the
-        # backward recomputes F from the rebuilt (on-lattice) x2. Rounding is idempotent.
-        x2 = to_lattice(self._stream(x2), self.exact_bits)
-        return to_lattice(super().run_f(x1, self._branch_input(x2)).to(x2.dtype), self.exact_bits)
-
-    def run_g(self, x2: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
-        if not self.exact:
-            return super().run_g(x2, y1)
-        # y1 is a coupling output, already on the lattice. The engine's backward hands G a
-        # slice of the saved output, which BatchNorm would reduce in another order than the
-        # dense y1 of plain autograd: a copy laid out like that y1 keeps the bits equal.
-        y1 = self._stream(y1)
-        if not _dense(y1):
-            y1 = y1.clone(memory_format=torch.preserve_format)
-        return to_lattice(super().run_g(x2, self._branch_input(y1)).to(y1.dtype), self.exact_bits)
-
-    @staticmethod
-    def _branch_input(v: torch.Tensor) -> torch.Tensor:
-        """Under autocast, F and G take the (float32) stream in the autocast dtype, as they take
-        the bf16 stream in float mode: their normalisations and activations then run at the
-        same precision and speed. The cast is a fixed function of the exact stream, so the
-        recomputation sees the same bits and reconstruction stays exact."""
-        device = v.device.type
-        return v.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else v
+    def stream(self, x: torch.Tensor) -> torch.Tensor:
+        return self.arithmetic.stream(x)
 
     def entry(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``, or in exact mode ``x`` on the lattice in the stream's dtype (what comes back)."""
-        return to_lattice(self._stream(x), self.exact_bits) if self.exact else x
+        return self.arithmetic.enter(x)
 
-    def _label(self) -> str:
-        where = f" {self.name!r}" if self.name else ""
-        return f"AdditiveCoupling{where} (exact mode, lattice 2^-{self.exact_bits})"
+    def run_f(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        arith = self.arithmetic
+        x2 = arith.enter(x2)
+        return arith.branch_out(super().run_f(x1, x2), x2)
 
-    def _stream(self, x: torch.Tensor) -> torch.Tensor:
-        """The stream in float32 (from bf16/fp16: their 8-11 bits leave no useful range) or float64."""
-        if x.dtype in MANTISSA_BITS:
-            return x
-        if x.dtype not in (torch.bfloat16, torch.float16):
-            raise TypeError(f"{self._label()}: needs a floating-point stream, got {x.dtype}.")
-        if not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(
-                f"{self._label()}: the stream is {x.dtype} outside autocast. Exact mode keeps the "
-                f"residual stream in float32 ({x.dtype} would hold only +-2^"
-                f"{(8 if x.dtype == torch.bfloat16 else 11) - self.exact_bits} on the lattice), so F and "
-                f"G must accept float32 input. Fix: keep the weights in float32 and run under "
-                f"torch.autocast(dtype={x.dtype}) (as revnet train --amp bf16 does), or exact=False."
-            )
-        return x.float()
-
-    def _check_range(self, y: torch.Tensor) -> None:
-        limit = exact_range(y.dtype, self.exact_bits)
-        if not y.numel():
-            return
-        lo, hi = torch.aminmax(y.detach())  # one pass, no temporary
-        if -limit < lo.item() and hi.item() < limit:  # False for NaN too
-            return
-        top = y.detach().abs().max().item()
-        p = MANTISSA_BITS[y.dtype]
-        fit = p - math.floor(math.log2(top)) - 1 if math.isfinite(top) and top > 0 else None
-        hint = (f"fewer fraction bits (exact_bits={fit} holds +-2^{p - fit}; pass it to "
-                f"revnet.set_exact or AdditiveCoupling)" if fit is not None and fit >= 0 else
-                "a float64 stream")
-        raise OverflowError(
-            f"{self._label()}: the residual stream reached max |y| = {top:.6g}, outside the range "
-            f"+-2^{p - self.exact_bits} = {limit:g} that a {str(y.dtype).removeprefix('torch.')} stream "
-            f"holds exactly on the 2^-{self.exact_bits} lattice; going on would lose bits and break "
-            f"exact reconstruction. Fix: {hint}, a float64 stream (range 2^{53 - self.exact_bits}), or "
-            f"smaller activations (lower learning rate, weight decay)."
-        )
+    def run_g(self, x2: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
+        arith = self.arithmetic
+        y1 = arith.enter(y1)
+        return arith.branch_out(super().run_g(x2, y1), y1)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}" + (f", exact=True, exact_bits={self.exact_bits}" if self.exact else "")
-
-
-def set_exact(module: nn.Module, enabled: bool, *, bits: int | None = None, prefix: str = "") -> int:
-    """Turns exact mode on or off for every :class:`AdditiveCoupling` inside ``module``.
-
-    Also names each coupling by its path in ``module`` (after ``prefix``), so that a range
-    error says which one left the range. Call it between training steps, never between a
-    forward and its backward.
-
-    Args:
-        module: a model, a sequence or a coupling.
-        enabled: exact mode on (True) or off.
-        bits: fraction bits of the lattice; None keeps each coupling's own.
-        prefix: name of ``module`` inside its model (e.g. ``"stages.0.0"``).
-
-    Returns:
-        How many couplings were set.
-    """
-    count = 0
-    for path, m in module.named_modules():
-        if isinstance(m, AdditiveCoupling):
-            if bits is not None:
-                m.exact_bits = check_bits("set_exact: bits", bits)
-            m.exact = bool(enabled)
-            m.name = ".".join(p for p in (prefix, path) if p)
-            count += 1
-    return count
 
 
 class AffineCoupling(Coupling):

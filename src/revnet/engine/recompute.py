@@ -15,8 +15,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .grads import grad_edge, param_slots, swapped
-from .replay import autocast_state, batchnorm_stats_frozen, cuda_devices, get_rng, replay_autocast, set_rng
+from .replay import ParamGrads, Replay, grad_edge
 
 __all__ = ["Recomputed", "apply_recomputed"]
 
@@ -64,38 +63,22 @@ class _Recompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, module: nn.Module, keep_rng: bool,
                 *params: torch.Tensor) -> torch.Tensor:
-        ctx.devices = cuda_devices(x)
-        ctx.rng = get_rng(ctx.devices) if keep_rng else None
+        ctx.replay = Replay(x, keep_rng)
+        ctx.replay.mark()
         y = nn.Module.__call__(module, x)  # grad mode is off here: no graph
         ctx.save_for_backward(x)
-        ctx.module, ctx.params, ctx.autocast = module, params, autocast_state()
+        ctx.module, ctx.params = module, params
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (x,) = ctx.saved_tensors
-        module: nn.Module = ctx.module
-        index = {id(p): i for i, p in enumerate(ctx.params)}
-        aliases = [p.detach().requires_grad_() for p in ctx.params]  # as in _ReversibleBlock
-        slots = param_slots(module, index)
-        used = list(dict.fromkeys(i for _, _, i in slots))
-        outer_rng = get_rng(ctx.devices) if ctx.rng is not None else None
-        try:
-            if ctx.rng is not None:
-                set_rng(ctx.rng, ctx.devices)
-            with (replay_autocast(ctx.autocast), batchnorm_stats_frozen(module), torch.enable_grad(),
-                  swapped(slots, aliases)):
-                xd = x.detach().requires_grad_(ctx.needs_input_grad[0])
-                y = nn.Module.__call__(module, xd)
-        finally:
-            if outer_rng is not None:
-                set_rng(outer_rng, ctx.devices)
-        wrt = ([xd] if ctx.needs_input_grad[0] else []) + [aliases[i] for i in used]
-        out, y = grad_edge(y), None  # the output's values are not needed for backprop: drop them
-        got = list(torch.autograd.grad(out, wrt, dy, allow_unused=True)) if wrt else []
-        dx = got.pop(0) if ctx.needs_input_grad[0] else None
-        grads: list[torch.Tensor | None] = [None] * len(ctx.params)
-        for i, g in zip(used, got, strict=True):
-            grads[i] = g
-        return (dx, None, None, *grads)
+        grads = ParamGrads(ctx.params)
+        with ctx.replay.rerun(ctx.module), grads.swapped(ctx.module), torch.enable_grad():
+            ctx.replay.rewind(0)
+            xd = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            y = nn.Module.__call__(ctx.module, xd)
+        y = grad_edge(y)  # the output's values are not needed for backprop: drop them
+        dx = grads.backprop(y, xd if ctx.needs_input_grad[0] else None, dy)
+        return (dx, None, None, *grads.grads)

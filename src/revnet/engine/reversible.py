@@ -2,18 +2,20 @@
 
 :class:`ReversibleSequence` runs a chain of couplings as a chain of custom
 ``torch.autograd.Function`` s, one per block (:class:`_ReversibleBlock`). Forward runs
-every block without building a graph; only the last block keeps its output. Backward
+every block without building a graph; only the chain's end keeps its output. Backward
 walks the blocks in reverse, each rebuilding its input from its output just before it
-needs it (Gomez et al. 2017, Algorithm 1) and handing it to the block before it, and
-each block's parameter gradients leave as soon as that block is done. Only this module
-(and :mod:`.recompute`, for units that cannot be inverted) frees or rebuilds activations.
+needs it (Gomez et al. 2017, Algorithm 1) and handing it to the block before it through
+the chain (:class:`_Chain`), and each block's parameter gradients leave as soon as that
+block is done. Only this module (and :mod:`.recompute`, for units that cannot be inverted)
+frees or rebuilds activations.
 
-Rules kept here (DESIGN.md, "Rules of the engine"):
+The engine's rules (docs/DESIGN.md), and where each is kept:
 
 1. Parameters enter the Function as inputs; their gradients are returned by
-   ``backward``, so ``torch.autograd.grad``, hooks, accumulation and DDP see them.
+   ``backward`` (:class:`.replay.ParamGrads`), so ``torch.autograd.grad``, hooks,
+   accumulation and DDP see them.
 2. BatchNorm running statistics are updated once, in the forward; the recomputation
-   normalises with batch statistics but leaves the buffers alone.
+   normalises with batch statistics but leaves the buffers alone (:class:`.replay.Replay`).
 3. The RNG state before each F and G is recorded and replayed, so dropout masks match.
 4. The forward's autocast state is replayed in the recomputation.
 5. An F or G that writes into its input is reported (see :meth:`Coupling._run`).
@@ -29,14 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.autograd.graph import GradientEdge
 
-from .coupling import Coupling, merge, split
-from .grads import Slot, add_into, grad_edge, param_slots, swapped
-from .recompute import Recomputed
-from .replay import autocast_state, batchnorm_stats_frozen, cuda_devices, get_rng, replay_autocast, set_rng
+from .coupling import Coupling, halves, merge, split
+from .replay import ParamGrads, Replay, add_into, grad_edge
 
-__all__ = ["ReversibleSequence", "set_reversible"]
+__all__ = ["ReversibleSequence"]
 
 
 class ReversibleSequence(nn.Module):
@@ -109,18 +108,18 @@ class ReversibleSequence(nn.Module):
             # a bf16 stream loses ~1% per block when rebuilt (docs/FIDELITY.md). Both modes do it,
             # so reversible and plain backprop remain the same computation.
             x = x.float()
+        x1, x2 = halves(x, self.dim, "ReversibleSequence")  # (B, C/2, ...) each
         if self.reversible and torch.is_grad_enabled() and (
                 x.requires_grad or any(p.requires_grad for p in self.parameters())):
             _refuse_sharded_units(self)
-            return _run_reversible(self, x)
-        x1, x2 = split(x, self.dim, "ReversibleSequence")
+            return _run_reversible(self, x1, x2)
         for c in self.couplings:
             x1, x2 = c.forward_halves(x1, x2)
         return merge(x1, x2, self.dim)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """Rebuilds the sequence's input from its output ``y``."""
-        y1, y2 = split(y, self.dim, "ReversibleSequence")
+        y1, y2 = halves(y, self.dim, "ReversibleSequence")
         for c in reversed(self.couplings):
             y1, y2 = c.inverse_halves(y1, y2)
         return merge(y1, y2, self.dim)
@@ -143,44 +142,14 @@ def _refuse_sharded_units(seq: ReversibleSequence) -> None:
                 f"holding it), or set it .reversible = False.")
 
 
-def set_reversible(module: nn.Module, enabled: bool) -> int:
-    """Sets ``.reversible`` on every :class:`ReversibleSequence` and :class:`Recomputed` unit.
-
-    Off, the whole model trains under ordinary autograd (the baseline); on, the sequences
-    rebuild their activations and the recomputed units keep only their inputs.
-
-    Returns:
-        How many modules were set.
-    """
-    count = 0
-    for m in module.modules():
-        if isinstance(m, (ReversibleSequence, Recomputed)):
-            m.reversible = bool(enabled)
-            count += 1
-    return count
-
-
 # --------------------------------------------------------------------------------------
 # The Functions
 # --------------------------------------------------------------------------------------
 
-class _Chain:
-    """What the blocks of one reversible call hand each other in backward.
-
-    Backward runs the blocks last to first; each rebuilds its input from its output and
-    leaves it here for the block before it, which needs it as its output. Nothing is held
-    between forward and backward, and nothing after the first block's backward.
-    """
-
-    __slots__ = ("halves",)
-
-    def __init__(self) -> None:
-        self.halves: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
 @torch.compiler.disable  # an opaque unit under torch.compile: see recompute.apply_recomputed
-def _run_reversible(seq: ReversibleSequence, x: torch.Tensor) -> torch.Tensor:
-    """``seq(x)`` as chains of per-block Functions that keep only each chain's output.
+def _run_reversible(seq: ReversibleSequence, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """``seq`` on the halves of its input, as chains of per-block Functions that keep only each
+    chain's output.
 
     One Function per block (not one for the whole sequence) so that each block's parameter
     gradients leave backward when that block is done, not when the sequence is: at great
@@ -190,30 +159,57 @@ def _run_reversible(seq: ReversibleSequence, x: torch.Tensor) -> torch.Tensor:
     chains, each keeping its own output (which the next stored block takes as its input), so
     rebuilding restarts from the input of every stored block.
     """
-    a: torch.Tensor = x
-    b: torch.Tensor | None = None  # the whole x until the first block has split it, then halves
     blocks = list(seq.couplings)
     i = 0
-    while i < len(blocks):
+    while True:
         if blocks[i].stored:
-            if b is None:
-                a, b = split(a, seq.dim, "ReversibleSequence")
-            a, b = blocks[i].forward_halves(a, b)
+            x1, x2 = blocks[i].forward_halves(x1, x2)  # its graph keeps what its backward needs
             i += 1
+            if i == len(blocks):
+                return merge(x1, x2, seq.dim)
             continue
-        j = i
-        while j < len(blocks) and not blocks[j].stored:
-            j += 1
         chain = _Chain()
-        for k in range(i, j):
-            params = [p for p in blocks[k].parameters() if p.requires_grad]
-            a, b = _ReversibleBlock.apply(a, b, chain, blocks[k], k == i, seq.preserve_rng_state, *params)
-        if j == len(blocks):
-            return _KeepOutput.apply(a, b, chain, seq.dim)
-        a, b = _KeepHalves.apply(a, b, chain)
-        i = j
-    assert b is not None  # every block was stored: plain autograd throughout
-    return merge(a, b, seq.dim)
+        while i < len(blocks) and not blocks[i].stored:
+            params = [p for p in blocks[i].parameters() if p.requires_grad]
+            x1, x2 = _ReversibleBlock.apply(x1, x2, chain, blocks[i], seq.preserve_rng_state, *params)
+            i += 1
+        if i == len(blocks):
+            return _KeepOutput.apply(x1, x2, chain, seq.dim)
+        x1, x2 = _KeepHalves.apply(x1, x2, chain)
+
+
+class _Chain:
+    """The mailbox through which the blocks of one chain hand each other halves in backward.
+
+    Backward runs the blocks last to first. The chain's end (:class:`_KeepOutput` or
+    :class:`_KeepHalves`) posts the chain's output; each block takes its output from here,
+    rebuilds its input from it and posts that for the block before it, except the chain's
+    first block, whose input no one here needs. Nothing is held between forward and
+    backward, and nothing after the first block's backward.
+    """
+
+    __slots__ = ("halves", "left", "size")
+
+    def __init__(self) -> None:
+        self.size = 0  # blocks in the chain (counted in forward)
+        self.left = 0  # blocks whose backward has not taken their output yet
+        self.halves: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def start(self, y1: torch.Tensor, y2: torch.Tensor) -> None:
+        self.left, self.halves = self.size, (y1, y2)
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.halves is None:
+            raise RuntimeError(
+                "ReversibleSequence: a block's backward ran before the block after it had "
+                "rebuilt its output. Backward must start from the sequence's output.")
+        halves, self.halves = self.halves, None
+        self.left -= 1
+        return halves
+
+    def hand_back(self, x1: torch.Tensor, x2: torch.Tensor) -> None:
+        if self.left:
+            self.halves = (x1, x2)
 
 
 class _KeepOutput(torch.autograd.Function):
@@ -236,9 +232,9 @@ class _KeepOutput(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (y,) = ctx.saved_tensors
         y1, y2 = split(y.detach(), ctx.dim, "ReversibleSequence")
-        # y1 is needed through the last block's backward, y2 only until x2 is rebuilt: as
-        # a copy, y1 no longer pins y2's half of the saved output (one half less at the peak).
-        ctx.chain.halves = (y1.clone(), y2)
+        # y1 is needed through the last block's backward, y2 only until x2 is rebuilt: as a
+        # (dense) copy, y1 no longer pins y2's half of the saved output (one half less at the peak).
+        ctx.chain.start(y1.clone(), y2)
         dy1, dy2 = split(dy, ctx.dim, "ReversibleSequence")
         return dy1, dy2, None, None
 
@@ -261,102 +257,62 @@ class _KeepHalves(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, dy1: torch.Tensor, dy2: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         y1, y2 = ctx.saved_tensors
-        ctx.chain.halves = (y1.detach(), y2.detach())
+        ctx.chain.start(y1.detach(), y2.detach())
         return dy1, dy2, None
 
 
 class _ReversibleBlock(torch.autograd.Function):
     """One coupling of a reversible chain; it saves nothing.
 
-    Inputs are ``(a, b, chain, coupling, start, keep_rng, *trainable_params)``: the
-    sequence's first block takes the whole input as ``a`` (``b`` is None), the others the
-    two halves; ``start`` marks the first block of its chain, which hands its rebuilt input
-    to no one. Every block returns the halves of its output, which the next block's backward
-    rebuilds (the chain's last block's comes from :class:`_KeepOutput` or :class:`_KeepHalves`).
+    Inputs are ``(x1, x2, chain, coupling, keep_rng, *trainable_params)``; it returns the
+    halves of its output, which the backward of the block after it rebuilds (or the
+    chain's end keeps).
     """
 
     @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor | None, chain: _Chain, c: Coupling,
-                start: bool, keep_rng: bool, *params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        whole = b is None
-        x1, x2 = split(a, c.dim, "ReversibleSequence") if whole else (a, b)  # (B, C/2, ...)
-        devices = cuda_devices(x1)
+    def forward(ctx: Any, x1: torch.Tensor, x2: torch.Tensor, chain: _Chain, c: Coupling,
+                keep_rng: bool, *params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # grad mode is off inside Function.forward: no graph is built
-        rng_f = get_rng(devices) if keep_rng else None
+        chain.size += 1
+        ctx.chain, ctx.c, ctx.params, ctx.replay = chain, c, params, Replay(x1, keep_rng)
+        ctx.replay.mark()  # 0: before F
         y1 = c.couple(x1, c.run_f(x1, x2))
-        rng_g = get_rng(devices) if keep_rng else None
+        ctx.replay.mark()  # 1: before G
         y2 = c.couple(x2, c.run_g(x2, y1))
-        ctx.chain, ctx.c, ctx.start, ctx.whole, ctx.params = chain, c, start, whole, params
-        ctx.rng, ctx.devices, ctx.autocast = (rng_f, rng_g), devices, autocast_state()
         return y1, y2
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy1: torch.Tensor, dy2: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         c: Coupling = ctx.c
-        if ctx.chain.halves is None:
-            raise RuntimeError(
-                "ReversibleSequence: a block's backward ran before the block after it had "
-                "rebuilt its output. Backward must start from the sequence's output.")
-        (y1, y2), ctx.chain.halves = ctx.chain.halves, None
-        index = {id(p): i for i, p in enumerate(ctx.params)}
-        # Detached leaves standing in for the parameters: the recomputation differentiates
-        # these, so hooks on a parameter fire once, when the Function returns its gradient.
-        aliases = [p.detach().requires_grad_() for p in ctx.params]
-        grads: list[torch.Tensor | None] = [None] * len(ctx.params)
-
-        def grad_of(h: torch.Tensor | GradientEdge, inp: torch.Tensor, slots: list[Slot],
-                    dh: torch.Tensor) -> torch.Tensor | None:
-            """Backprops ``dh`` through ``h``; adds the parameters' shares into ``grads``."""
-            used = list(dict.fromkeys(i for _, _, i in slots))  # a tied weight counts once
-            d_inp, *d_params = torch.autograd.grad(
-                h, (inp, *(aliases[i] for i in used)), dh, allow_unused=True)
-            for i, gp in zip(used, d_params, strict=True):
-                if gp is not None:
-                    grads[i] = gp if grads[i] is None else grads[i] + gp
-            return d_inp
-
-        rng_f, rng_g = ctx.rng
-        outer_rng = get_rng(ctx.devices) if rng_f is not None else None
+        replay: Replay = ctx.replay
+        y1, y2 = ctx.chain.take()
+        grads = ParamGrads(ctx.params)
         # Memory: every half (B, C/2, ...) is dropped as soon as it is dead, before the next
         # backprop through a branch, and a branch's output is held only as its graph edge.
-        try:
-            with replay_autocast(ctx.autocast), batchnorm_stats_frozen(c):
-                # G step: h = G(y1) with a graph; x2 = decouple(y2, h); backprop dy2.
-                if rng_g is not None:
-                    set_rng(rng_g, ctx.devices)
-                slots = param_slots(c.g, index)
-                with torch.enable_grad(), swapped(slots, aliases):
-                    z1 = y1.detach().requires_grad_()
-                    h = c.run_g(y2, z1)
-                x2 = c.decouple(y2, h.detach())
-                dx2, dh = c.couple_backward(x2, h.detach(), dy2)
-                y2 = dy2 = None
-                dz1 = grad_of(grad_edge(h), z1, slots, dh)
-                dz1 = dy1 if dz1 is None else add_into(dz1, dy1, dx2)  # y1 feeds G and the output
-                z1 = h = dh = dy1 = None
-                # F step: h = F(x2) with a graph; x1 = decouple(y1, h); backprop dz1.
-                if rng_f is not None:
-                    set_rng(rng_f, ctx.devices)
-                slots = param_slots(c.f, index)
-                with torch.enable_grad(), swapped(slots, aliases):
-                    x2.requires_grad_()
-                    h = c.run_f(y1, x2)
-                x1 = c.decouple(y1, h.detach())
-                dx1, dh = c.couple_backward(x1, h.detach(), dz1)
-                y1 = dz1 = None
-                dx2_f = grad_of(grad_edge(h), x2, slots, dh)
-                if dx2_f is not None:
-                    dx2 = add_into(dx2_f, dx2, dx1)
-                h = dh = dx2_f = None
-        finally:
-            if outer_rng is not None:
-                set_rng(outer_rng, ctx.devices)  # backward leaves the caller's RNG as it was
-        if ctx.whole:
-            dx = merge(dx1, dx2, c.dim) if ctx.needs_input_grad[0] else None
-            return (dx, None, None, None, None, None, *grads)
-        if not ctx.start:
-            ctx.chain.halves = (x1, x2.detach())  # the previous block's output
-        return (dx1, dx2, None, None, None, None, *grads)
-
-
+        with replay.rerun(c):
+            # G step: h = G(y1) with a graph; x2 = decouple(y2, h); backprop dy2.
+            replay.rewind(1)
+            with grads.swapped(c.g), torch.enable_grad():
+                z1 = y1.detach().requires_grad_()
+                h = c.run_g(y2, z1)
+            x2 = c.decouple(y2, h.detach())
+            dx2, dh = c.couple_backward(x2, h.detach(), dy2)
+            y2 = dy2 = None
+            dz1 = grads.backprop(grad_edge(h), z1, dh)
+            dz1 = dy1 if dz1 is None else add_into(dz1, dy1, dx2)  # y1 feeds G and the output
+            z1 = h = dh = dy1 = None
+            # F step: h = F(x2) with a graph; x1 = decouple(y1, h); backprop dz1.
+            replay.rewind(0)
+            with grads.swapped(c.f), torch.enable_grad():
+                x2.requires_grad_()
+                h = c.run_f(y1, x2)
+            x1 = c.decouple(y1, h.detach())
+            dx1, dh = c.couple_backward(x1, h.detach(), dz1)
+            y1 = dz1 = None
+            dx2_f = grads.backprop(grad_edge(h), x2, dh)
+            if dx2_f is not None:
+                dx2 = add_into(dx2_f, dx2, dx1)
+            h = dh = dx2_f = None
+        ctx.chain.hand_back(x1, x2.detach())  # the previous block's output
+        return (dx1, dx2, None, None, None, *grads.grads)

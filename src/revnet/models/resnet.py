@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .classifier import EXPANSION, Classifier, check_config, make_stem
+from .convnet import EXPANSION, Classifier, check_config, make_stem
 from .layers import BasicResidual, BottleneckResidual, Head, ResidualUnit, shortcut
 from .registry import register_model
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..engine import AdditiveCoupling, Recomputed, ReversibleSequence, set_exact, set_reversible
-from .classifier import EXPANSION, Classifier, check_config, make_stem
+from .convnet import EXPANSION, Classifier, check_config, make_stem
 from .layers import BasicResidual, BottleneckResidual, Head, RevDownsample, shortcut
 from .registry import register_model
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from ..engine.fidelity import DRIFT_ACTIONS
-from ..engine.sizes import parse_bytes
+from ..fidelity import DRIFT_ACTIONS
+from ..memory.sizes import parse_bytes
 from ..models import list_models
 from .datasets import DATASETS
 from .precision import AMP_MODES

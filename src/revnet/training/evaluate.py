@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import config_fields, set_engine_modes
+from ..engine.modes import set_modes
 from .config import TrainConfig
 from .distributed import DistInfo
 from .loader import Loader
 from .precision import autocast
-from .run import build_run, to_layout
+from .setup import build_run, to_layout
+from .state import config_fields
 
 __all__ = ["evaluate", "evaluate_checkpoint"]
 
@@ -61,6 +62,6 @@ def evaluate_checkpoint(path: str | os.PathLike, *, data_dir: str | None = None,
     fields.update(device=device, compile=None, **({"data_dir": data_dir} if data_dir else {}))
     run = build_run(TrainConfig(**fields))
     run.model.load_state_dict(state["model"])
-    set_engine_modes(run.model, state.get("engine_modes", {}))
+    set_modes(run.model, state.get("engine_modes", {}))
     return {"checkpoint": str(path), "step": state["step"],
             **evaluate(run.model, run.test, run.config, run.device)}

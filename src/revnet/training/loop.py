@@ -22,15 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import fidelity
-from .checkpoint import checkpoint_state, restore, save_atomic, write_json
+from ..fidelity import DriftGuard, gradient_angle
 from .config import TrainConfig, lr_at
 from .distributed import DistInfo, DistributedError, init_from_env, is_group_failure, lost_contact, shutdown
 from .evaluate import evaluate
 from .plots import plot_run
 from .precision import autocast
-from .run import Run, build_run, peak_memory_bytes, to_layout
+from .setup import Run, build_run, peak_memory_bytes, to_layout
 from .signals import stop_on_signals
+from .state import checkpoint_state, restore, save_atomic, write_json
 
 __all__ = ["TrainingDivergedError", "fit"]
 
@@ -75,7 +75,7 @@ def _fidelity_rows(run: Run, x: torch.Tensor, y: torch.Tensor) -> list[dict[str,
     """Gradient-angle telemetry and the drift guard, when due, on the batch of the coming step.
 
     Both leave the model, buffers and RNG as they were, so the step that follows is the
-    one a run without them takes (revnet.engine.fidelity); the guard may switch a sequence to
+    one a run without them takes (revnet.fidelity); the guard may switch a sequence to
     exact mode or stored activations.
     """
     cfg, rows = run.config, []
@@ -88,10 +88,10 @@ def _fidelity_rows(run: Run, x: torch.Tensor, y: torch.Tensor) -> list[dict[str,
             return F.cross_entropy(forward(m).float(), y, label_smoothing=cfg.label_smoothing)
 
     if cfg.grad_angle_every and run.step % cfg.grad_angle_every == 0:
-        rows.append({"step": run.step, **fidelity.gradient_angle(run.model, loss_fn)})
+        rows.append({"step": run.step, **gradient_angle(run.model, loss_fn)})
     if cfg.drift_guard_every and run.step % cfg.drift_guard_every == 0:
         with autocast(run.device, cfg.amp):
-            guard = fidelity.DriftGuard(cfg.drift_guard_threshold, cfg.drift_guard_action)
+            guard = DriftGuard(cfg.drift_guard_threshold, cfg.drift_guard_action)
             rows += guard.check(run.model, forward, run.step)
     return rows
 

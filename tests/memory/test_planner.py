@@ -13,7 +13,7 @@ from conftest import rel_err
 from torch import nn
 
 import revnet
-from revnet.engine.planner import _Item, _predicted_peak, _solve
+from revnet.memory.planner import _Item, _predicted_peak, _solve
 
 
 def test_solver_is_exact_against_brute_force():
@@ -137,8 +137,9 @@ def test_nothing_to_plan_without_reversible_parts():
 def test_planning_again_and_again_holds_no_memory():
     """Regression: the attribution pass once kept each profiled graph alive (a saved-tensor
     reference cycle), about one all-stored step per call, until RevNet-164 ran out of memory."""
-    from revnet.engine.peak import freed_memory_returned, proc_status
-    from revnet.engine.planner import _bytes_per_unit, plan_units
+    from revnet.engine.modes import units as plan_units
+    from revnet.memory.measure import freed_memory_returned, proc_status
+    from revnet.memory.planner import _bytes_per_unit
 
     with freed_memory_returned():
         model = revnet.create_model("revnet38")
@@ -155,7 +156,7 @@ def test_planning_leaves_glibcs_thresholds_alone(monkeypatch):
     """Regression: measuring on CPU set glibc's mmap threshold to 64 KiB for good, so after
     planning every large tensor was mapped and faulted in anew (a RevNet-110 step 1.5x slower).
     The planner reads the allocator's events now and leaves malloc's settings as they are."""
-    import revnet.engine.peak as peak
+    import revnet.memory.measure as peak
 
     calls = []
 
@@ -184,7 +185,8 @@ def test_a_coupling_stored_after_a_rebuilt_one_keeps_the_chains_output_too():
 
     model = revnet.create_model("revnet38")
     p = revnet.plan(model, torch.randn(16, 3, 16, 16), budget="1GiB")
-    from revnet.engine.planner import _bytes_per_unit, plan_units
+    from revnet.engine.modes import units as plan_units
+    from revnet.memory.planner import _bytes_per_unit
 
     got = _bytes_per_unit(model, torch.randn(16, 3, 16, 16), plan_units(model))
     # A first-stage coupling's F takes half of 32 channels at 16x16 (float32); openers take none.
@@ -193,7 +195,8 @@ def test_a_coupling_stored_after_a_rebuilt_one_keeps_the_chains_output_too():
 
 
 def test_the_all_rebuild_step_is_split_at_each_units_forward_and_backward():
-    from revnet.engine.planner import _windows, plan_units
+    from revnet.engine.modes import units as plan_units
+    from revnet.memory.planner import _windows
 
     torch.manual_seed(0)
     model = revnet.create_model("revnet38")
@@ -212,8 +215,9 @@ def test_the_all_rebuild_step_is_split_at_each_units_forward_and_backward():
 def test_attributing_bytes_holds_one_branch_not_the_whole_graph():
     """Regression: the pass that attributes stored bytes to units kept every unit's graph, as
     large as plain autograd's, which a model planned for a smaller budget cannot afford."""
-    from revnet.engine.peak import allocated_peak_of
-    from revnet.engine.planner import _bytes_per_unit, plan_units
+    from revnet.engine.modes import units as plan_units
+    from revnet.memory.measure import allocated_peak_of
+    from revnet.memory.planner import _bytes_per_unit
 
     model = revnet.create_model("revnet38")
     x = torch.randn(64, 3, 16, 16)
@@ -232,7 +236,7 @@ def test_a_fragmented_heap_does_not_hide_the_peak():
     as 0 (steps reused retained memory without growing the resident set), so every unit seemed
     free to store. Now the planner reads the allocator's events, not the resident set: the
     all-rebuild peak is at least what its graph provably keeps, the bytes saved for backward."""
-    from revnet.bench.modes import SavedBytes
+    from revnet.bench.contenders import SavedBytes
 
     gen = torch.Generator().manual_seed(0)
     kept = [torch.ones(int(n)) for n in torch.randint(1, 2_000_000, (400,), generator=gen)][::20]

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import Plan, plan, set_exact, set_reversible
 from ..engine import compile as revnet_compile
-from ..engine.peak import keep_freed_memory
-from ..engine.planner import plan_units
+from ..engine import has_reversible_units, set_exact, set_reversible
+from ..memory import Plan, plan
+from ..memory.measure import keep_freed_memory
 from ..models import create_model
 from .config import NORMS, TrainConfig
 from .datasets import load_dataset
@@ -173,7 +173,7 @@ def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
     """Resolves the device and precision, loads the data, builds the model, optimizer and loaders."""
     info = info or DistInfo()
     device = device_for(config, info)
-    keep_freed_memory()  # host memory reused from step to step, not faulted in anew (engine.peak)
+    keep_freed_memory()  # host memory reused from step to step, not faulted in anew (memory.measure)
     per_rank = per_process_batch(config, info.world_size)
     torch.manual_seed(config.seed)
     extra = dict(config.synthetic) if config.dataset == "synthetic" else {}
@@ -195,7 +195,7 @@ def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
     if info.is_main:
         log.info("precision: %s (%s)", config.amp, config.amp_reason or "asked for")
     plan = None
-    if config.memory_budget == "min" and not (config.reversible and plan_units(model)):
+    if config.memory_budget == "min" and not (config.reversible and has_reversible_units(model)):
         config = dataclasses.replace(config, memory_budget=None)  # plain autograd: nothing to plan
     if config.memory_budget:  # before compiling: the plan's modes are what gets compiled
         shape = (per_rank // config.accum_steps, train_ds.in_chans, *train_ds.image_size)

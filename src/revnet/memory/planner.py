@@ -18,31 +18,28 @@ measured step, and the budget the solver sees corrected by what the prediction m
 "Memory" here is the activation memory of one training step: the peak of forward, loss
 and backward above what was allocated before it, each parameter gradient freed as it is
 accumulated (what ``revnet bench memory`` reports). It is read from the allocator: on CUDA its
-peak, on CPU its allocation and free events (:func:`revnet.engine.peak.peak_of`), which in a
+peak, on CPU its allocation and free events (:func:`revnet.memory.measure.peak_of`), which in a
 fresh process agree with the resident-memory peak that ``revnet bench memory`` reads, and
 unlike that, stay exact in a process whose heap earlier work has fragmented.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from .coupling import Coupling
-from .peak import peak_of, window_peaks_of
-from .recompute import Recomputed
-from .replay import batchnorm_stats_frozen
-from .reversible import ReversibleSequence
+from ..engine import modes
+from ..engine.replay import batchnorm_stats_frozen
+from .measure import peak_of, window_peaks_of
 from .sizes import format_bytes, parse_bytes
 
-__all__ = ["Plan", "PlanUnit", "plan", "plan_units", "set_stored"]
+__all__ = ["Plan", "PlanUnit", "plan"]
 
 _BUCKETS = 4096  # resolution of the dynamic program over the stored bytes
 _TRIES = 4  # measured steps of candidate plans
@@ -90,7 +87,7 @@ class Plan:
         if missing:
             raise ValueError(f"Plan.apply: the model has no {', '.join(missing[:3])}: a plan applies to the "
                              "model it was made for (or a copy of it).")
-        set_stored(model, {u.name for u in self.units if u.stored})
+        modes.set_stored(model, {u.name for u in self.units if u.stored})
         return model
 
     def __str__(self) -> str:
@@ -103,58 +100,6 @@ class Plan:
         lines += [f"{u.name:<32} {u.kind:<7} {'yes' if u.stored else 'no':<6} {format_bytes(u.bytes):>10} "
                   f"{u.seconds * 1e3:>10.2f}" for u in self.units]
         return "\n".join(lines)
-
-
-def plan_units(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
-    """``(name, kind, module)`` of what a plan decides on: couplings inside reversible
-    sequences (``"block"``) and recomputed units (``"opener"``), in forward order."""
-    units = []
-    for name, m in model.named_modules():
-        if isinstance(m, ReversibleSequence):
-            units += [(f"{name}.couplings.{k}" if name else f"couplings.{k}", "block", c)
-                      for k, c in enumerate(m.couplings)]
-        elif isinstance(m, Recomputed):
-            units.append((name, "opener", m))
-    return units
-
-
-def set_stored(model: nn.Module, stored: Iterable[str]) -> None:
-    """Every sequence reversible; the units named in ``stored`` stored, all others rebuilt."""
-    stored = set(stored)
-    for m in model.modules():
-        if isinstance(m, ReversibleSequence):
-            m.reversible = True
-    for name, kind, m in plan_units(model):
-        if kind == "block":
-            m.stored = name in stored
-        else:
-            m.reversible = name not in stored
-
-
-@contextlib.contextmanager
-def _kept_modes(model: nn.Module) -> Iterator[None]:
-    """The model's store/rebuild switches, buffers (BatchNorm statistics), gradients and RNG
-    state come back as they were."""
-    buffers = [(b, b.clone()) for b in model.buffers()]
-    grads = [(p, p.grad) for p in model.parameters()]
-    flags = [(m, "reversible", m.reversible) for m in model.modules()
-             if isinstance(m, ReversibleSequence | Recomputed)]
-    flags += [(m, "stored", m.stored) for m in model.modules() if isinstance(m, Coupling)]
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        for m, attr, value in flags:
-            setattr(m, attr, value)
-        with torch.no_grad():
-            for b, value in buffers:
-                b.copy_(value)
-        for p, g in grads:
-            p.grad = g
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def _bytes_per_unit(model: nn.Module, inputs: torch.Tensor, units: list[tuple[str, str, nn.Module]]
@@ -203,7 +148,7 @@ def _bytes_per_unit(model: nn.Module, inputs: torch.Tensor, units: list[tuple[st
         hooks.append(m.register_forward_pre_hook(
             lambda m_, a, k=(name, part), h=(name in blocks and part == 0): enter(m_, a, k, h)))
         hooks.append(m.register_forward_hook(leave))
-    set_stored(model, {name for name, _, _ in units})
+    modes.set_stored(model, {name for name, _, _ in units})
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
             out = model(inputs)
@@ -416,7 +361,7 @@ def plan(model: nn.Module, inputs: torch.Tensor, *, budget: int | str,
     """
     lowest = isinstance(budget, str) and budget.strip().lower() in _MIN
     limit = 0 if lowest else parse_bytes(budget) if isinstance(budget, str) else int(budget)
-    units = plan_units(model)
+    units = modes.units(model)
     if not units:
         raise ValueError(f"plan: {type(model).__name__} has no reversible blocks or recomputed units, so "
                          "there is nothing to plan: its step keeps every activation whatever the budget.")
@@ -433,12 +378,12 @@ def plan(model: nn.Module, inputs: torch.Tensor, *, budget: int | str,
                 h.remove()
 
     def measured(stored: set[str]) -> int:
-        set_stored(model, stored)
+        modes.set_stored(model, stored)
         model.zero_grad(set_to_none=True)
         return peak_of(step, device)  # on CPU from the allocator's events: the same on every call
 
-    with _kept_modes(model):
-        set_stored(model, set())
+    with modes.kept_state(model):
+        modes.set_stored(model, set())
         step()  # warm-up
         model.zero_grad(set_to_none=True)
         t = time.perf_counter()

@@ -15,14 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from ..engine import AdditiveCoupling, Recomputed, ReversibleSequence, set_exact
+from ..engine.modes import get_modes, set_modes
 from .config import TrainConfig
-from .run import Run
+from .setup import Run
 
-__all__ = ["checkpoint_state", "config_fields", "engine_modes", "restore", "save_atomic", "set_engine_modes",
-           "write_json"]
+__all__ = ["checkpoint_state", "config_fields", "restore", "save_atomic", "write_json"]
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -61,36 +59,11 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "step": run.step,
         "best": run.best,
         "rng": _rng_state(run.device),
-        "engine_modes": engine_modes(run.model),
+        "engine_modes": get_modes(run.model),
         "config": asdict(run.config),
         "world_size": run.dist.world_size,
         "torch": torch.__version__,
     }
-
-
-def engine_modes(model: nn.Module) -> dict[str, dict[str, bool]]:
-    """The per-module engine switches, which the drift guard may flip during a run.
-
-    ``reversible`` of every sequence and recomputed unit, ``exact`` of every additive
-    coupling, by module path. They live outside the state dict, so ``last.pt`` carries
-    them apart: a resumed run must not fall back to the float rebuild the guard left.
-    """
-    out: dict[str, dict[str, bool]] = {"reversible": {}, "exact": {}}
-    for name, m in model.named_modules():
-        if isinstance(m, ReversibleSequence | Recomputed):
-            out["reversible"][name] = bool(m.reversible)
-        if isinstance(m, AdditiveCoupling):
-            out["exact"][name] = bool(m.exact)
-    return out
-
-
-def set_engine_modes(model: nn.Module, modes: dict[str, dict[str, bool]]) -> None:
-    """Applies switches recorded by :func:`engine_modes`."""
-    found = dict(model.named_modules())
-    for name, flag in modes.get("reversible", {}).items():
-        found[name].reversible = flag
-    for name, flag in modes.get("exact", {}).items():
-        set_exact(found[name], flag, prefix=name)
 
 
 # How a run executes, not what it computes (compiled kernels round like eager ones, not bit for bit).
@@ -130,7 +103,7 @@ def restore(run: Run, path: Path) -> None:
         run.scaler.load_state_dict(state["scaler"])
     run.step, run.best = state["step"], state["best"]
     _set_rng_state(state["rng"], run.device)
-    set_engine_modes(run.model, state.get("engine_modes", {}))  # older checkpoints lack it
+    set_modes(run.model, state.get("engine_modes", {}))  # older checkpoints lack it
 
 
 def config_fields(d: dict[str, Any]) -> dict[str, Any]:

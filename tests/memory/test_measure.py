@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from revnet.engine.peak import peak_of
+from revnet.memory.measure import peak_of
 
 CPU = torch.device("cpu")
 MiB = 2**20
@@ -62,7 +62,7 @@ def test_kept_memory_stays_with_the_process_and_outlives_a_measurement():
     """keep_freed_memory(): a freed 48 MiB block (above glibc's largest dynamic mmap threshold,
     so by default mapped on its own and unmapped when freed) stays in the process for the next
     tensor, also after a resident-set measurement switched the thresholds for its duration."""
-    import revnet.engine.peak as peak
+    import revnet.memory.measure as peak
 
     def freed_block_stays() -> bool:
         block = torch.ones(48 * MiB // 4)  # 48 MiB, touched
@@ -88,7 +88,7 @@ def test_kept_memory_stays_with_the_process_and_outlives_a_measurement():
     "cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
         not torch.cuda.is_available(), reason="needs a CUDA device")])])
 def test_window_peaks_split_the_peak_at_the_marks(device):
-    from revnet.engine.peak import window_peaks_of
+    from revnet.memory.measure import window_peaks_of
 
     def work(mark):
         a = torch.ones(1 << 20, device=device)  # 4 MiB
