@@ -9,7 +9,7 @@ import torch
 from conftest import rel_err
 
 from revnet import ReversibleSequence, cli
-from revnet.bench import budget, capacity, environment, memory, modes, speed
+from revnet.bench import budget, capacity, contenders, environment, memory, speed
 from revnet.bench.data import loader_throughput
 from revnet.bench.report import render_report
 from revnet.engine import sizes
@@ -30,23 +30,23 @@ def test_parse_bytes():
 
 
 def test_depth_matches_the_paper_names():
-    assert modes.depth_of("resnet", 5) == 32 and modes.depth_of("revnet", 3) == 38
-    assert modes.depth_of("resnet", 18) == modes.depth_of("revnet", 9) == 110
-    assert modes.depth_of("resnet", 18, "bottleneck") == modes.depth_of("revnet", 9, "bottleneck") == 164
+    assert contenders.depth_of("resnet", 5) == 32 and contenders.depth_of("revnet", 3) == 38
+    assert contenders.depth_of("resnet", 18) == contenders.depth_of("revnet", 9) == 110
+    assert contenders.depth_of("resnet", 18, "bottleneck") == contenders.depth_of("revnet", 9, "bottleneck") == 164
     with pytest.raises(ValueError, match="not a RevNet"):
-        modes.build("revnet", model="resnet32")
+        contenders.build("revnet", model="resnet32")
     with pytest.raises(ValueError, match="unknown kind"):
-        modes.build("densenet", 3)
+        contenders.build("densenet", 3)
 
 
 def test_the_three_revnet_modes_give_the_same_gradients_on_the_same_weights():
-    net = modes.build("revnet", 2, dtype=torch.float64)
-    x, y = modes.make_batch(net, 4, 8)
+    net = contenders.build("revnet", 2, dtype=torch.float64)
+    x, y = contenders.make_batch(net, 4, 8)
     grads = {}
     for kind in ("revnet-plain", "revnet", "revnet-checkpoint"):
         net.zero_grad(set_to_none=True)
-        with modes.run_mode(net, kind):
-            modes.train_step(net, x, y)
+        with contenders.run_mode(net, kind):
+            contenders.train_step(net, x, y)
         grads[kind] = [p.grad.clone() for p in net.parameters()]
     # run_mode puts everything back as it was.
     assert sum(isinstance(m, ReversibleSequence) for m in net.modules()) == 3

@@ -3,7 +3,7 @@
 Every measurement returns a plain, JSON-able dict that holds its own configuration. Import
 them from their modules (``from revnet.bench.memory import step_memory``).
 
-- :mod:`.modes`: the networks and the four ways to train them (``KINDS``), shared pieces;
+- :mod:`.contenders`: the networks and the four ways to train them (``KINDS``), shared pieces;
 - :mod:`.memory`: activation memory of one step, each point in a fresh process (:mod:`.worker`);
 - :mod:`.speed`: step time, alternated in one process; :mod:`.capacity`: what fits a budget;
 - :mod:`.drift`: reconstruction error against depth, exact mode's cost;
