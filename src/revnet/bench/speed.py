@@ -6,14 +6,21 @@ figures to read are the ratios (these machines are shared and noisy).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
+import importlib.util
+import io
 import re
+import shutil
 import statistics
 import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import ReversibleSequence, set_reversible
 from ..engine import compile as revnet_compile
-from ..engine import reversible as _reversible
+from ..engine import set_reversible
 from ..models import create_model
 from .contenders import Progress, build, make_batch, run_mode, sync, time_stats, train_step
 
@@ -70,7 +76,7 @@ def speed(
     kinds = list(kinds or (rev, plain, f"{rev}-checkpoint"))
     size = {"image_size": image_size} if family == "vit" else {}
     net = build(rev, model=model, device=device, dtype=dt, **size)
-    Engine = Callable[..., torch.Tensor] | None
+    Engine = types.ModuleType | None
     runs: list[tuple[str, str, nn.Module, Engine]] = [(k, k, net, None) for k in kinds]
     if against is not None:
         runs.append((f"{rev}@{against}", rev, net, load_engine(against)))
@@ -87,7 +93,7 @@ def speed(
 
     def timed(kind: str, m: nn.Module, function: Engine) -> float:
         m.zero_grad(set_to_none=True)
-        with run_mode(m, kind), _engine(function):
+        with run_mode(m, kind), _engine(function, m):
             sync(device)
             t = time.perf_counter()
             train_step(m, x, y)
@@ -179,55 +185,61 @@ def train_step_rate(
     return {"config": config, **result}
 
 
-# Where the reversible engine's per-block Functions lived, newest first. Either file's relative
-# imports (``.coupling``, ...) resolve to the current package's engine modules.
-_ENGINE_FILES = ("src/revnet/engine/reversible.py", "src/revnet/autograd.py")
+def load_engine(rev: str) -> types.ModuleType:
+    """The engine (``src/revnet/engine/``) of git revision ``rev`` of this checkout, for ``against``.
 
-
-def load_engine(rev: str) -> Callable[..., torch.Tensor]:
-    """The reversible engine of git revision ``rev`` of this checkout (for ``against``).
-
-    Returns ``run(seq, x)``, what a :class:`ReversibleSequence` calls in reversible mode
-    (revisions that ran one ``_ReversibleFunction`` per sequence are adapted to it).
+    The folder is read with ``git archive`` and imported as a package of its own (the engine
+    imports nothing else of revnet), so an older engine runs beside the current one in one
+    process; :func:`_engine` lends its classes to a model for one step.
 
     Raises:
-        RuntimeError: not a git checkout, or ``rev`` has no engine file where it is looked for.
+        RuntimeError: not a git checkout, or ``rev`` has no ``src/revnet/engine/``.
     """
+    name = "revnet_engine_at_" + re.sub(r"\W", "_", rev)
+    if name in sys.modules:
+        return sys.modules[name]
     root = Path(__file__).resolve().parents[3]
-    errors = []
-    for path in _ENGINE_FILES:
-        try:
-            source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True,
-                                    text=True, check=True, timeout=30).stdout
-            break
-        except (OSError, subprocess.SubprocessError) as e:
-            errors.append(f"{path}: {e}")
-    else:
-        raise RuntimeError(f"cannot read the engine of git revision {rev!r} in {root}: {'; '.join(errors)}")
-    module = types.ModuleType("revnet.engine._at_" + re.sub(r"\W", "_", rev))
-    module.__package__ = "revnet.engine"  # its relative imports resolve to this version's modules
-    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
-    if hasattr(module, "_run_reversible"):
-        return module._run_reversible
-    function = module._ReversibleFunction
-
-    def run(seq: ReversibleSequence, x: torch.Tensor) -> torch.Tensor:
-        return function.apply(x, seq, *(p for p in seq.parameters() if p.requires_grad))
-
-    run.__name__ = f"{function.__name__}@{rev}"
-    return run
+    try:
+        archive = subprocess.run(["git", "archive", "--format=tar", rev, "src/revnet/engine"], cwd=root,
+                                 capture_output=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"cannot read the engine of git revision {rev!r} in {root}: {e}") from None
+    folder = Path(tempfile.mkdtemp(prefix="revnet-engine-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    package = folder / name
+    (folder / "src" / "revnet" / "engine").rename(package)
+    spec = importlib.util.spec_from_file_location(name, package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules[name]
+        raise
+    return module
 
 
 @contextlib.contextmanager
-def _engine(run: Callable[..., torch.Tensor] | None) -> Iterator[None]:
-    """Runs every ReversibleSequence through ``run`` (another revision's engine)."""
-    current = _reversible._run_reversible
-    if run is not None:
-        _reversible._run_reversible = run
+def _engine(engine: types.ModuleType | None, net: nn.Module) -> Iterator[None]:
+    """Runs ``net``'s sequences and couplings as instances of ``engine``'s classes (another
+    revision's engine, from :func:`load_engine`) while the body runs; the same weights."""
+    swapped = []
+    if engine is not None:
+        for m in net.modules():
+            cls = type(m)
+            if cls.__module__.startswith("revnet.engine.") and isinstance(getattr(engine, cls.__name__, None),
+                                                                          type):
+                m.__class__ = getattr(engine, cls.__name__)
+                swapped.append((m, cls))
     try:
         yield
     finally:
-        _reversible._run_reversible = current
+        for m, cls in swapped:
+            m.__class__ = cls
 
 
 def _inference_times(net: nn.Module, x: torch.Tensor, repeats: int, device: str, rev: str,

@@ -30,8 +30,8 @@ from .exact import check_bits
 from .recompute import Recomputed
 from .reversible import ReversibleSequence
 
-__all__ = ["Unit", "get_modes", "has_reversible_units", "kept_modes", "kept_state", "set_exact", "set_modes",
-           "set_reversible", "set_stored", "units"]
+__all__ = ["ReversibleSwitch", "Unit", "get_modes", "has_reversible_units", "kept_modes", "kept_state",
+           "set_exact", "set_modes", "set_reversible", "set_stored", "units"]
 
 Unit = tuple[str, str, nn.Module]  # (path in the model, "block" or "opener", the module)
 
@@ -80,6 +80,22 @@ def set_reversible(module: nn.Module, enabled: bool) -> int:
             m.reversible = bool(enabled)
             count += 1
     return count
+
+
+class ReversibleSwitch:
+    """A ``reversible`` property for a model class (mix it in before ``nn.Module``): True when
+    every sequence and recomputed unit inside rebuilds; setting it calls :func:`set_reversible`.
+    RevNet, RevViT and RevTransformer have it, so ``model.reversible = False`` trains the same
+    weights under plain autograd."""
+
+    @property
+    def reversible(self) -> bool:
+        module: nn.Module = self  # type: ignore[assignment]
+        return all(m.reversible for m in module.modules() if isinstance(m, ReversibleSequence | Recomputed))
+
+    @reversible.setter
+    def reversible(self, enabled: bool) -> None:
+        set_reversible(self, enabled)  # type: ignore[arg-type]
 
 
 def set_exact(module: nn.Module, enabled: bool, *, bits: int | None = None, prefix: str = "") -> int:

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import AdditiveCoupling, Recomputed, ReversibleSequence, set_exact, set_reversible
+from ..engine import AdditiveCoupling, Recomputed, ReversibleSequence, set_exact
+from ..engine.modes import ReversibleSwitch
 from .convnet import EXPANSION, Classifier, check_config, make_stem
 from .layers import BasicResidual, BottleneckResidual, Head, RevDownsample, shortcut
 from .registry import register_model
@@ -25,7 +26,7 @@ class _StageOpener(Recomputed, RevDownsample):
     """
 
 
-class RevNet(Classifier):
+class RevNet(ReversibleSwitch, Classifier):
     """A reversible residual network: per stage, an opening unit then a reversible sequence.
 
     Each unit is an additive coupling with F and G acting on half the channels. A stage
@@ -112,15 +113,6 @@ class RevNet(Classifier):
             Head(c_in, num_classes, **layer_kw),
         )
         set_exact(self, exact)  # also names every coupling by its path, for range errors
-
-    @property
-    def reversible(self) -> bool:
-        """True when every reversible sequence (and recomputed stage opener) runs reversibly."""
-        return all(m.reversible for m in self.modules() if isinstance(m, (ReversibleSequence, Recomputed)))
-
-    @reversible.setter
-    def reversible(self, enabled: bool) -> None:
-        set_reversible(self, enabled)
 
 
 @register_model

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import AdditiveCoupling, ReversibleSequence, set_exact
+from ..engine.modes import ReversibleSwitch
 
 __all__ = ["AttentionBranch", "DropPath", "MlpBranch", "RevTransformer", "Transformer", "TransformerBlock",
            "check_heads", "drop_path_rates"]
@@ -202,7 +203,7 @@ class Transformer(nn.Module):
         return self.norm(self.blocks(x))
 
 
-class RevTransformer(nn.Module):
+class RevTransformer(ReversibleSwitch, nn.Module):
     """A reversible transformer over tokens: ``(B, T, C) -> (B, T, 2C)``; stores no block activations.
 
     The tokens are duplicated into two streams of width ``C`` (RevViT, Mangalam et al.
@@ -244,14 +245,6 @@ class RevTransformer(nn.Module):
             reversible=reversible)
         self.norm = nn.LayerNorm(2 * embed_dim, **factory)  # the fusion of the two streams
         set_exact(self, exact)
-
-    @property
-    def reversible(self) -> bool:
-        return self.blocks.reversible
-
-    @reversible.setter
-    def reversible(self, enabled: bool) -> None:
-        self.blocks.reversible = bool(enabled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_tokens("RevTransformer", x, self.embed_dim)

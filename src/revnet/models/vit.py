@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.modes import ReversibleSwitch
 from .layers import NormLayer
 from .registry import register_model
 from .transformer import RevTransformer, Transformer
@@ -123,8 +124,14 @@ class VisionTransformer(_ViTBase):
         patch_size: side of a patch (``tokenizer="patch"``).
         in_chans: image channels.
         num_classes: classifier outputs.
-        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the transformer's shape.
-        drop_rate, attn_drop_rate, drop_path_rate: dropout, attention dropout, stochastic depth.
+        embed_dim: token width.
+        depth: transformer blocks.
+        num_heads: attention heads; must divide ``embed_dim``.
+        mlp_ratio: MLP hidden width over ``embed_dim``.
+        qkv_bias: bias in the query/key/value projection.
+        drop_rate: dropout after the position embedding, the attention projection and in the MLP.
+        attn_drop_rate: dropout on the attention weights.
+        drop_path_rate: stochastic depth of the last block (linear from 0 over the blocks).
         class_token: classify from a CLS token (True, ViT) or the mean of the tokens.
         tokenizer: ``"patch"`` or ``"conv"`` (see the module's docstring).
         norm_layer: normalisation of the convolutional tokenizer (the transformer's own is
@@ -162,7 +169,7 @@ class VisionTransformer(_ViTBase):
         return self.head(t[:, 0] if self.cls_token is not None else t.mean(dim=1))
 
 
-class RevViT(_ViTBase):
+class RevViT(ReversibleSwitch, _ViTBase):
     """Rev-ViT (Mangalam et al. 2022): reversible blocks, no CLS token, mean pooling.
 
     Arguments as :class:`VisionTransformer`, plus ``reversible`` and ``exact`` (see
@@ -195,14 +202,6 @@ class RevViT(_ViTBase):
                                           **factory)
         self.head = nn.Linear(2 * embed_dim, num_classes, **factory)
         self._init_weights()
-
-    @property
-    def reversible(self) -> bool:
-        return self.transformer.reversible
-
-    @reversible.setter
-    def reversible(self, enabled: bool) -> None:
-        self.transformer.reversible = enabled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
