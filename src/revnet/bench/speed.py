@@ -30,7 +30,7 @@ from torch import nn
 
 from ..engine import compile as revnet_compile
 from ..engine import set_reversible
-from ..models import create_model
+from ..models import RevViT, create_model
 from .contenders import Progress, build, make_batch, run_mode, sync, time_stats, train_step
 
 __all__ = ["load_engine", "speed", "train_step_rate"]
@@ -70,7 +70,7 @@ def speed(
         raise ValueError("speed: repeats must be >= 1 and warmup >= 0.")
     torch.manual_seed(seed)
     dt = getattr(torch, dtype)
-    family = "vit" if "vit" in model else "cnn"
+    family = "vit" if isinstance(create_model(model, device="meta"), RevViT) else "cnn"  # meta: no memory
     rev, plain, baseline = (("revvit", "revvit-plain", "vit") if family == "vit"
                             else ("revnet", "revnet-plain", "resnet"))
     kinds = list(kinds or (rev, plain, f"{rev}-checkpoint"))
