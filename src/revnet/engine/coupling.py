@@ -56,8 +56,8 @@ def halves(x: torch.Tensor, dim: int, owner: str = "coupling") -> tuple[torch.Te
     """:func:`split` into halves that each fill their memory: where the halves F and G compute on are made.
 
     A channel slice of a whole tensor is strided, and CPU convolutions and normalisations take
-    a slow path on it (RevNet-164's first F, channels_last: 61 ms on the slice, 22 ms dense;
-    docs/HISTORY.md); in exact mode BatchNorm would also reduce it in another order than the
+    a slow path on it (the dense copy made the reversible step 2-3% faster: docs/HISTORY.md,
+    "Dense halves"); in exact mode BatchNorm would also reduce it in another order than the
     dense half the rebuild gives. One copy per sequence call, where a block's input is split.
     """
     return tuple(v if _dense(v) else v.clone(memory_format=torch.preserve_format)  # type: ignore[return-value]
