@@ -80,6 +80,7 @@ def test_site_builds_strict(tmp_path):
         assert not missing, f"api/{page}.md: not rendered: {missing}"
     engine = (site / "api" / "engine" / "index.html").read_text()
     assert "Rebuilds the sequence" in engine  # a docstring's text, not only a heading
+    assert ":class:`" not in engine and ":func:`" not in engine  # roles read as code (docs/hooks)
     for guide in ("engine", "coupling", "planner", "compile"):
         assert (site / "guide" / guide / "index.html").is_file()
 
