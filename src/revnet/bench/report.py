@@ -380,7 +380,7 @@ def render_report(meta: dict[str, Any], memory: dict[str, Any], speeds: list[dic
         "(`revnet.memory.measure.keep_freed_memory`: glibc's blocks up to 1 GiB from a heap never "
         "trimmed, as CUDA's caching allocator keeps memory), as `revnet train` does; with glibc's "
         "defaults each step faults its memory in again, which costs plain autograd, the kind that "
-        "frees the most, the most (`scripts/page_faults.py`).",
+        "frees the most, the most (`studies/page_faults.py`).",
         "- The planner reads its peaks from the CPU allocator's allocation and free events "
         "(PyTorch's profiler, `profile_memory`), exact in any process; the frontier's memory column "
         "is the fresh-process measure above.",

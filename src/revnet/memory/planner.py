@@ -39,7 +39,7 @@ from ..engine.replay import batchnorm_stats_frozen
 from .measure import peak_of, window_peaks_of
 from .sizes import format_bytes, parse_bytes
 
-__all__ = ["Plan", "PlanUnit", "plan"]
+__all__ = ["Plan", "PlanUnit", "forward_seconds", "plan"]
 
 _BUCKETS = 4096  # resolution of the dynamic program over the stored bytes
 _TRIES = 4  # measured steps of candidate plans
@@ -160,9 +160,35 @@ def _bytes_per_unit(model: nn.Module, inputs: torch.Tensor, units: list[tuple[st
     return {name: (sum(c), max(c), halves[name]) for name, c in counts.items()}
 
 
-def _forward_seconds(model: nn.Module, inputs: torch.Tensor, units: list[tuple[str, str, nn.Module]],
-                     repeats: int) -> dict[str, float]:
-    """Median forward time of each unit (what rebuilding it costs again in backward)."""
+def forward_seconds(model: nn.Module, inputs: torch.Tensor, units: list[modes.Unit],
+                    repeats: int = 3) -> dict[str, float]:
+    """Median forward time of each unit: what rebuilding it costs again in backward.
+
+    The value :func:`plan` gives a unit when it decides whether to store it (``PlanUnit.seconds``).
+    Runs ``repeats + 1`` forwards of ``model`` on ``inputs`` without a graph (the first warms
+    up) with BatchNorm's running statistics frozen, timing each unit's calls (a coupling's F and
+    G together, which the engine calls rather than the coupling); on CUDA each call is
+    synchronised. Under an autocast context, the units run under it.
+
+    Example:
+        >>> import torch, revnet
+        >>> from revnet.engine.modes import units
+        >>> from revnet.memory.planner import forward_seconds
+        >>> model = revnet.create_model("revnet38")
+        >>> seconds = forward_seconds(model, torch.randn(8, 3, 32, 32), units(model), repeats=1)
+        >>> sorted(seconds) == sorted(name for name, _, _ in units(model))
+        True
+
+    Args:
+        model: the model holding the units.
+        inputs: a batch, as the model takes it.
+        units: the units to time, as :func:`revnet.engine.modes.units` lists them (or some
+            of them: only those listed are timed).
+        repeats: timed forwards; each unit's time is the median over them.
+
+    Returns:
+        Seconds per unit path, for one forward of ``model``.
+    """
     times: dict[str, list[float]] = {name: [] for name, _, _ in units}
     started: dict[str, float] = {}
     sync = (lambda: torch.cuda.synchronize(inputs.device)) if inputs.is_cuda else (lambda: None)
@@ -393,7 +419,7 @@ def plan(model: nn.Module, inputs: torch.Tensor, *, budget: int | str,
         minimum, windows = _windows(units, step, device)
         limit = minimum if lowest else limit
         stored_bytes = _bytes_per_unit(model, inputs, units)
-        seconds = _forward_seconds(model, inputs, units, repeats)
+        seconds = forward_seconds(model, inputs, units, repeats)
         items = [_Item(n, b, b - branch, *windows[n], seconds[n],
                        entry=half if i and _same_sequence(units[i - 1], units[i]) else 0)
                  for i, (n, (b, branch, half)) in enumerate((n, stored_bytes[n]) for n, _, _ in units)]

@@ -3,8 +3,8 @@
 Trains each configuration for each seed with `revnet train` (same recipe, same seeds),
 then writes a table (test accuracy mean +- std, wall time, memory) and the curves:
 
-    .venv/bin/python scripts/parity_study.py --seeds 0 1 2 --jobs 2 --out runs/parity --doc docs
-    .venv/bin/python scripts/parity_study.py --family vit --out runs/parity-vit --doc docs
+    .venv/bin/python studies/parity_study.py --seeds 0 1 2 --jobs 2 --out runs/parity --doc docs
+    .venv/bin/python studies/parity_study.py --family vit --out runs/parity-vit --doc docs
 
 `--family cnn` (default): RevNet-38 vs ResNet-32 on the default recipe; `--family vit`:
 RevViT-mini vs the residual ViT-mini on `--recipe fashion-mnist-vit`.
@@ -127,13 +127,14 @@ def curves_name(family: str) -> str:
 
 
 def markers(family: str) -> tuple[str, str]:
+    """The comments that open and close the family's section of PARITY.md."""
     tag = "parity-study" if family == "cnn" else f"parity-study-{family}"
-    return f"<!-- {tag}: begin (written by scripts/parity_study.py) -->", f"<!-- {tag}: end -->"
+    return f"<!-- {tag}: begin (written by studies/parity_study.py) -->", f"<!-- {tag}: end -->"
 
 
 def write_doc(rows: dict, args: argparse.Namespace, extra: list[str], doc: Path, commit: str,
               sweep: dict[str, dict[float, float]]) -> None:
-    cmd = "python scripts/parity_study.py " + " ".join(
+    cmd = "python studies/parity_study.py " + " ".join(
         (["--family", args.family] if args.family != "cnn" else [])
         + ["--seeds", *map(str, args.seeds), "--jobs", str(args.jobs), "--out", str(args.out),
            "--doc", str(args.doc)] + (["--tune-lr", *(f"{lr:g}" for lr in args.tune_lr)] if sweep else [])
@@ -195,8 +196,9 @@ def write_doc(rows: dict, args: argparse.Namespace, extra: list[str], doc: Path,
         "", f"![curves](parity/{curves_name(args.family)})", "", end,
     ]
     text = doc.read_text() if doc.is_file() else "# Parity study: do RevNets train as well as ResNets?\n\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
+    opening = begin.split(" (", 1)[0]  # also finds a section written when the study lived in scripts/
+    if opening + " " in text and end in text:
+        head, rest = text.split(opening + " ", 1)
         text = head + "\n".join(lines) + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ autocast, 1.75 epochs):
 then writes docs/fidelity/training.json (angle and drift rows, accuracies, speeds, the
 float reference of docs/parity/results.json) and docs/fidelity/grad_angle.png:
 
-    .venv/bin/python scripts/fidelity_study.py --seeds 0 1 2 --out runs --doc-dir docs/fidelity
+    .venv/bin/python studies/fidelity_study.py --seeds 0 1 2 --out runs --doc-dir docs/fidelity
 
 Extra arguments after `--` go to every `revnet train` (e.g. `-- --steps 20` for a smoke
 test). Runs already finished are reused, so an interrupted study continues.
@@ -128,6 +128,20 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_results(result: dict, doc_dir: Path) -> dict:
+    """Writes ``summarize``'s ``result`` as DOC_DIR/training.json and, when it holds the
+    grad-angle run, its plot as DOC_DIR/grad_angle.png; returns the result without the
+    per-step rows (what the study prints)."""
+    doc_dir.mkdir(parents=True, exist_ok=True)
+    (doc_dir / "training.json").write_text(json.dumps(result, indent=1) + "\n")
+    if "grad_angle" in result:
+        plot(result, doc_dir / "grad_angle.png")
+    brief = {k: v for k, v in result.items() if k != "grad_angle"}
+    if "grad_angle" in result:
+        brief["grad_angle"] = {k: v for k, v in result["grad_angle"].items() if k not in ("angles", "drift")}
+    return brief
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds of the --exact runs")
@@ -136,7 +150,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("runs"))
     p.add_argument("--doc-dir", type=Path, default=Path("docs/fidelity"))
     p.add_argument("--parity", type=Path, default=Path("docs/parity/results.json"),
-                   help="float-mode reference (scripts/parity_study.py)")
+                   help="float-mode reference (studies/parity_study.py)")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -146,15 +160,8 @@ def main() -> int:
     exact_dirs = [run([*EXACT_ARGS, "--seed", str(s)], args.out / f"exact-seed{s}", args.threads, extra)
                   for s in args.seeds]
     result = summarize(angle_dir, exact_dirs, args.parity)
-    result["command"] = "python scripts/fidelity_study.py " + " ".join(sys.argv[1:])
-    args.doc_dir.mkdir(parents=True, exist_ok=True)
-    (args.doc_dir / "training.json").write_text(json.dumps(result, indent=1) + "\n")
-    if angle_dir is not None:
-        plot(result, args.doc_dir / "grad_angle.png")
-    brief = {k: v for k, v in result.items() if k != "grad_angle"}
-    if "grad_angle" in result:
-        brief["grad_angle"] = {k: v for k, v in result["grad_angle"].items() if k not in ("angles", "drift")}
-    print(json.dumps(brief, indent=1))
+    result["command"] = "python studies/fidelity_study.py " + " ".join(sys.argv[1:])
+    print(json.dumps(write_results(result, args.doc_dir), indent=1))
     return 0
 
 

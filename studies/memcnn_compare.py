@@ -7,7 +7,7 @@ cross-entropy, backward) on the same random batch; runs alternate, the order rot
 repeat; ratios of medians are the figures to read. MemCNN is not a dependency of revnet:
 
     .venv/bin/pip install --no-deps memcnn==1.5.2     # it imports only torch and numpy
-    .venv/bin/python scripts/memcnn_compare.py --out docs/benchmarks/memcnn
+    .venv/bin/python studies/memcnn_compare.py --out docs/benchmarks/memcnn
 
 Runs: ``memcnn`` (its RevNet-38, reversible), ``revnet`` (ours, eager, reversible) and
 ``revnet+compile`` (ours under ``revnet.compile``, inductor; compile time reported apart).
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import revnet
-from revnet.bench.environment import environment
 from revnet.bench.contenders import time_stats
+from revnet.bench.environment import environment
 
 
 def memcnn_revnet38() -> nn.Module:
@@ -44,6 +44,35 @@ def memcnn_revnet38() -> nn.Module:
     # operation"). That one block keeps its input; all others free theirs as MemCNN intends.
     next(m for m in model.modules() if isinstance(m, InvertibleModuleWrapper)).keep_input = True
     return model
+
+
+def summarize(times: dict[str, list[float]], first: dict[str, float], batch: int) -> dict:
+    """Per run its time statistics (``time_stats``); each of ours against MemCNN as a ratio of
+    medians and as the median of the per-repeat ratios; the compile time of ``revnet+compile``
+    (its first step less its median step). ``times``: per run, one step's seconds per repeat
+    (the repeats alternate the runs); ``first``: per run, its first step's seconds."""
+    stats = {name: time_stats(v, batch) for name, v in times.items()}
+    ratios = {f"{a}/memcnn": stats[a]["median_s"] / stats["memcnn"]["median_s"]
+              for a in ("revnet", "revnet+compile")}
+    pairs = {k: statistics.median(a / b for a, b in zip(times[k.split("/")[0]], times["memcnn"], strict=True))
+             for k in ratios}
+    return {"train": stats, "ratios": ratios, "median_of_per_repeat_ratios": pairs,
+            "compile_s": {"revnet+compile": first["revnet+compile"] - stats["revnet+compile"]["median_s"]}}
+
+
+def write_results(result: dict, out: Path) -> Path:
+    """Writes ``result`` as OUT/memcnn.json, prints its table and returns the file's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "memcnn.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{'run':<15} {'params':>8} {'median ms':>10} {'img/s':>7}")
+    for name, s in result["train"].items():
+        print(f"{name:<15} {result['params'][name] / 1e6:>7.3f}M {s['median_s'] * 1e3:>10.0f} "
+              f"{s['images_per_s']:>7.0f}")
+    print("  ".join(f"{k} = {v:.3f}" for k, v in result["ratios"].items()),
+          f"(compile took {result['compile_s']['revnet+compile']:.0f} s beyond a step)")
+    print(f"wrote {path}")
+    return path
 
 
 def main() -> int:
@@ -84,28 +113,14 @@ def main() -> int:
     for r in range(args.repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             times[name].append(step(runs[name]))
-    stats = {name: time_stats(v, args.batch) for name, v in times.items()}
-    ratios = {f"{a}/memcnn": stats[a]["median_s"] / stats["memcnn"]["median_s"]
-              for a in ("revnet", "revnet+compile")}
-    pairs = {k: statistics.median(a / b for a, b in zip(times[k.split("/")[0]], times["memcnn"], strict=True))
-             for k in ratios}
     result = {
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                    "memcnn": memcnn.__version__, "threads": torch.get_num_threads()},
         "params": {name: sum(q.numel() for q in m.parameters()) for name, m in runs.items()},
-        "train": stats, "ratios": ratios, "median_of_per_repeat_ratios": pairs,
-        "compile_s": {"revnet+compile": first["revnet+compile"] - stats["revnet+compile"]["median_s"]},
+        **summarize(times, first, args.batch),
         "environment": environment(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memcnn.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{'run':<15} {'params':>8} {'median ms':>10} {'img/s':>7}")
-    for name, s in stats.items():
-        print(f"{name:<15} {result['params'][name] / 1e6:>7.3f}M {s['median_s'] * 1e3:>10.0f} "
-              f"{s['images_per_s']:>7.0f}")
-    print("  ".join(f"{k} = {v:.3f}" for k, v in ratios.items()),
-          f"(compile took {result['compile_s']['revnet+compile']:.0f} s beyond a step)")
-    print(f"wrote {args.out / 'memcnn.json'}")
+    write_results(result, args.out)
     return 0
 
 

@@ -13,7 +13,7 @@ graph (the planner's per-unit timing, summed). It prints per configuration
 as medians of the per-round ratios. The README's and BENCHMARKS.md's speed targets (for
 example reversible <= 1.25x plain) are below the floor where ``floor`` exceeds them.
 
-    python scripts/rebuild_floor.py [--rounds 7] [--out docs/benchmarks/rebuild_floor.json]
+    python studies/rebuild_floor.py [--rounds 7] [--out docs/benchmarks/rebuild_floor.json]
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
-from revnet.bench.environment import environment
 from revnet.bench.contenders import build, make_batch, run_mode
+from revnet.bench.environment import environment
+from revnet.engine import modes
 from revnet.memory.measure import keep_freed_memory
-from revnet.memory.planner import _forward_seconds, plan_units
+from revnet.memory.planner import forward_seconds
 
 # (kind, model, batch, image size, channels_last, autocast dtype)
 CONFIGS = [
@@ -44,12 +45,24 @@ CONFIGS = [
 QUICK = [("revnet", "revnet38", 16, 16, False, None), ("revvit", "revvit_small", 2, 32, False, None)]
 
 
+def ratios(times: dict[str, list[float]]) -> dict[str, float]:
+    """``floor``, ``measured`` and ``engine`` (medians of each round's ratio) and plain autograd's
+    median step, from per-round seconds of ``plain``, ``reversible`` and ``units_forward``."""
+    rows = list(zip(times["plain"], times["reversible"], times["units_forward"], strict=True))
+    return {
+        "floor": statistics.median((p + u) / p for p, _, u in rows),
+        "measured": statistics.median(rv / p for p, rv, _ in rows),
+        "engine": statistics.median(rv / (p + u) for p, rv, u in rows),
+        "plain_s": statistics.median(times["plain"]),
+    }
+
+
 def measure(kind: str, model: str, batch: int, size: int, channels_last: bool, amp: str | None,
             rounds: int) -> dict:
     torch.manual_seed(0)
     net = build(kind, model=model, image_size=size if kind == "revvit" else None)
     x, y = make_batch(net, batch, size, channels_last=channels_last)
-    units = plan_units(net)
+    units = modes.units(net)
 
     def cast() -> contextlib.AbstractContextManager:
         return torch.autocast("cpu", dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
@@ -65,7 +78,7 @@ def measure(kind: str, model: str, batch: int, size: int, channels_last: bool, a
 
     def units_forward() -> float:
         with cast():
-            return sum(_forward_seconds(net, x, units, 1).values())
+            return sum(forward_seconds(net, x, units, 1).values())
 
     times: dict[str, list[float]] = {"plain": [], "reversible": [], "units_forward": []}
     for r in range(rounds + 1):  # the first round warms up
@@ -73,15 +86,22 @@ def measure(kind: str, model: str, batch: int, size: int, channels_last: bool, a
         if r:
             for k, v in got.items():
                 times[k].append(v)
-    rows = list(zip(times["plain"], times["reversible"], times["units_forward"], strict=True))
-    return {
-        "kind": kind, "model": model, "batch": batch, "image_size": size, "channels_last": channels_last,
-        "amp": amp or "none", "units": len(units), "times_s": times,
-        "floor": statistics.median((p + u) / p for p, _, u in rows),
-        "measured": statistics.median(rv / p for p, rv, _ in rows),
-        "engine": statistics.median(rv / (p + u) for p, rv, u in rows),
-        "plain_s": statistics.median(times["plain"]),
-    }
+    return {"kind": kind, "model": model, "batch": batch, "image_size": size, "channels_last": channels_last,
+            "amp": amp or "none", "units": len(units), "times_s": times, **ratios(times)}
+
+
+def row(r: dict) -> str:
+    """One configuration's line of the printed table."""
+    layout = "channels_last" if r["channels_last"] else "contiguous"
+    return (f"{r['model']:<12} {r['batch']:>5} {r['image_size']:>4} {layout:<14} {r['amp']:<5} "
+            f"{r['plain_s']:>8.3f} {r['floor']:>6.3f} {r['measured']:>9.3f} {r['engine']:>7.3f}")
+
+
+def write_results(results: list[dict], rounds: int, out: Path, command: str) -> None:
+    """Writes ``measure``'s results to ``out`` as JSON, with ``command``, the environment and ``rounds``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": command, "environment": environment(), "rounds": rounds,
+                               "results": results}, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,15 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     for cfg in QUICK if args.quick else CONFIGS:
         r = measure(*cfg, rounds=args.rounds)
         results.append(r)
-        layout = "channels_last" if r["channels_last"] else "contiguous"
-        print(f"{r['model']:<12} {r['batch']:>5} {r['image_size']:>4} {layout:<14} {r['amp']:<5} "
-              f"{r['plain_s']:>8.3f} {r['floor']:>6.3f} {r['measured']:>9.3f} {r['engine']:>7.3f}",
-              flush=True)
+        print(row(r), flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        command = " ".join(["python", "scripts/rebuild_floor.py", *sys.argv[1:]])
-        args.out.write_text(json.dumps({"command": command, "environment": environment(),
-                                        "rounds": args.rounds, "results": results}, indent=1))
+        given = sys.argv[1:] if argv is None else argv
+        write_results(results, args.rounds, args.out, " ".join(["python", "studies/rebuild_floor.py",
+                                                                *given]))
     return 0
 
 

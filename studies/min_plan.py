@@ -7,7 +7,7 @@ it) and times them alternated in one process with freed memory kept, after a war
 Prints, and writes as JSON, the plan, both peaks and the step-time ratio (median over rounds
 of each round's ratio).
 
-    python scripts/min_plan.py [--model revnet38] [--batch 128] [--amp bf16] [--rounds 7]
+    python studies/min_plan.py [--model revnet38] [--batch 128] [--amp bf16] [--rounds 7]
         [--out docs/benchmarks/min_plan.json]
 """
 
@@ -24,9 +24,29 @@ import torch.nn.functional as F
 
 import revnet
 from revnet.bench.environment import environment
+from revnet.engine.modes import set_stored
 from revnet.memory.measure import keep_freed_memory, peak_of
-from revnet.memory.planner import set_stored
 from revnet.training.precision import autocast
+
+
+def summarize(peaks: dict[str, int], times: dict[str, list[float]]) -> dict:
+    """Both configurations' peaks, their median step times, and the ratio plan / all rebuilt as
+    the median of each round's ratio. ``times``: per configuration, one step's seconds per round."""
+    ratio = statistics.median(a / b for a, b in zip(times["plan at min"], times["all rebuilt"], strict=True))
+    return {"peak_bytes": peaks, "median_step_s": {k: statistics.median(v) for k, v in times.items()},
+            "times_s": times, "ratio_plan_to_rebuild": ratio}
+
+
+def write_results(result: dict, out: Path | None) -> None:
+    """Prints the result's lines and, if ``out`` is given, writes the result there as JSON."""
+    for name, peak in result["peak_bytes"].items():
+        step_ms = result["median_step_s"][name] * 1e3
+        print(f"{name:<12} peak {peak / 2**20:7.1f} MiB  step {step_ms:6.0f} ms")
+    print(f"plan at min / all rebuilt, round by round: {result['ratio_plan_to_rebuild']:.3f} "
+          f"({len(result['stored'])} of {result['units']} units stored; planning {result['plan_s']:.1f} s)")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def main() -> None:
@@ -79,22 +99,12 @@ def main() -> None:
                 step()
             if r:
                 times[name].append((time.perf_counter() - t) / args.steps)
-    ratio = statistics.median(a / b for a, b in zip(times["plan at min"], times["all rebuilt"], strict=True))
     result = {
         "model": args.model, "batch": args.batch, "image_size": args.image_size, "amp": args.amp,
         "stored": p.stored, "units": len(p.units), "plan_s": plan_s,
-        "peak_bytes": peaks, "median_step_s": {k: statistics.median(v) for k, v in times.items()},
-        "times_s": times, "ratio_plan_to_rebuild": ratio, "rounds": args.rounds,
-        "environment": environment(),
+        **summarize(peaks, times), "rounds": args.rounds, "environment": environment(),
     }
-    for name in configs:
-        step_ms = result["median_step_s"][name] * 1e3
-        print(f"{name:<12} peak {peaks[name] / 2**20:7.1f} MiB  step {step_ms:6.0f} ms")
-    print(f"plan at min / all rebuilt, round by round: {ratio:.3f} ({len(p.stored)} of {len(p.units)} "
-          f"units stored; planning {plan_s:.1f} s)")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_results(result, args.out)
 
 
 if __name__ == "__main__":

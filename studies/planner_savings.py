@@ -5,9 +5,10 @@ unit rebuilt; the units `revnet bench budget` stored at its f = 0.25 budget (rea
 docs/benchmarks/budget/budget.json); as many units of the last stage, and of the first;
 the stage openers alone; every unit stored. For
 each set it prints the planner's predicted saving (the sum of its units' forward times), its
-bytes, and the measured step time as a median ratio to all-rebuild, round by round.
+bytes, and the measured step time as a median ratio to all-rebuild, round by round (and
+writes them as JSON to --out if given).
 
-    python scripts/planner_savings.py [--rounds 5]
+    python studies/planner_savings.py [--rounds 5] [--out savings.json]
 """
 
 from __future__ import annotations
@@ -22,14 +23,42 @@ import torch
 import torch.nn.functional as F
 
 from revnet.bench.contenders import build, make_batch, run_mode, train_step
+from revnet.engine.modes import set_stored
 from revnet.memory.measure import keep_freed_memory
-from revnet.memory.planner import plan, set_stored
+from revnet.memory.planner import plan
+
+
+def summarize(sets: dict[str, list[str]], times: dict[str, list[float]], seconds: dict[str, float],
+              nbytes: dict[str, int]) -> list[dict]:
+    """One row per set of stored units: how many, their bytes, the planner's predicted saving
+    (the sum of their forward times), the median step time, and the median over rounds of the
+    step's ratio to the all-rebuild step of the same round (``times["all rebuilt"]``)."""
+    base = times["all rebuilt"]
+    return [{"set": name, "units": len(stored), "bytes": sum(nbytes[n] for n in stored),
+             "predicted_saving_s": sum(seconds[n] for n in stored),
+             "median_step_s": statistics.median(times[name]),
+             "ratio_to_all_rebuilt": statistics.median(a / b for a, b in zip(times[name], base, strict=True)),
+             "stored": list(stored)} for name, stored in sets.items()]
+
+
+def write_results(rows: list[dict], out: Path | None) -> None:
+    """Prints ``summarize``'s rows as a table and, if ``out`` is given, writes them there as JSON."""
+    print(f"{'units stored':<20} {'n':>3} {'MiB':>6} {'predicted saving ms':>20} {'step ms':>8} "
+          f"{'/ all rebuilt':>13}")
+    for r in rows:
+        print(f"{r['set']:<20} {r['units']:>3} {r['bytes'] / 2**20:>6.0f} "
+              f"{1e3 * r['predicted_saving_s']:>20.0f} {1e3 * r['median_step_s']:>8.0f} "
+              f"{r['ratio_to_all_rebuilt']:>13.3f}")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--budget-json", type=Path, default=Path("docs/benchmarks/budget/budget.json"))
+    ap.add_argument("--out", type=Path, help="JSON file to write")
     args = ap.parse_args()
     keep_freed_memory()
     torch.manual_seed(0)
@@ -56,14 +85,7 @@ def main() -> None:
                 train_step(net, x, y)
                 if r:
                     times[name].append(time.perf_counter() - t)
-    base = times["all rebuilt"]
-    print(f"{'units stored':<20} {'n':>3} {'MiB':>6} {'predicted saving ms':>20} {'step ms':>8} "
-          f"{'/ all rebuilt':>13}")
-    for name, stored in sets.items():
-        ratio = statistics.median(a / b for a, b in zip(times[name], base, strict=True))
-        print(f"{name:<20} {len(stored):>3} {sum(nbytes[n] for n in stored) / 2**20:>6.0f} "
-              f"{1e3 * sum(seconds[n] for n in stored):>20.0f} {1e3 * statistics.median(times[name]):>8.0f} "
-              f"{ratio:>13.3f}")
+    write_results(summarize(sets, times, seconds, nbytes), args.out)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ after ``revnet.memory.measure.keep_freed_memory()`` (blocks up to 1 GiB from a h
 trimmed). Per kind, the median over rounds (after one warm-up round, kinds alternated) of
 the step time, the minor page faults and the system CPU time of one training step.
 
-    python scripts/page_faults.py --model revnet164 --batch 128 --out docs/benchmarks/page_faults.json
+    python studies/page_faults.py --model revnet164 --batch 128 --out docs/benchmarks/page_faults.json
 """
 
 from __future__ import annotations
@@ -23,11 +23,18 @@ from pathlib import Path
 KINDS = ("revnet", "revnet-plain", "revnet-checkpoint")
 
 
+def medians(rows: dict[str, list[tuple[float, int, float]]]) -> dict[str, dict[str, float]]:
+    """Per kind, the medians over rounds of its (step seconds, minor faults, system seconds)."""
+    return {k: {"step_s": statistics.median(v[0] for v in r),
+                "minor_faults": statistics.median(v[1] for v in r),
+                "system_s": statistics.median(v[2] for v in r)} for k, r in rows.items()}
+
+
 def one_setting(model: str, batch: int, image_size: int, rounds: int, kept: bool) -> dict:
     import torch
 
-    from revnet.bench.environment import environment
     from revnet.bench.contenders import build, make_batch, run_mode, train_step
+    from revnet.bench.environment import environment
     from revnet.memory.measure import keep_freed_memory
 
     told = keep_freed_memory() if kept else False
@@ -45,10 +52,25 @@ def one_setting(model: str, batch: int, image_size: int, rounds: int, kept: bool
             if r:  # the first round warms up
                 rows[kind].append((t, b.ru_minflt - a.ru_minflt, b.ru_stime - a.ru_stime))
     return {"kept_memory": kept, "glibc_told": told, "threads": torch.get_num_threads(),
-            "environment": environment(),
-            "kinds": {k: {"step_s": statistics.median(v[0] for v in rows[k]),
-                          "minor_faults": statistics.median(v[1] for v in rows[k]),
-                          "system_s": statistics.median(v[2] for v in rows[k])} for k in KINDS}}
+            "environment": environment(), "kinds": medians(rows)}
+
+
+def write_results(results: list[dict], model: str, batch: int, image_size: int, rounds: int,
+                  out: Path | None, command: str) -> None:
+    """Prints the table of both settings' ``one_setting`` results and, if ``out`` is given,
+    writes them there as JSON with the study's configuration and ``command``."""
+    print(f"{model}, batch {batch}, {image_size}px: one training step, median of {rounds} rounds")
+    print(f"{'memory':<9} {'kind':<18} {'step s':>7} {'minor faults':>13} {'system s':>9}")
+    for r in results:
+        for kind, v in r["kinds"].items():
+            print(f"{'kept' if r['kept_memory'] else 'default':<9} {kind:<18} {v['step_s']:>7.2f} "
+                  f"{v['minor_faults']:>13.0f} {v['system_s']:>9.2f}")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"command": command, "model": model, "batch": batch,
+                                   "image_size": image_size, "rounds": rounds, "results": results},
+                                  indent=1) + "\n")
+        print(f"wrote {out}")
 
 
 def main() -> int:
@@ -69,20 +91,8 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch),
                "--image-size", str(args.image_size), "--rounds", str(args.rounds), "--worker", setting]
         results.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
-    print(f"{args.model}, batch {args.batch}, {args.image_size}px: one training step, median of {args.rounds}"
-          " rounds")
-    print(f"{'memory':<9} {'kind':<18} {'step s':>7} {'minor faults':>13} {'system s':>9}")
-    for r in results:
-        for kind, v in r["kinds"].items():
-            print(f"{'kept' if r['kept_memory'] else 'default':<9} {kind:<18} {v['step_s']:>7.2f} "
-                  f"{v['minor_faults']:>13.0f} {v['system_s']:>9.2f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        command = "python scripts/page_faults.py " + " ".join(sys.argv[1:])
-        args.out.write_text(json.dumps({"command": command, "model": args.model, "batch": args.batch,
-                                        "image_size": args.image_size, "rounds": args.rounds,
-                                        "results": results}, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    write_results(results, args.model, args.batch, args.image_size, args.rounds, args.out,
+                  "python studies/page_faults.py " + " ".join(sys.argv[1:]))
     return 0
 
 
