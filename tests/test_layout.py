@@ -7,6 +7,7 @@ checks and the zoo need nothing but the standard library and torch.
 """
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,25 @@ def test_commands_that_need_the_train_extra_say_how_to_get_it(argv):
     proc = run_without_extras(f"from revnet.cli import main\nraise SystemExit(main({argv!r}))\n")
     assert proc.returncode == 1
     assert "needs numpy, tqdm, matplotlib" in proc.stderr and "pip install 'revnet[train]'" in proc.stderr
+
+
+def test_training_and_revnet_train_stand_without_the_benchmarks():
+    """Training is a library of its own: nothing in revnet.training, and nothing ``revnet train``
+    runs, imports revnet.bench (the closing memory line is the run's own count: training.footprint)."""
+    files = [*sorted((PACKAGE / "training").rglob("*.py")), PACKAGE / "cli" / "train.py"]
+    wrong = [f"{path.relative_to(SRC)}:{line}: imports {target}" for path in files
+             for line, target in imports(path) if f"{target}.".startswith("revnet.bench.")]
+    assert not wrong, "\n".join(wrong)
+
+
+# A test of a model's name standing in for what the model is: the name's prefix ("rev...",
+# "vit..."; a dotted module path such as "revnet.engine." is not a model's name) or a fragment
+# looked for in it. Ask the model instead: revnet.engine.has_reversible_units, models.model_accepts.
+NAME_TESTS = re.compile(r"""startswith\(\s*["'](?:rev|resnet|vit)(?!\w*\.)"""
+                        r"""|["'](?:vit|rev|revnet|revvit|resnet)_?["']\s+in\s""")
+
+
+def test_no_module_learns_what_a_model_is_from_its_name():
+    found = [f"{path.relative_to(SRC)}:{n}: {line.strip()}" for path in sources()
+             for n, line in enumerate(path.read_text().splitlines(), 1) if NAME_TESTS.search(line)]
+    assert not found, "model names tested instead of asking the model:\n" + "\n".join(found)

@@ -8,11 +8,12 @@ import pytest
 import torch
 from conftest import rel_err
 
+import revnet
 from revnet import ReversibleSequence, cli
 from revnet.bench import budget, capacity, contenders, environment, memory, speed
 from revnet.bench.data import loader_throughput
 from revnet.bench.report import render_report
-from revnet.engine import sizes
+from revnet.memory import sizes
 from revnet.training.datasets import load_dataset
 from revnet.training.loader import Loader
 
@@ -32,7 +33,8 @@ def test_parse_bytes():
 def test_depth_matches_the_paper_names():
     assert contenders.depth_of("resnet", 5) == 32 and contenders.depth_of("revnet", 3) == 38
     assert contenders.depth_of("resnet", 18) == contenders.depth_of("revnet", 9) == 110
-    assert contenders.depth_of("resnet", 18, "bottleneck") == contenders.depth_of("revnet", 9, "bottleneck") == 164
+    depth = contenders.depth_of
+    assert depth("resnet", 18, "bottleneck") == depth("revnet", 9, "bottleneck") == 164
     with pytest.raises(ValueError, match="not a RevNet"):
         contenders.build("revnet", model="resnet32")
     with pytest.raises(ValueError, match="unknown kind"):
@@ -145,12 +147,16 @@ def test_speed_against_a_git_revision():
         engine = speed.load_engine("HEAD")
     except RuntimeError:
         pytest.skip("not a git checkout")
-    assert callable(engine)
-    old = speed.load_engine("dcbf00b")  # one Function per sequence, adapted to the same call
-    assert old.__name__ == "_ReversibleFunction@dcbf00b"
-    r = speed.speed("revnet38", kinds=("revnet",), reference=None, against="HEAD", batch=2, image_size=8,
+    assert engine.ReversibleSequence is not revnet.ReversibleSequence  # its own copy, beside ours
+    # The engine before the redesign (planner inside engine/, one Function taking the whole input):
+    old = speed.load_engine("835c3a3")
+    net = revnet.create_model("revnet38")
+    with speed._engine(old, net):
+        assert type(net.stages[0][0]) is old.ReversibleSequence
+    assert type(net.stages[0][0]) is revnet.ReversibleSequence  # lent for the step only
+    r = speed.speed("revnet38", kinds=("revnet",), reference=None, against="835c3a3", batch=2, image_size=8,
                     repeats=1, warmup=0, inference_repeats=0)
-    assert set(r["train"]) == {"revnet", "revnet@HEAD"} and "revnet/revnet@HEAD" in r["ratios"]
+    assert set(r["train"]) == {"revnet", "revnet@835c3a3"} and "revnet/revnet@835c3a3" in r["ratios"]
     with pytest.raises(RuntimeError, match="git revision"):
         speed.load_engine("no-such-revision-xyz")
 
@@ -176,7 +182,7 @@ def test_capacity_finds_a_batch_under_a_tiny_budget():
     got = r["batch"]["revnet38"]
     assert got["largest"] and 8 <= got["largest"] < 256
     fits = [p for p in got["probes"] if p["value"] == got["largest"]]
-    assert fits[0]["total_bytes"] <= budget
+    assert fits[0]["total_bytes"] <= budget and got["kind"] == "revnet"  # as the model is
     assert r["config"]["budget_bytes"] == budget and r["depth"] == {}
 
 
@@ -389,3 +395,66 @@ def test_frontier_checks_reads_the_targets_off_the_points():
            "(over: plan@0.5 by 10.0 MiB) | **not met** |" in text
     assert "| revnet110: planning (profile + solve + checked steps), in all-rebuild steps | < 10 | 3.0 " \
            "| met |" in text
+
+
+# --- what a model is, asked of the model; one run's step ---------------------------------------
+
+def test_model_kind_is_asked_of_the_model_not_read_from_its_name():
+    from revnet.models import RevNet, registry
+
+    def anonymous(**kw):  # a RevNet whose name says nothing
+        return RevNet(units=(1, 1, 1), channels=(16, 16, 32, 64), **kw)
+
+    registry.register_model(anonymous)
+    try:
+        kinds = {n: contenders.model_kind(n) for n in ("resnet32", "revnet38", "vit_mini", "revvit_mini",
+                                                      "anonymous")}
+        assert kinds == {"resnet32": "resnet", "revnet38": "revnet", "vit_mini": "vit",
+                         "revvit_mini": "revvit", "anonymous": "revnet"}
+        plan = memory.sweep_plan([1], contenders.KINDS, models=["resnet32", "anonymous"], compile="aot_eager")
+        named = [(p["kind"], p.get("model"), p.get("compile")) for p in plan if p.get("model")]
+        assert named == [("resnet", "resnet32", None), ("revnet", "anonymous", None),
+                         ("revnet-plain", "anonymous", None), ("revnet-checkpoint", "anonymous", None),
+                         ("revnet", "anonymous", "aot_eager"), ("revnet-plain", "anonymous", "aot_eager")]
+        assert len(plan) == 4 + 4 + 2 + 2  # the sweep's four kinds at one depth, compiled twice too
+    finally:
+        registry._MODELS.pop("anonymous")
+    with pytest.raises(ValueError, match="unknown model"):
+        contenders.model_kind("no-such-model")
+
+
+def test_capacity_plot_colours_by_kind(tmp_path):
+    from revnet.bench.plots import plot_capacity
+
+    result = {"config": {"budget_bytes": 2**20, "device": "cpu"},
+              "batch": {"resnet32": {"largest": 8, "kind": "resnet"}, "revnet38": {"largest": 32}}}  # older
+    assert plot_capacity(result, tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_cli_memory_of_a_run_in_fresh_processes(tmp_path, capsys):
+    """`revnet bench memory --run RUN_DIR`: the run's step (model, micro-batch, images, precision,
+    the units its plan stored) reversible vs plain, each in a fresh process, in revnet train's line."""
+    from revnet.engine.modes import units
+    from revnet.training import TrainConfig, fit
+
+    run = tmp_path / "run"
+    fit(TrainConfig(model="revnet38", dataset="synthetic", synthetic={"num_samples": 32, "image_size": 16},
+                    steps=1, batch_size=8, accum_steps=2, amp="none", out=str(run)))
+    first = units(revnet.create_model("revnet38"))[0][0]
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "stored": [first]}))  # as a plan would
+    assert cli.main(["bench", "memory", "--run", str(run), "--out", str(tmp_path / "b")]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("activation memory of one revnet38 training step at batch 4 (VmHWM-VmRSS): "
+                           "reversible (1 units stored by the plan) ") and "x less" in line
+    saved = json.loads((tmp_path / "b" / "memory_run.json").read_text())
+    rev, plain = saved["reversible"], saved["plain"]
+    assert (rev["kind"], rev["stored"]) == ("revnet", [first]) and plain["kind"] == "revnet-plain"
+    assert rev["batch"] == plain["batch"] == 4 and rev["image_size"] == 16 and rev["amp"] == "none"
+    assert rev["method"] == "VmHWM-VmRSS" and 0 < rev["activation_bytes"] < plain["activation_bytes"]
+    with pytest.raises(SystemExit, match="the --out of a finished `revnet train` run"):
+        cli.main(["bench", "memory", "--run", str(tmp_path / "nothing")])
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "model": "resnet32"}))
+    with pytest.raises(SystemExit, match="resnet32 has no reversible units"):
+        cli.main(["bench", "memory", "--run", str(run)])

@@ -83,8 +83,8 @@ def test_memory_budget_plans_before_training_and_records_the_plan(tmp_path):
         fit(tiny(tmp_path, name="auto", memory_budget="auto"))
 
 
-def test_memory_budget_min_stores_only_what_fits_under_the_all_rebuild_peak(tmp_path, capsys):
-    from revnet.cli.train import _memory_report
+def test_memory_budget_min_stores_only_what_fits_under_the_all_rebuild_peak(tmp_path):
+    from revnet.training.footprint import memory_line, saved_bytes_of_run
 
     summary = fit(tiny(tmp_path, memory_budget="min"))
     text = (tmp_path / "run" / "plan.txt").read_text()
@@ -94,15 +94,87 @@ def test_memory_budget_min_stores_only_what_fits_under_the_all_rebuild_peak(tmp_
     plain = fit(tiny(tmp_path, name="plain", memory_budget="min", reversible=False, steps=2))
     assert plain["stored"] == [] and not (tmp_path / "plain" / "plan.txt").exists()
     assert json.loads((tmp_path / "plain" / "config.json").read_text())["memory_budget"] is None
-    # The report at the end of `revnet train` measures the step the run trained: the plan's units stored.
-    _memory_report(tiny(tmp_path, batch_size=8), 8, 3, summary["stored"])
+    # The line at the end of `revnet train` counts the step the run trained: the plan's units stored.
+    config = summary["config"]
+    report = saved_bytes_of_run(config, summary)
+    line = memory_line(report)
+    assert f"reversible ({len(summary['stored'])} units stored by the plan)" in line and "x less" in line
+    assert "(saved_tensors_hooks): " in line and report["batch"] == 16
+    rebuilt = saved_bytes_of_run(config, {**summary, "stored": []})  # every unit rebuilt
+    assert rebuilt["reversible_bytes"] < report["reversible_bytes"] < report["plain_bytes"]
+    assert rebuilt["plain_bytes"] == report["plain_bytes"]
+    bf16 = saved_bytes_of_run({**config, "amp": "bf16"}, summary)  # in the run's precision
+    assert "(saved_tensors_hooks, bf16 autocast): reversible " in memory_line(bf16)
+    assert bf16["plain_bytes"] < 0.75 * report["plain_bytes"]
+    auto = saved_bytes_of_run({**config, "amp": "auto"}, summary)  # not resolved: float32
+    assert auto["amp"] == "none" and auto["plain_bytes"] == report["plain_bytes"]
+    assert saved_bytes_of_run({**config, "model": "resnet32"}, summary) is None  # nothing to rebuild
+
+
+def test_revnet_train_ends_with_its_own_memory_count_in_its_own_process(tmp_path, capsys, monkeypatch):
+    """The closing line: the run's step (one micro-batch) reversible vs plain, counted in this
+    process (no worker process, nothing of revnet.bench); none for a model with nothing to rebuild."""
+    def no_process(*a, **k):
+        raise AssertionError("revnet train started a process for its memory report")
+
+    monkeypatch.setattr(subprocess, "run", no_process)
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    argv = ["train", "--dataset", "synthetic", "--steps", "2", "--batch-size", "16", "--accum-steps", "2",
+            "--amp", "none", "--log-every", "1"]
+    assert main([*argv, "--out", str(tmp_path / "rev")]) == 0
     out = capsys.readouterr().out
-    assert f"reversible ({len(summary['stored'])} units stored by the plan)" in out and "x less" in out
-    assert "autocast" not in out
-    _memory_report(tiny(tmp_path, batch_size=8, amp="bf16"), 8, 3, [])  # in the run's precision
-    assert "(VmHWM-VmRSS, bf16 autocast): reversible " in capsys.readouterr().out
-    _memory_report(tiny(tmp_path, batch_size=8, amp="auto"), 8, 3, [])  # not resolved: float32
-    assert "(VmHWM-VmRSS): reversible " in capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("activation memory"))
+    assert line.startswith("activation memory of one revnet38 training step at batch 8 "
+                           "(saved_tensors_hooks): reversible ") and "x less" in line
+    rev, plain = (float(x.split(" MiB")[0].split()[-1]) for x in line.split(" vs "))
+    assert 0 < 3 * rev < plain
+    assert main([*argv, "--model", "resnet32", "--steps", "1", "--out", str(tmp_path / "res")]) == 0
+    assert "activation memory" not in capsys.readouterr().out
+    assert main([*argv, "--steps", "1", "--out", str(tmp_path / "quiet"), "--no-memory-report"]) == 0
+    assert "activation memory" not in capsys.readouterr().out
+
+
+def test_what_a_model_is_is_asked_of_the_model_not_read_from_its_name(tmp_path, capsys):
+    """A reversible transformer registered under a name that says neither "rev" nor "vit": exact
+    mode and a memory budget accept it, its position embeddings are sized to the images, and the
+    run ends with its memory line; a baseline whose name starts with "rev" is refused both."""
+    from revnet.models import RevViT, VisionTransformer, model_accepts, registry
+
+    small = {"img_size": 28, "tokenizer": "conv", "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+    def anonymous_reversible(**kw):
+        return RevViT(**{**small, **kw})
+
+    def revealing_baseline(**kw):
+        return VisionTransformer(**{**small, **kw})
+
+    for fn in (anonymous_reversible, revealing_baseline):
+        registry.register_model(fn)
+    try:
+        assert model_accepts("anonymous_reversible", "img_size") and not model_accepts("revnet38", "img_size")
+        assert tiny(tmp_path, model="anonymous_reversible", exact=True, memory_budget="1GiB").exact
+        for bad, match in (({"exact": True}, "exact mode needs a reversible model"),
+                           ({"memory_budget": "1GiB"}, "plans a reversible model")):
+            with pytest.raises(ValueError, match=match):
+                tiny(tmp_path, model="revealing_baseline", **bad)
+        assert main(["train", "--model", "anonymous_reversible", "--dataset", "synthetic", "--steps", "1",
+                     "--batch-size", "8", "--amp", "none", "--out", str(tmp_path / "anon")]) == 0  # 32px
+        out = capsys.readouterr().out
+        assert "(reversible)" in out and "activation memory of one anonymous_reversible training step" in out
+    finally:
+        for name in ("anonymous_reversible", "revealing_baseline"):
+            registry._MODELS.pop(name)
+
+
+def test_one_mapping_from_precision_names_to_dtypes():
+    dtypes = precision_mod.AMP_DTYPES
+    assert dtypes == {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    assert precision_mod.AMP_MODES == ("auto", "none", "bf16", "fp16")
+    assert precision_mod.amp_dtype("bf16") is torch.bfloat16 and precision_mod.amp_dtype("none") is None
+    with pytest.raises(ValueError, match="resolve it first"):
+        precision_mod.amp_dtype("auto")
+    with pytest.raises(ValueError, match="amp must be one of none, bf16, fp16"):
+        precision_mod.autocast(torch.device("cpu"), "fp8")
 
 
 def _interrupt_at(monkeypatch, at_step: int) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .contenders import Progress, depth_of
+from .contenders import Progress, depth_of, model_kind
 from .memory import measure
 
 __all__ = ["capacity"]
@@ -52,7 +52,8 @@ def capacity(
 ) -> dict[str, Any]:
     """The largest batch (per model) and depth (per kind, at ``depth_batch``) under ``budget``.
 
-    ``kinds`` may hold ``"resnet"`` and ``"revnet"`` (the depth search), or nothing.
+    ``kinds`` may hold ``"resnet"`` and ``"revnet"`` (the depth search), or nothing. Each model is
+    measured as the kind it is (:func:`revnet.bench.contenders.model_kind`, recorded as ``kind``).
 
     Memory is the whole training step's: weights, gradients, activations and workspace
     (``total_bytes`` of :func:`memory_point`). Both are affine in batch and in depth, so a
@@ -71,11 +72,12 @@ def capacity(
 
     by_batch = {}
     for name in models:
-        kind = "revnet" if name.startswith("revnet") else "resnet"
+        kind = model_kind(name)  # asked of the model, not read from its name
         by_batch[name] = _largest_under(
             budget, lambda b, n=name, k=kind: probe(kind=k, model=n, batch=b, warmup_batch=min(b, 8),
                                                     grads="kept"),
             8, 32, verify_max=verify_max_batch)
+        by_batch[name]["kind"] = kind
     by_depth = {}
     for kind in kinds:
         scale = 2 if kind == "resnet" else 1  # ResNet units doubled: same depth as the RevNet

@@ -9,13 +9,16 @@
 The transformer family (``VIT_KINDS``) is the same four ways: ``vit`` (the residual ViT),
 ``revvit``, ``revvit-plain`` and ``revvit-checkpoint`` (RevViT; Mangalam et al. 2022).
 
-Also the pieces every measurement shares: a random batch, one training step, a device
-sync, the statistics of repeated timings, and the count of bytes saved for backward.
+Also the pieces every measurement shares: which kind a registered model is (:func:`model_kind`,
+asked of the model), a random batch, one training step, a device sync, the statistics of
+repeated timings, and the count of bytes saved for backward (:class:`SavedBytes`, owned by
+:mod:`revnet.memory.measure`; the checkpointed kinds add what ``torch.utils.checkpoint`` keeps).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -25,13 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..engine import Recomputed, ReversibleSequence
+from ..engine import Recomputed, ReversibleSequence, has_reversible_units
 from ..engine.coupling import merge, split
+from ..memory.measure import SavedBytes
 from ..models import ResNet, RevNet, RevViT, VisionTransformer, create_model
 
 __all__ = ["FAMILIES", "KINDS", "PAPER_PAIRS", "VIT_KINDS", "VIT_PAIRS", "VIT_SWEEP", "family_of",
            "is_baseline", "RESNET_CHANNELS", "REVNET_CHANNELS", "Progress", "SavedBytes", "build",
-           "depth_of", "make_batch", "run_mode", "sync", "time_stats", "train_step"]
+           "depth_of", "make_batch", "model_kind", "run_mode", "sync", "time_stats", "train_step"]
 
 KINDS = ("resnet", "revnet", "revnet-plain", "revnet-checkpoint")
 VIT_KINDS = ("vit", "revvit", "revvit-plain", "revvit-checkpoint")
@@ -54,6 +58,24 @@ def family_of(kind: str) -> str:
 def is_baseline(kind: str) -> bool:
     """The non-reversible network of a family (``resnet``, ``vit``)."""
     return kind in ("resnet", "vit")
+
+
+@functools.cache
+def model_kind(name: str) -> str:
+    """The kind that trains registered model ``name`` as it is built: ``resnet``, ``revnet``,
+    ``vit`` or ``revvit``.
+
+    Asked of the model, never read from its name: built on the meta device (no memory, no
+    initialisation), its family is its class (a ViT or RevViT is a transformer, anything else
+    a CNN) and whether it rebuilds is :func:`revnet.engine.has_reversible_units`.
+
+    Raises:
+        ValueError: ``name`` is not a registered model.
+    """
+    net = create_model(name, device="meta")
+    family = "vit" if isinstance(net, RevViT | VisionTransformer) else "cnn"
+    baseline, reversible = FAMILIES[family][:2]
+    return reversible if has_reversible_units(net) else baseline
 
 
 RESNET_CHANNELS = (16, 16, 32, 64)   # the paper's CIFAR ResNets (Table 1)
@@ -116,42 +138,6 @@ def build(
         raise ValueError(f"model {model!r} is not a {'ResNet' if kind == 'resnet' else 'RevNet'} "
                          f"(kind {kind!r}).")
     return net
-
-
-class SavedBytes:
-    """Counts the distinct storages the autograd graph keeps for backward (not parameters)."""
-
-    active: SavedBytes | None = None
-
-    def __init__(self, net: nn.Module) -> None:
-        self.skip = {p.untyped_storage().data_ptr() for p in net.parameters()}
-        self.seen: dict[int, int] = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def add(self, *tensors: torch.Tensor) -> None:
-        for t in tensors:
-            s = t.untyped_storage()
-            if s.data_ptr() not in self.skip:
-                self.seen[s.data_ptr()] = s.nbytes()
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        self.add(t)
-        # An alias, not t: a node saving its own output would otherwise hold a tensor holding the
-        # node, a reference cycle in C++ that leaks the graph of every step measured in a process.
-        return t.detach()
-
-    @property
-    def total(self) -> int:
-        return sum(self.seen.values())
-
-    def __enter__(self) -> SavedBytes:
-        SavedBytes.active = self
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._hooks.__exit__(*exc)
-        SavedBytes.active = None
 
 
 class _CheckpointedSequence(nn.Module):

@@ -16,6 +16,7 @@ from ..engine import set_exact
 from ..engine.exact import EXACT_BITS
 from ..fidelity import reconstruction_error, roundtrip, sequence_inputs
 from ..models import RevNet, create_model
+from ..training.precision import autocast
 from .contenders import Progress, build, make_batch, sync, time_stats
 from .memory import measure
 
@@ -32,8 +33,7 @@ def _precision(net: nn.Module, x: torch.Tensor, precision: str
     if precision not in DRIFT_PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {DRIFT_PRECISIONS}.")
     dtype = {"float64": torch.float64, "bf16-model": torch.bfloat16}.get(precision, torch.float32)
-    ctx = (torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16"
-           else contextlib.nullcontext())
+    ctx = autocast(x.device, "bf16" if precision == "bf16" else "none")  # as `revnet train --amp bf16`
     return net.to(dtype), x.to(dtype), ctx
 
 
@@ -148,8 +148,7 @@ def exact_cost(
     x, y = make_batch(net, batch, image_size, in_chans)
     speed_runs = {}
     for amp in amps:
-        ctx = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if amp == "bf16"
-               else contextlib.nullcontext())
+        ctx = autocast(torch.device(device), amp)  # as `revnet train --amp` runs it
 
         def timed(exact: bool, ctx: Any = ctx) -> float:
             set_exact(net, exact)

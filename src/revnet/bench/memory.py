@@ -26,25 +26,24 @@ from torch import nn
 from ..engine import Coupling, set_exact
 from ..engine import compile as revnet_compile
 from ..engine.modes import set_stored
-from ..memory.measure import freed_memory_returned, nbytes, peak_of
+from ..memory.measure import SavedBytes, freed_memory_returned, nbytes, peak_of
 from ..models import RevViT, VisionTransformer
 from ..models.transformer import TransformerBlock
+from ..training.precision import AMP_DTYPES
 from .contenders import (
     KINDS,
     Progress,
-    SavedBytes,
     build,
     depth_of,
     family_of,
     is_baseline,
     make_batch,
+    model_kind,
     run_mode,
     sync,
 )
 
-__all__ = ["measure", "memory_point", "memory_sweep", "step_memory"]
-
-_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # memory_point's amp -> autocast dtype
+__all__ = ["measure", "memory_point", "memory_sweep", "step_memory", "sweep_plan"]
 
 
 def _drop_grad(p: torch.Tensor) -> None:
@@ -151,8 +150,8 @@ def memory_point(
         amp: ``"none"``, ``"bf16"`` or ``"fp16"``: the forward under autocast in that dtype, as
             ``revnet train --amp`` runs it.
     """
-    if amp not in _AMP:
-        raise ValueError(f"memory_point: amp must be one of {', '.join(_AMP)}, got {amp!r}.")
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"memory_point: amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}.")
     torch.manual_seed(seed)
     net = build(kind, units, model=model, block=block, in_chans=in_chans, device=device,
                 dtype=getattr(torch, dtype), image_size=image_size if family_of(kind) == "vit" else None)
@@ -171,7 +170,7 @@ def memory_point(
         warm_x, warm_y = make_batch(net, warmup_batch or batch, image_size, in_chans)
         labels = {len(warm_y): warm_y, len(y): y}  # by batch size: the warm-up's may differ
         result = step_memory(net, x, lambda out: F.cross_entropy(out.float(), labels[out.shape[0]]),
-                             grads=grads, warmup_inputs=warm_x, autocast=_AMP[amp])
+                             grads=grads, warmup_inputs=warm_x, autocast=AMP_DTYPES[amp])
     result["total_bytes"] += nbytes(y)  # the batch: images and labels
     return {
         "kind": kind, "units": units, "model": model, "block": block,
@@ -209,6 +208,29 @@ def measure(timeout: float = 1800.0, **point: Any) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def sweep_plan(
+    units: Sequence[int] = (1, 3, 9, 18, 36), kinds: Sequence[str] = KINDS, *,
+    models: Sequence[str] = (), block: str = "basic", batch: int = 32, model_batch: int = 128,
+    compile: str | None = None,
+) -> list[dict[str, Any]]:
+    """The points :func:`memory_sweep` measures, in order (its arguments, without the machine's).
+
+    A registered model runs in each of ``kinds`` that matches it: a reversible one (asked of
+    the model: :func:`revnet.bench.contenders.model_kind`) in every reversible kind, a
+    baseline as the baseline.
+    """
+    plan = [{"kind": k, "units": 2 * n if k == "resnet" else n, "block": block, "batch": batch}
+            for n in units for k in kinds]
+    for name in models:
+        rev = not is_baseline(model_kind(name))
+        plan += [{"kind": k, "model": name, "batch": model_batch}
+                 for k in kinds if (not is_baseline(k)) == rev]
+    if compile is not None:
+        plan += [{**p, "compile": compile} for p in plan
+                 if p["kind"] in ("revnet", "revnet-plain", "revvit", "revvit-plain")]
+    return plan
+
+
 def memory_sweep(
     units: Sequence[int] = (1, 3, 9, 18, 36), kinds: Sequence[str] = KINDS, *,
     models: Sequence[str] = (), block: str = "basic", batch: int = 32, model_batch: int = 128,
@@ -231,15 +253,8 @@ def memory_sweep(
             measured a second time under :func:`revnet.compile` (kind shown as ``KIND+compile``).
         progress: called with each finished point.
     """
-    plan = [{"kind": k, "units": 2 * n if k == "resnet" else n, "block": block, "batch": batch}
-            for n in units for k in kinds]
-    for name in models:
-        rev = name.startswith("rev")
-        plan += [{"kind": k, "model": name, "batch": model_batch}
-                 for k in kinds if (not is_baseline(k)) == rev]
-    if compile is not None:
-        plan += [{**p, "compile": compile} for p in plan
-                 if p["kind"] in ("revnet", "revnet-plain", "revvit", "revvit-plain")]
+    plan = sweep_plan(units, kinds, models=models, block=block, batch=batch, model_batch=model_batch,
+                      compile=compile)
     points = []
     for p in plan:
         points.append(measure(**p, image_size=image_size, device=device, dtype=dtype))

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..memory.sizes import format_bytes
-from .contenders import KINDS, PAPER_PAIRS, VIT_KINDS, VIT_PAIRS
+from .contenders import KINDS, PAPER_PAIRS, VIT_KINDS, VIT_PAIRS, is_baseline, model_kind
 
 __all__ = ["plot_budget", "plot_capacity", "plot_drift", "plot_memory", "plot_speed"]
 
@@ -125,7 +125,9 @@ def plot_capacity(result: dict[str, Any], path: str | Path) -> Path:
     names = list(result["batch"])
     vals = [result["batch"][n]["largest"] or 0 for n in names]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    bars = ax.bar(names, vals, color=["tab:blue" if n.startswith("revnet") else "tab:red" for n in names])
+    # Reversible or not: the kind each model was measured as (results before it was recorded: the model's).
+    kinds = [result["batch"][n].get("kind") or model_kind(n) for n in names]
+    bars = ax.bar(names, vals, color=["tab:red" if is_baseline(k) else "tab:blue" for k in kinds])
     ax.bar_label(bars)
     ax.set(ylabel="largest batch that trains",
            title=f"Under a {format_bytes(result['config']['budget_bytes'])} budget "

@@ -31,6 +31,7 @@ from torch import nn
 from ..engine import compile as revnet_compile
 from ..engine import set_reversible
 from ..models import RevViT, create_model
+from ..training.precision import AMP_DTYPES, autocast
 from .contenders import Progress, build, make_batch, run_mode, sync, time_stats, train_step
 
 __all__ = ["load_engine", "speed", "train_step_rate"]
@@ -150,8 +151,8 @@ def train_step_rate(
     (Nesterov, weight decay) update, on one random batch; median of ``repeats`` after
     ``warmup``. The data path is left out: this is the rate the loader has to keep up with.
     """
-    if amp not in ("none", "bf16", "fp16"):
-        raise ValueError(f"train_step_rate: amp must be 'none', 'bf16' or 'fp16', got {amp!r}.")
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"train_step_rate: amp must be one of {tuple(AMP_DTYPES)}, got {amp!r}.")
     if repeats < 1 or warmup < 0:
         raise ValueError("train_step_rate: repeats must be >= 1 and warmup >= 0.")
     torch.manual_seed(seed)
@@ -162,14 +163,12 @@ def train_step_rate(
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     x, y = make_batch(net, batch, image_size, in_chans, channels_last=channels_last)
     dev = torch.device(device)
-    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-                if amp != "none" else contextlib.nullcontext())
 
     def step() -> float:
         sync(device)
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with autocast:
+        with autocast(dev, amp):
             loss = F.cross_entropy(net(x), y)
         loss.backward()
         opt.step()

@@ -21,11 +21,11 @@ import torch
 
 from ..bench.budget import budget_frontier
 from ..bench.capacity import capacity
-from ..bench.contenders import KINDS, PAPER_PAIRS, VIT_KINDS, VIT_PAIRS, is_baseline
+from ..bench.contenders import KINDS, PAPER_PAIRS, VIT_KINDS, VIT_PAIRS, family_of, is_baseline, model_kind
 from ..bench.data import data_path
 from ..bench.drift import DRIFT_PRECISIONS, drift, exact_cost
 from ..bench.environment import environment
-from ..bench.memory import memory_sweep
+from ..bench.memory import measure, memory_sweep, sweep_plan
 from ..bench.plots import plot_budget, plot_capacity, plot_drift, plot_memory, plot_speed
 from ..bench.report import render_report
 from ..bench.speed import speed
@@ -43,6 +43,7 @@ from ..bench.tables import (
 from ..memory.measure import keep_freed_memory
 from ..memory.sizes import parse_bytes
 from ..training.datasets import load_dataset
+from ..training.footprint import memory_line, step_of_run
 from ..training.loader import normalize
 
 __all__ = ["add_parser"]
@@ -98,7 +99,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="measure every revnet and revnet-plain point again under revnet.compile "
                         "(each fresh process compiles: minutes)")
-    q.set_defaults(func=_cmd_memory)
+    q.add_argument("--run", default=None, metavar="RUN_DIR",
+                   help="instead of the sweep: one training step of a `revnet train` run (its model, "
+                        "per-process micro-batch, images, precision and the units its plan stored), "
+                        "reversible vs plain backprop, each in a fresh process, on the run's device "
+                        "unless --device is given")
+    q.set_defaults(func=_cmd_memory, device=None)
 
     q = bsub.add_parser("speed", help="training-step and inference time, alternated in one process")
     common(q, "runs/bench")
@@ -251,13 +257,11 @@ def _run_memory(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
     given = {k: getattr(args, k, None) for k in defaults}
     kw = {**defaults, **{k: v for k, v in given.items() if v is not None}, "block": args.block,
           "compile": getattr(args, "compile", None), "device": args.device, **over}
-    n_models = sum(len([k for k in kw["kinds"] if (not is_baseline(k)) == m.startswith("rev")])
-                   for m in kw["models"])
-    points = len(kw["units"]) * len(kw["kinds"]) + n_models
-    if kw["compile"]:  # the reversible and plain points again, compiled
-        compiled = [k for k in kw["kinds"] if k in ("revnet", "revnet-plain", "revvit", "revvit-plain")]
-        revnets = sum(m.startswith("rev") for m in kw["models"])
-        points += (len(kw["units"]) + revnets) * len(compiled)
+    try:
+        points = len(sweep_plan(**{k: kw[k] for k in ("units", "kinds", "models", "block", "batch",
+                                                        "model_batch", "compile")}))
+    except ValueError as e:  # an unknown model
+        raise SystemExit(f"revnet bench memory: {e}") from None
     tick, close = _progress(points, "memory")
     try:
         return memory_sweep(**kw, progress=tick)
@@ -266,7 +270,10 @@ def _run_memory(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
 
 
 def _run_speed(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
-    vit = "vit" in args.model
+    try:
+        vit = family_of(model_kind(args.model)) == "vit"  # asked of the model, not read from its name
+    except ValueError as e:  # an unknown model
+        raise SystemExit(f"revnet bench speed: {e}") from None
     reference = args.reference or ("vit_" + args.model.removeprefix("revvit_") if vit else "resnet32")
     kw = {"model": args.model, "reference": None if reference.lower() == "none" else reference,
           "batch": args.batch or (16 if vit else 128), "repeats": args.repeats, "warmup": args.warmup,
@@ -293,6 +300,9 @@ def _run_capacity(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
 
 
 def _cmd_memory(args: argparse.Namespace) -> int:
+    if args.run is not None:
+        return _memory_of_run(args)
+    args.device = args.device or "cpu"
     out = _setup(args)
     result = _run_memory(args, **(_QUICK_MEMORY if args.quick else {}))
     print(text_table(*memory_table(result)))
@@ -300,6 +310,37 @@ def _cmd_memory(args: argparse.Namespace) -> int:
         print()
         print(text_table(*models_table(result)))
     _report_files(out, "memory", result, plot_memory)
+    return 0
+
+
+def _memory_of_run(args: argparse.Namespace) -> int:
+    """``revnet bench memory --run RUN_DIR``: the activation memory of one of the run's training steps,
+    reversible (the units its plan stored, stored) vs plain, each in a fresh process
+    (:func:`revnet.bench.memory.measure`), in the line ``revnet train`` ends with."""
+    run = Path(args.run)
+    try:
+        config = json.loads((run / "config.json").read_text())
+        summary = json.loads((run / "summary.json").read_text())
+    except FileNotFoundError as e:
+        raise SystemExit(f"revnet bench memory --run: no {e.filename}; is {run} the --out of a finished "
+                         f"`revnet train` run?") from None
+    step = step_of_run(config, summary)
+    try:
+        kind = model_kind(step["model"])
+    except ValueError as e:
+        raise SystemExit(f"revnet bench memory --run: {e}") from None
+    if is_baseline(kind):
+        raise SystemExit(f"revnet bench memory --run: {step['model']} has no reversible units; there is no "
+                         f"reversible step to compare with plain backprop.")
+    args.device = args.device or step["device"]
+    out = _setup(args)
+    point = {"model": step["model"], "batch": step["batch"], "image_size": step["image_size"],
+             "in_chans": step["in_chans"], "exact": step["exact"], "amp": step["amp"], "device": args.device}
+    rev = measure(kind=kind, stored=step["stored"], **point)
+    plain = measure(kind=f"{kind}-plain", **point)
+    print(memory_line({**step, "method": rev["method"], "reversible_bytes": rev["activation_bytes"],
+                       "plain_bytes": plain["activation_bytes"]}))
+    print(f"wrote {_save(out, 'memory_run', {'run': str(run), 'reversible': rev, 'plain': plain})}")
     return 0
 
 

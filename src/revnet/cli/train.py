@@ -13,14 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..bench.memory import measure
-from ..engine import has_reversible_units
-from ..memory.sizes import format_bytes
-from ..models import create_model
-from ..training.config import RECIPES, TrainConfig
+from ..training.config import RECIPES, TrainConfig, is_reversible_model
 from ..training.distributed import DistributedError, launch_command
+from ..training.footprint import memory_line, saved_bytes_of_run
 from ..training.loop import TrainingDivergedError, fit
-from ..training.setup import per_process_batch, resolve_device
+from ..training.precision import AMP_MODES
+from ..training.setup import per_process_batch
 from ._common import rank
 
 __all__ = ["add_parser"]
@@ -51,7 +49,7 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--label-smoothing", "label_smoothing", {"type": float}),
     ("--seed", "seed", {"type": int}),
     ("--device", "device", {"help": "auto (cuda if present), cpu, cuda, cuda:N"}),
-    ("--amp", "amp", {"choices": ["auto", "none", "bf16", "fp16"],
+    ("--amp", "amp", {"choices": list(AMP_MODES),
                       "help": "mixed precision; auto (default): bf16 on GPUs that have it (else fp16); on "
                               "CPUs bf16 with AMX, float32 without native bf16, and where the flags do not "
                               "tell a timed probe of one step in each decides (the reason is logged)"}),
@@ -113,7 +111,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "--nproc-per-node N -m revnet train ...` (see docs/DISTRIBUTED.md)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--no-memory-report", dest="memory_report", action="store_false",
-                   help="skip the reversible-vs-plain activation memory comparison at the end")
+                   help="skip the reversible-vs-plain activation memory comparison at the end (bytes "
+                        "saved for backward in one step, counted in this process; `revnet bench memory "
+                        "--run RUN_DIR` measures the peaks in fresh processes)")
     p.set_defaults(func=_cmd_train, needs_extras=True)
 
 
@@ -196,7 +196,7 @@ def _launch(args: argparse.Namespace, config: Any) -> int:
 def _mode(config: TrainConfig) -> str:
     """How the model trains, for the first line: a residual baseline has nothing to rebuild."""
     try:  # built on the meta device: no memory, no initialisation cost
-        rebuilds = has_reversible_units(create_model(config.model, device="meta"))
+        rebuilds = is_reversible_model(config.model)
     except (TypeError, ValueError):  # the run itself reports a model it cannot build
         rebuilds = True
     if not rebuilds:
@@ -229,37 +229,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
           f"in {summary['wall_seconds']:.0f} s, {summary['images_per_s']:.0f} img/s, "
           f"peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB")
     print(f"run directory: {config.out} (curves.png, metrics.jsonl, summary.json, best.pt)")
-    if args.memory_report:  # one process's step: its share of the batch, one micro-batch
-        micro = config.batch_size // (summary["world_size"] * config.accum_steps)
-        measured = dataclasses.replace(config, batch_size=micro, accum_steps=1, amp=summary["config"]["amp"])
-        _memory_report(measured, summary["image_size"], summary["in_chans"], summary.get("stored", []))
+    if args.memory_report:
+        _memory_report(summary)
     return 0
 
 
-def _memory_report(config: Any, image_size: int, in_chans: int, stored: list[str]) -> None:
-    """What reversibility saved: activation memory of one training step, reversible vs plain.
-
-    Each side is measured in a fresh process (revnet.bench.memory.measure), as `revnet bench memory` does;
-    the reversible side with the units the run's memory plan stored (``stored``) stored, both in
-    the run's precision (``config.amp`` as resolved at its start).
-    """
-    if not config.model.startswith("rev"):
-        return
-    kind = "revvit" if "vit" in config.model else "revnet"
-    point = {"model": config.model, "batch": config.batch_size, "image_size": image_size,
-             "in_chans": in_chans, "exact": config.exact,
-             "amp": config.amp if config.amp in ("bf16", "fp16") else "none",  # "auto": not resolved
-             "device": str(resolve_device(config.device))}
+def _memory_report(summary: dict[str, Any]) -> None:
+    """What reversibility saved: the bytes one training step of the run keeps for backward,
+    reversible (the units its plan stored, stored) vs plain, in its precision, at one process's
+    micro-batch; counted in this process (revnet.training.footprint), nothing printed for a model
+    with nothing to rebuild."""
     try:
-        rev = measure(kind=kind, stored=stored, **point)
-        plain = measure(kind=f"{kind}-plain", **point)
+        report = saved_bytes_of_run(summary["config"], summary)
     except (RuntimeError, OSError) as e:  # a report, not the job: say so and go on
         print(f"(activation memory comparison skipped: {e})", file=sys.stderr)
         return
-    a, b = rev["activation_bytes"], plain["activation_bytes"]
-    precision = "" if point["amp"] == "none" else f", {point['amp']} autocast"
-    planned = f" ({len(stored)} units stored by the plan)" if stored else ""
-    print(f"activation memory of one {config.model} training step at batch {config.batch_size} "
-          f"({rev['method']}{precision}): reversible{planned} "
-          f"{format_bytes(a)} vs plain backprop "
-          f"{format_bytes(b)}: {b / max(a, 1):.1f}x less, {format_bytes(b - a)} saved")
+    if report is not None:
+        print(memory_line(report))
+        print(f"(the bytes autograd keeps for backward, counted in this process; the step's peak, which adds "
+              f"the backward's working memory, in fresh processes: revnet bench memory --run "
+              f"{summary['config']['out']})")

@@ -13,7 +13,13 @@ On CUDA the allocator's peak (``torch.cuda.max_memory_allocated``). On CPU, two 
   costs the machine, DESIGN.md's measure in a fresh process (``revnet bench memory``); in a
   process whose heap earlier work fragmented it moves by tens of percent between calls.
 
-The two agree where the resident set is measured cleanly: the planner's peaks (allocator)
+A third count needs no allocator at all: :func:`saved_bytes`, the bytes of the tensors autograd
+keeps for backward in one forward (``torch.autograd.graph.saved_tensors_hooks``, through
+:class:`SavedBytes`). Exact, the same on CPU and CUDA whatever the process did before, and cheap
+(one forward, no backward); it leaves out the workspace and the gradients in flight at the
+backward's peak, so it reads below the two peaks. What ``revnet train`` reports at its end.
+
+The two peaks agree where the resident set is measured cleanly: the planner's peaks (allocator)
 against the same plans' activation memory in fresh processes (resident), in
 ``docs/benchmarks/budget/budget.json`` (``revnet bench budget``): RevNet-110 88.3 / 88.1 MiB
 all rebuilt, 1062.0 / 1062.9 MiB all stored; RevNet-164 3236.1 / 3237.4 MiB all stored.
@@ -32,9 +38,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
-__all__ = ["allocated_peak_of", "freed_memory_returned", "keep_freed_memory", "nbytes", "peak_of",
-           "proc_status", "reset_peak_rss", "trim_heap", "window_peaks_of"]
+from ..engine.modes import kept_state
+
+__all__ = ["SavedBytes", "allocated_peak_of", "freed_memory_returned", "keep_freed_memory", "nbytes",
+           "peak_of", "proc_status", "reset_peak_rss", "saved_bytes", "trim_heap", "window_peaks_of"]
 
 
 def proc_status(field: str) -> int:
@@ -48,6 +57,88 @@ def proc_status(field: str) -> int:
 
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+class SavedBytes:
+    """Counts the distinct storages the autograd graph keeps for backward (not parameters).
+
+    A context manager around a forward: every tensor a node saves passes through its
+    ``saved_tensors_hooks`` and is counted once per storage. Code that keeps tensors for
+    backward outside autograd's saved tensors (``torch.utils.checkpoint``'s inputs) adds them
+    with :meth:`add` on :attr:`active`, the counter now open.
+    """
+
+    active: SavedBytes | None = None
+
+    def __init__(self, net: nn.Module) -> None:
+        self.skip = {p.untyped_storage().data_ptr() for p in net.parameters()}
+        self.seen: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def add(self, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            s = t.untyped_storage()
+            if s.data_ptr() not in self.skip:
+                self.seen[s.data_ptr()] = s.nbytes()
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.add(t)
+        # An alias, not t: a node saving its own output would otherwise hold a tensor holding the
+        # node, a reference cycle in C++ that leaks the graph of every step measured in a process.
+        return t.detach()
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+    def __enter__(self) -> SavedBytes:
+        SavedBytes.active = self
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+        SavedBytes.active = None
+
+
+def saved_bytes(model: nn.Module, inputs: torch.Tensor,
+                loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
+                autocast: torch.dtype | None = None) -> int:
+    """Bytes autograd keeps for backward in one training step of ``model`` on ``inputs``.
+
+    The forward and ``loss_fn`` run once under :class:`SavedBytes` (parameters are not
+    counted); the graph is then dropped, with no backward. The model comes back as it was
+    (switches, BatchNorm statistics, RNG streams: :func:`revnet.engine.modes.kept_state`), so
+    it can be asked of a model in training, in each of its modes (e.g. after
+    :func:`revnet.set_reversible` ``(model, False)``).
+
+    Args:
+        model: the model, in the mode to measure.
+        inputs: one batch as the model takes it.
+        loss_fn: ``loss_fn(output) -> scalar``; default ``output.float().square().mean()``.
+        autocast: run the forward and ``loss_fn`` under ``torch.autocast`` in this dtype (a
+            ``--amp bf16``/``fp16`` step); None: as the model and inputs are.
+
+    Example:
+        >>> import revnet, torch
+        >>> from revnet.memory.measure import saved_bytes
+        >>> model, x = revnet.create_model("revnet38"), torch.randn(8, 3, 32, 32)
+        >>> rev = saved_bytes(model, x)
+        >>> revnet.set_reversible(model, False)
+        12
+        >>> saved_bytes(model, x) > 3 * rev
+        True
+    """
+    loss_fn = loss_fn or _square_mean
+    cast = (torch.autocast(inputs.device.type, dtype=autocast) if autocast is not None
+            else contextlib.nullcontext())
+    with kept_state(model), SavedBytes(model) as saved, cast:
+        loss_fn(model(inputs))
+    return saved.total
+
+
+def _square_mean(output: torch.Tensor) -> torch.Tensor:
+    return output.float().square().mean()
 
 
 def reset_peak_rss() -> None:
@@ -127,7 +218,7 @@ def keep_freed_memory() -> bool:
     By default glibc maps every block above its dynamic threshold (at most 32 MiB) anew and
     returns the heap's top once it holds twice that. On this project's 2-core virtual
     machines the page faults cost more than the arithmetic in large steps
-    (``scripts/page_faults.py``, RevNet-164 at batch 128, a 2-core AMD EPYC): plain autograd
+    (``studies/page_faults.py``, RevNet-164 at batch 128, a 2-core AMD EPYC): plain autograd
     5.64 s with 1.16 million faults, 2.93 s after this call; the reversible step 5.36 s and
     3.53 s. The price: the process's resident memory stays at its peak, as a GPU's does
     under PyTorch. ``revnet train`` and ``revnet bench`` call it (on Linux, glibc).

@@ -5,14 +5,14 @@
 - :mod:`.resnet`, :mod:`.revnet`: the builders and their registered constructors;
 - :mod:`.transformer`: attention and MLP branches, the residual and the reversible transformer;
 - :mod:`.vit`: the residual ViT and the reversible RevViT, and their registered sizes;
-- :mod:`.registry`: ``register_model``, ``create_model``, ``list_models``.
+- :mod:`.registry`: ``register_model``, ``create_model``, ``list_models``, ``model_accepts``.
 """
 
-from .registry import create_model, list_models, register_model
+from .registry import create_model, list_models, model_accepts, register_model
 from .resnet import ResNet
 from .revnet import RevNet
 from .transformer import RevTransformer, Transformer
 from .vit import RevViT, VisionTransformer
 
 __all__ = ["ResNet", "RevNet", "RevTransformer", "RevViT", "Transformer", "VisionTransformer", "create_model",
-           "list_models", "register_model"]
+           "list_models", "model_accepts", "register_model"]

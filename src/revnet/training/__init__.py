@@ -3,10 +3,11 @@
 - :mod:`.config`: :class:`TrainConfig`, the recipes and the learning-rate schedule;
 - :mod:`.precision`: which autocast dtype a run uses;
 - :mod:`.datasets` and :mod:`.loader`: data sets in memory, batched and augmented on the device;
-- :mod:`.run`: the model, optimizer and loaders of one process;
+- :mod:`.setup`: the model, optimizer and loaders of one process;
 - :mod:`.loop`: :func:`fit`, the training loop and its telemetry;
+- :mod:`.footprint`: what reversibility saved in a run (bytes kept for backward, reversible vs plain);
 - :mod:`.evaluate`: test accuracy of a model or a checkpoint;
-- :mod:`.checkpoint` and :mod:`.signals`: checkpoints, resume, stopping on a signal;
+- :mod:`.state` and :mod:`.signals`: checkpoints, resume, stopping on a signal;
 - :mod:`.distributed`: process groups under ``torchrun`` (DDP);
 - :mod:`.plots`: a run's curves.
 

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from ..engine import has_reversible_units
 from ..fidelity import DRIFT_ACTIONS
 from ..memory.sizes import parse_bytes
-from ..models import list_models
+from ..models import create_model, list_models
 from .datasets import DATASETS
 from .precision import AMP_MODES
 
-__all__ = ["NORMS", "OPTIMIZERS", "RECIPES", "TrainConfig", "lr_at"]
+__all__ = ["NORMS", "OPTIMIZERS", "RECIPES", "TrainConfig", "is_reversible_model", "lr_at"]
 
 
 def _group_norm(channels: int, **factory: Any) -> nn.GroupNorm:
@@ -25,6 +27,20 @@ def _group_norm(channels: int, **factory: Any) -> nn.GroupNorm:
 NORMS: dict[str, Any] = {"batch": nn.BatchNorm2d, "group": _group_norm}  # TrainConfig.norm -> layer
 
 OPTIMIZERS = ("sgd", "adamw")
+
+
+def is_reversible_model(model: str) -> bool:
+    """Whether registered model ``model`` has reversible units (False for an unknown name).
+
+    Asked of the model, built once on the meta device (no memory, no initialisation):
+    :func:`revnet.engine.has_reversible_units`, never a test of its name.
+    """
+    return model in list_models() and _rebuilds(model)
+
+
+@functools.cache
+def _rebuilds(model: str) -> bool:  # a name is registered once: its answer never changes
+    return has_reversible_units(create_model(model, device="meta"))
 
 
 def _is_size(text: str) -> bool:
@@ -84,6 +100,9 @@ class TrainConfig:
     drift_guard_action: str = "warn"  # guard, past the threshold: "warn", "exact" or "store" (activations)
 
     def __post_init__(self) -> None:
+        # Only asked when a check needs it (a model built on the meta device, once per name).
+        asked = self.exact or self.memory_budget not in (None, "min")
+        reversible_model = asked and is_reversible_model(self.model)
         checks = [
             (self.model in list_models(), f"unknown model {self.model!r}; known: {list_models()}"),
             (self.dataset in DATASETS,
@@ -108,11 +127,11 @@ class TrainConfig:
              f"compile must be a torch.compile backend name or None, got {self.compile!r}"),
             (self.memory_budget in (None, "auto", "min") or _is_size(self.memory_budget),
              f"memory_budget must be a size such as 1.5GiB, auto or min, got {self.memory_budget!r}"),
-            (self.memory_budget in (None, "min") or (self.model.startswith("rev") and self.reversible),
+            (self.memory_budget in (None, "min") or (reversible_model and self.reversible),
              f"memory_budget plans a reversible model (RevNet, RevViT) in reversible mode, got model "
              f"{self.model!r}{'' if self.reversible else ' with reversible=False'}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
-            (not self.exact or self.model.startswith("rev"),
+            (not self.exact or reversible_model,
              f"exact mode needs a reversible model (RevNet, RevViT), got model {self.model!r}"),
             (all(n is None or n > 0 for n in (self.grad_angle_every, self.drift_guard_every)),
              "grad_angle_every and drift_guard_every must be > 0 (or None: off)"),

@@ -27,7 +27,7 @@ from .config import TrainConfig, lr_at
 from .distributed import DistInfo, DistributedError, init_from_env, is_group_failure, lost_contact, shutdown
 from .evaluate import evaluate
 from .plots import plot_run
-from .precision import autocast
+from .precision import AMP_DTYPES, autocast
 from .setup import Run, build_run, peak_memory_bytes, to_layout
 from .signals import stop_on_signals
 from .state import checkpoint_state, restore, save_atomic, write_json
@@ -217,7 +217,7 @@ def _saved_precision(config: TrainConfig, info: DistInfo) -> TrainConfig:
     if info.is_main:
         with contextlib.suppress(OSError, ValueError):
             d = json.loads((Path(config.out) / "config.json").read_text())
-            saved = (d["amp"], d.get("amp_reason", "")) if d.get("amp") in ("none", "bf16", "fp16") else None
+            saved = (d["amp"], d.get("amp_reason", "")) if d.get("amp") in AMP_DTYPES else None
     saved = info.broadcast(saved)
     return dataclasses.replace(config, amp=saved[0], amp_reason=saved[1]) if saved else config
 
@@ -315,6 +315,7 @@ def _summarize(run: Run, wall: float, interrupted: bool) -> dict[str, Any]:
         "peak_memory_bytes": peak_memory_bytes(run.device),
         "images_per_s": (sum(r["images_per_s"] for r in trains) / len(trains)) if trains else None,
         "image_size": run.train.dataset.image_size[0], "in_chans": run.train.dataset.in_chans,
+        "num_classes": run.train.dataset.num_classes,
         "device": str(run.device), "torch": torch.__version__, "config": asdict(run.config),
         "world_size": run.dist.world_size,
         "stored": run.plan.stored if run.plan is not None else [],  # units --memory-budget stored

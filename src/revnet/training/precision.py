@@ -26,9 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["AMP_MODES", "AmpChoice", "autocast", "cpu_bf16_flags", "probe_step_time", "resolve_amp"]
+__all__ = ["AMP_DTYPES", "AMP_MODES", "AmpChoice", "amp_dtype", "autocast", "cpu_bf16_flags",
+           "probe_step_time", "resolve_amp"]
 
-AMP_MODES = ("auto", "none", "bf16", "fp16")
+# The one mapping from a precision's name to the dtype autocast runs in (None: float32, no autocast).
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_MODES = ("auto", *AMP_DTYPES)  # what a run may ask for: "auto" is resolved to one of AMP_DTYPES
 _NATIVE_BF16 = ("amx_bf16", "avx512_bf16", "bf16")  # x86 AMX, x86 AVX512-BF16, Arm (Features: bf16)
 PROBE_MARGIN = 0.9  # bf16 is taken when its step takes at most this fraction of float32's
 
@@ -123,8 +126,24 @@ def probe_step_time(model: nn.Module, batch: torch.Tensor, loss_fn: Callable[[to
     return probe
 
 
+def amp_dtype(amp: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision: ``"bf16"`` and ``"fp16"`` their dtypes,
+    ``"none"`` None (float32, no autocast).
+
+    Raises:
+        ValueError: ``amp`` is not one of :data:`AMP_DTYPES` (``"auto"`` is resolved first:
+            :func:`resolve_amp`).
+    """
+    try:
+        return AMP_DTYPES[amp]
+    except KeyError:
+        raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}"
+                         + (" (resolve it first: resolve_amp)" if amp == "auto" else "") + ".") from None
+
+
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``amp`` (``"bf16"``/``"fp16"``); nothing for ``"none"``."""
-    if amp == "none":
+    dtype = amp_dtype(amp)
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=dtype)

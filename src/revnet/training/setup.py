@@ -20,14 +20,15 @@ from ..engine import compile as revnet_compile
 from ..engine import has_reversible_units, set_exact, set_reversible
 from ..memory import Plan, plan
 from ..memory.measure import keep_freed_memory
-from ..models import create_model
+from ..models import create_model, model_accepts
 from .config import NORMS, TrainConfig
 from .datasets import load_dataset
 from .distributed import DistInfo, wrap_ddp
 from .loader import Loader
 from .precision import AmpChoice, autocast, probe_step_time, resolve_amp
 
-__all__ = ["Run", "build_run", "peak_memory_bytes", "per_process_batch", "resolve_device", "to_layout"]
+__all__ = ["Run", "build_model", "build_run", "peak_memory_bytes", "per_process_batch", "resolve_device",
+           "to_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,19 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
                              betas=(config.momentum, 0.999), weight_decay=config.weight_decay)
 
 
+def build_model(config: TrainConfig, *, num_classes: int, in_chans: int, image_size: int) -> nn.Module:
+    """The run's model, freshly initialised on the CPU: its norm layers, sized to its images
+    where the model takes a size (a transformer's position embeddings), in its modes
+    (reversible or plain, exact or float)."""
+    extra_kw: dict[str, Any] = {} if config.norm == "batch" else {"norm_layer": NORMS[config.norm]}
+    if model_accepts(config.model, "img_size"):  # asked of the model's class, not read from its name
+        extra_kw["img_size"] = image_size
+    model = create_model(config.model, num_classes=num_classes, in_chans=in_chans, **extra_kw)
+    set_reversible(model, config.reversible)
+    set_exact(model, config.exact)
+    return model
+
+
 def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
     """Resolves the device and precision, loads the data, builds the model, optimizer and loaders."""
     info = info or DistInfo()
@@ -179,13 +193,8 @@ def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
     extra = dict(config.synthetic) if config.dataset == "synthetic" else {}
     train_ds = load_dataset(config.dataset, "train", config.data_dir, **extra)
     test_ds = load_dataset(config.dataset, "test", config.data_dir, **extra)
-    extra_kw: dict[str, Any] = {} if config.norm == "batch" else {"norm_layer": NORMS[config.norm]}
-    if "vit" in config.model:  # a transformer's position embeddings are sized to the images
-        extra_kw["img_size"] = train_ds.image_size[0]
-    model = create_model(config.model, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
-                         **extra_kw)
-    set_reversible(model, config.reversible)
-    set_exact(model, config.exact)
+    model = build_model(config, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
+                        image_size=train_ds.image_size[0])
     model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
     if config.amp == "auto":  # resolved once: config.json and checkpoints hold the precision used
         shape = (per_rank // config.accum_steps, train_ds.in_chans, *train_ds.image_size)
