@@ -1,4 +1,4 @@
-"""Activation memory of one training step, each point in a fresh process (DESIGN.md, "How to measure").
+"""Activation memory of one training step, each point in a fresh process (docs/DESIGN.md, "How to measure").
 
 On CPU a point runs in a fresh process with ``MALLOC_MMAP_THRESHOLD_=65536`` (freed
 tensors leave the process at once); the peak resident set of one training step is read
@@ -108,7 +108,7 @@ def step_memory(
         hooks = [p.register_post_accumulate_grad_hook(_drop_grad) for p in params] if grads == "freed" else []
         saved = SavedBytes(model)
         try:
-            peak = peak_of(measured_step, dev, source="resident")  # DESIGN.md: above the level before
+            peak = peak_of(measured_step, dev, source="resident")  # docs/DESIGN.md: above the level before
         finally:
             for h in hooks:
                 h.remove()

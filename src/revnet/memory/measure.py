@@ -10,7 +10,7 @@ On CUDA the allocator's peak (``torch.cuda.max_memory_allocated``). On CPU, two 
   mark was reset, above the resident level before; during the measurement large
   allocations are made to go back to the system when freed (glibc's mmap threshold, as
   ``MALLOC_MMAP_THRESHOLD_=65536``), so the peak follows live tensors. What the process
-  costs the machine, DESIGN.md's measure in a fresh process (``revnet bench memory``); in a
+  costs the machine, docs/DESIGN.md's measure in a fresh process (``revnet bench memory``); in a
   process whose heap earlier work fragmented it moves by tens of percent between calls.
 
 A third count needs no allocator at all: :func:`saved_bytes`, the bytes of the tensors autograd
