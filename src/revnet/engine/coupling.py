@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from .context import NO_CONTEXT, Context
 from .exact import EXACT_BITS, FLOAT, Arithmetic, Lattice, check_bits
 
 __all__ = ["AdditiveCoupling", "AffineCoupling", "Coupling", "halves", "merge", "split"]
@@ -136,30 +137,32 @@ class Coupling(nn.Module):
         return x
 
     # --- running the branches, with the checks that keep the block invertible -----------
-    def run_f(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        """F(x2), checked to leave ``x2`` untouched and to fit ``x1``."""
-        return self._run("F", self.f, x2, x1)
+    def run_f(self, x1: torch.Tensor, x2: torch.Tensor, context: Context = NO_CONTEXT) -> torch.Tensor:
+        """F(x2, *context), checked to leave ``x2`` and the context untouched and to fit ``x1``."""
+        return self._run("F", self.f, x2, x1, context)
 
-    def run_g(self, x2: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
-        """G(y1), checked to leave ``y1`` untouched and to fit ``x2``."""
-        return self._run("G", self.g, y1, x2)
+    def run_g(self, x2: torch.Tensor, y1: torch.Tensor, context: Context = NO_CONTEXT) -> torch.Tensor:
+        """G(y1, *context), checked to leave ``y1`` and the context untouched and to fit ``x2``."""
+        return self._run("G", self.g, y1, x2, context)
 
-    def _run(self, label: str, fn: nn.Module, inp: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    def _run(self, label: str, fn: nn.Module, inp: torch.Tensor, other: torch.Tensor,
+             context: Context) -> torch.Tensor:
         # Under torch.compile ``_version`` is a traced value and comparing it a graph break in every
         # F and G, which splits the caller into frames that recompile per stage. The engine's own
         # calls run eagerly (revnet.compile compiles F and G, not this), so only a model traced whole
         # in plain mode goes without the check.
         checked = not torch.compiler.is_compiling()
         version = inp._version if checked else None
+        versions = context.versions() if checked and context.tensors else None
         device = inp.device.type
         if inp.dtype == torch.float32 and torch.is_autocast_enabled(device):
             # Under autocast the stream is float32 (ReversibleSequence) but F and G take it in the
             # autocast dtype, as autocast's own layers would: their normalisations and activations
             # run at that precision and speed. A fixed function of the stream, so the backward's
             # recomputation sees the same bits.
-            h = fn(inp.to(torch.get_autocast_dtype(device)))
+            h = context.call(fn, inp.to(torch.get_autocast_dtype(device)))
         else:
-            h = fn(inp)
+            h = context.call(fn, inp)
         if version is not None and inp._version != version:
             # The half is needed again (y2 = x2 + G(y1) reads x2 after F ran), and the
             # reversible backward rebuilds it: a write into it breaks both.
@@ -169,6 +172,13 @@ class Coupling(nn.Module):
                 f"gradients would be wrong. Fix: make the first operation of {label} out-of-place "
                 f"(e.g. nn.ReLU(inplace=False))."
             )
+        written = context.changed(versions) if versions is not None else None
+        if written is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}: {label} ({_name(fn)}) modified a context tensor of shape "
+                f"{tuple(written.shape)} in place; every block (and the rebuild in backward) reads the "
+                f"same context, so its gradients would be wrong. Fix: compute on a copy inside {label} "
+                f"(e.g. mask = mask.clone() before writing, or an out-of-place op).")
         want = self.branch_shape(other.shape)
         if h.shape != want:
             raise ValueError(
@@ -180,25 +190,30 @@ class Coupling(nn.Module):
         return h
 
     # --- forward / inverse on halves (the engine calls these) and on whole tensors ------
-    def forward_halves(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_halves(self, x1: torch.Tensor, x2: torch.Tensor,
+                       context: Context = NO_CONTEXT) -> tuple[torch.Tensor, torch.Tensor]:
         # One cast per half into the stream's dtype (exact mode: bf16 -> float32), so plain
         # autograd sums x2's two gradients in that dtype, as the reversible engine does.
         x1, x2 = self.stream(x1), self.stream(x2)
-        y1 = self.couple(x1, self.run_f(x1, x2))
-        y2 = self.couple(x2, self.run_g(x2, y1))
+        y1 = self.couple(x1, self.run_f(x1, x2, context))
+        y2 = self.couple(x2, self.run_g(x2, y1, context))
         return y1, y2
 
-    def inverse_halves(self, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x2 = self.decouple(y2, self.run_g(y2, y1))
-        x1 = self.decouple(y1, self.run_f(y1, x2))
+    def inverse_halves(self, y1: torch.Tensor, y2: torch.Tensor,
+                       context: Context = NO_CONTEXT) -> tuple[torch.Tensor, torch.Tensor]:
+        x2 = self.decouple(y2, self.run_g(y2, y1, context))
+        x1 = self.decouple(y1, self.run_f(y1, x2, context))
         return x1, x2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return merge(*self.forward_halves(*halves(x, self.dim, type(self).__name__)), self.dim)
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        """``y`` for input ``x``; ``args``/``kwargs`` reach F and G after their half."""
+        x1, x2 = halves(x, self.dim, type(self).__name__)
+        return merge(*self.forward_halves(x1, x2, Context(args, kwargs)), self.dim)
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """Rebuilds the input ``x`` from the output ``y = forward(x)``."""
-        return merge(*self.inverse_halves(*halves(y, self.dim, type(self).__name__)), self.dim)
+    def inverse(self, y: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        """Rebuilds the input ``x`` from the output ``y = forward(x, *args, **kwargs)``."""
+        y1, y2 = halves(y, self.dim, type(self).__name__)
+        return merge(*self.inverse_halves(y1, y2, Context(args, kwargs)), self.dim)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
@@ -269,15 +284,15 @@ class AdditiveCoupling(Coupling):
     def entry(self, x: torch.Tensor) -> torch.Tensor:
         return self.arithmetic.enter(x)
 
-    def run_f(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    def run_f(self, x1: torch.Tensor, x2: torch.Tensor, context: Context = NO_CONTEXT) -> torch.Tensor:
         arith = self.arithmetic
         x2 = arith.enter(x2)
-        return arith.branch_out(super().run_f(x1, x2), x2)
+        return arith.branch_out(super().run_f(x1, x2, context), x2)
 
-    def run_g(self, x2: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
+    def run_g(self, x2: torch.Tensor, y1: torch.Tensor, context: Context = NO_CONTEXT) -> torch.Tensor:
         arith = self.arithmetic
         y1 = arith.enter(y1)
-        return arith.branch_out(super().run_g(x2, y1), y1)
+        return arith.branch_out(super().run_g(x2, y1, context), y1)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}" + (f", exact=True, exact_bits={self.exact_bits}" if self.exact else "")

@@ -128,16 +128,23 @@ class ParamGrads:
     The recomputation runs on detached aliases put in the parameters' places
     (:meth:`swapped`), so hooks on a parameter fire once, when the Function returns its
     gradient; :meth:`backprop` differentiates a branch output and adds each parameter's
-    share into :attr:`grads` (a tied weight counts once per branch).
+    share into :attr:`grads` (a tied weight counts once per branch). Context tensors
+    (masks, encoder states) are stood in for by :attr:`context`, detached leaves of which
+    those in ``needs`` require grad; theirs collect in :attr:`context_grads`.
     """
 
-    __slots__ = ("_aliases", "_index", "_slots", "grads")
+    __slots__ = ("_aliases", "_index", "_slots", "_wanted", "context", "context_grads", "grads")
 
-    def __init__(self, params: tuple[torch.Tensor, ...]) -> None:
+    def __init__(self, params: tuple[torch.Tensor, ...], context: tuple[torch.Tensor, ...] = (),
+                 needs: tuple[bool, ...] = ()) -> None:
         self._index = {id(p): i for i, p in enumerate(params)}
         self._aliases = [p.detach().requires_grad_() for p in params]
         self._slots: list[tuple[nn.Module, str, int]] = []
         self.grads: list[torch.Tensor | None] = [None] * len(params)
+        self.context = [t.detach().requires_grad_(bool(need) and t.is_floating_point())
+                        for t, need in zip(context, needs, strict=True)]
+        self._wanted = [i for i, t in enumerate(self.context) if t.requires_grad]
+        self.context_grads: list[torch.Tensor | None] = [None] * len(context)
 
     @contextlib.contextmanager
     def swapped(self, module: nn.Module) -> Iterator[None]:
@@ -163,12 +170,15 @@ class ParamGrads:
         """Backprops ``dh`` through the output ``h`` (or its :func:`grad_edge`) of the last
         :meth:`swapped` run; returns the gradient of ``inp`` (None if ``inp`` is None or unused)."""
         used = list(dict.fromkeys(i for _, _, i in self._slots))
-        wrt = ([] if inp is None else [inp]) + [self._aliases[i] for i in used]
+        wrt = (([] if inp is None else [inp]) + [self._aliases[i] for i in used]
+               + [self.context[i] for i in self._wanted])
         if not wrt:
             return None
         got = list(torch.autograd.grad(h, wrt, dh, allow_unused=True))
         d_inp = None if inp is None else got.pop(0)
-        for i, gp in zip(used, got, strict=True):
-            if gp is not None:
-                self.grads[i] = gp if self.grads[i] is None else self.grads[i] + gp
+        for sink, index in ((self.grads, used), (self.context_grads, self._wanted)):
+            for i, g in zip(index, got[:len(index)], strict=True):
+                if g is not None:
+                    sink[i] = g if sink[i] is None else sink[i] + g
+            got = got[len(index):]
         return d_inp

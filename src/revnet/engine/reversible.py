@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .context import Context
 from .coupling import Coupling, halves, merge, split
 from .replay import ParamGrads, Replay, add_into, grad_edge
 
@@ -102,7 +103,12 @@ class ReversibleSequence(nn.Module):
     def __getitem__(self, i: int) -> Coupling:
         return self.couplings[i]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The output for input ``x``; ``args`` and ``kwargs`` (masks, positions, encoder states)
+        reach every F and G after its half: ``f(half, *args, **kwargs)``. Tensors among them
+        get their gradients, summed over the blocks; in reversible mode they are kept once for
+        the whole sequence (the same storage in every block), not rebuilt."""
+        context = Context(args, kwargs)
         if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
             # Under autocast the residual stream stays float32 (F and G still compute in bf16/fp16):
             # a bf16 stream loses ~1% per block when rebuilt (docs/FIDELITY.md). Both modes do it,
@@ -110,18 +116,20 @@ class ReversibleSequence(nn.Module):
             x = x.float()
         x1, x2 = halves(x, self.dim, "ReversibleSequence")  # (B, C/2, ...) each
         if self.reversible and torch.is_grad_enabled() and (
-                x.requires_grad or any(p.requires_grad for p in self.parameters())):
+                x.requires_grad or any(t.requires_grad for t in context.tensors)
+                or any(p.requires_grad for p in self.parameters())):
             _refuse_sharded_units(self)
-            return _run_reversible(self, x1, x2)
+            return _run_reversible(self, x1, x2, context)
         for c in self.couplings:
-            x1, x2 = c.forward_halves(x1, x2)
+            x1, x2 = c.forward_halves(x1, x2, context)
         return merge(x1, x2, self.dim)
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """Rebuilds the sequence's input from its output ``y``."""
+    def inverse(self, y: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Rebuilds the sequence's input from its output ``y = seq(x, *args, **kwargs)``."""
+        context = Context(args, kwargs)
         y1, y2 = halves(y, self.dim, "ReversibleSequence")
         for c in reversed(self.couplings):
-            y1, y2 = c.inverse_halves(y1, y2)
+            y1, y2 = c.inverse_halves(y1, y2, context)
         return merge(y1, y2, self.dim)
 
     def extra_repr(self) -> str:
@@ -147,7 +155,8 @@ def _refuse_sharded_units(seq: ReversibleSequence) -> None:
 # --------------------------------------------------------------------------------------
 
 @torch.compiler.disable  # an opaque unit under torch.compile: see recompute.apply_recomputed
-def _run_reversible(seq: ReversibleSequence, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+def _run_reversible(seq: ReversibleSequence, x1: torch.Tensor, x2: torch.Tensor,
+                    context: Context) -> torch.Tensor:
     """``seq`` on the halves of its input, as chains of per-block Functions that keep only each
     chain's output.
 
@@ -163,7 +172,7 @@ def _run_reversible(seq: ReversibleSequence, x1: torch.Tensor, x2: torch.Tensor)
     i = 0
     while True:
         if blocks[i].stored:
-            x1, x2 = blocks[i].forward_halves(x1, x2)  # its graph keeps what its backward needs
+            x1, x2 = blocks[i].forward_halves(x1, x2, context)  # its graph keeps what its backward needs
             i += 1
             if i == len(blocks):
                 return merge(x1, x2, seq.dim)
@@ -171,7 +180,8 @@ def _run_reversible(seq: ReversibleSequence, x1: torch.Tensor, x2: torch.Tensor)
         chain = _Chain()
         while i < len(blocks) and not blocks[i].stored:
             params = [p for p in blocks[i].parameters() if p.requires_grad]
-            x1, x2 = _ReversibleBlock.apply(x1, x2, chain, blocks[i], seq.preserve_rng_state, *params)
+            x1, x2 = _ReversibleBlock.apply(x1, x2, chain, blocks[i], seq.preserve_rng_state, context,
+                                            *context.tensors, *params)
             i += 1
         if i == len(blocks):
             return _KeepOutput.apply(x1, x2, chain, seq.dim)
@@ -264,21 +274,26 @@ class _KeepHalves(torch.autograd.Function):
 class _ReversibleBlock(torch.autograd.Function):
     """One coupling of a reversible chain; it saves nothing.
 
-    Inputs are ``(x1, x2, chain, coupling, keep_rng, *trainable_params)``; it returns the
-    halves of its output, which the backward of the block after it rebuilds (or the
-    chain's end keeps).
+    Inputs are ``(x1, x2, chain, coupling, keep_rng, context, *context.tensors,
+    *trainable_params)``; it returns the halves of its output, which the backward of the block
+    after it rebuilds (or the chain's end keeps). The context's tensors are saved by every
+    block, which keeps one storage each, whatever the depth; their gradients leave with the
+    parameters', and autograd sums them over the blocks.
     """
 
     @staticmethod
-    def forward(ctx: Any, x1: torch.Tensor, x2: torch.Tensor, chain: _Chain, c: Coupling,
-                keep_rng: bool, *params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx: Any, x1: torch.Tensor, x2: torch.Tensor, chain: _Chain, c: Coupling, keep_rng: bool,
+                context: Context, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # grad mode is off inside Function.forward: no graph is built
         chain.size += 1
-        ctx.chain, ctx.c, ctx.params, ctx.replay = chain, c, params, Replay(x1, keep_rng)
+        n = len(context.tensors)
+        ctx.save_for_backward(*tensors[:n])  # autograd then reports a write into them before backward
+        ctx.chain, ctx.c, ctx.context, ctx.params = chain, c, context, tensors[n:]
+        ctx.replay = Replay(x1, keep_rng)
         ctx.replay.mark()  # 0: before F
-        y1 = c.couple(x1, c.run_f(x1, x2))
+        y1 = c.couple(x1, c.run_f(x1, x2, context))
         ctx.replay.mark()  # 1: before G
-        y2 = c.couple(x2, c.run_g(x2, y1))
+        y2 = c.couple(x2, c.run_g(x2, y1, context))
         return y1, y2
 
     @staticmethod
@@ -287,7 +302,9 @@ class _ReversibleBlock(torch.autograd.Function):
         c: Coupling = ctx.c
         replay: Replay = ctx.replay
         y1, y2 = ctx.chain.take()
-        grads = ParamGrads(ctx.params)
+        saved = ctx.saved_tensors
+        grads = ParamGrads(ctx.params, saved, ctx.needs_input_grad[6:6 + len(saved)])
+        context = ctx.context.replaced(grads.context)
         # Memory: every half (B, C/2, ...) is dropped as soon as it is dead, before the next
         # backprop through a branch, and a branch's output is held only as its graph edge.
         with replay.rerun(c):
@@ -295,7 +312,7 @@ class _ReversibleBlock(torch.autograd.Function):
             replay.rewind(1)
             with grads.swapped(c.g), torch.enable_grad():
                 z1 = y1.detach().requires_grad_()
-                h = c.run_g(y2, z1)
+                h = c.run_g(y2, z1, context)
             x2 = c.decouple(y2, h.detach())
             dx2, dh = c.couple_backward(x2, h.detach(), dy2)
             y2 = dy2 = None
@@ -306,7 +323,7 @@ class _ReversibleBlock(torch.autograd.Function):
             replay.rewind(0)
             with grads.swapped(c.f), torch.enable_grad():
                 x2.requires_grad_()
-                h = c.run_f(y1, x2)
+                h = c.run_f(y1, x2, context)
             x1 = c.decouple(y1, h.detach())
             dx1, dh = c.couple_backward(x1, h.detach(), dz1)
             y1 = dz1 = None
@@ -315,4 +332,4 @@ class _ReversibleBlock(torch.autograd.Function):
                 dx2 = add_into(dx2_f, dx2, dx1)
             h = dh = dx2_f = None
         ctx.chain.hand_back(x1, x2.detach())  # the previous block's output
-        return (dx1, dx2, None, None, None, *grads.grads)
+        return (dx1, dx2, None, None, None, None, *grads.context_grads, *grads.grads)

@@ -15,6 +15,7 @@ RNG streams, ``.grad`` and the ``reversible`` flags.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from ..engine import Coupling, ReversibleSequence
+from ..engine.context import NO_CONTEXT, Context
 from ..engine.coupling import halves, merge
 from ..engine.modes import kept_state, set_exact
 from ..engine.replay import Replay
@@ -41,7 +43,7 @@ DRIFT_ACTIONS = ("warn", "exact", "store")
 # --------------------------------------------------------------------------------------
 
 def roundtrip(
-    couplings: Sequence[Coupling], x: torch.Tensor, dim: int = 1
+    couplings: Sequence[Coupling], x: torch.Tensor, dim: int = 1, context: Context = NO_CONTEXT
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs ``x`` through ``couplings`` and rebuilds it from the output, as the engine does.
 
@@ -49,7 +51,8 @@ def roundtrip(
     dropout masks match) and BatchNorm normalises with batch statistics (train mode), as
     in the reversible backward; call it under the caller's autocast to replay that too.
     Under autocast a bf16/fp16 ``x`` becomes a float32 stream first, as
-    :class:`ReversibleSequence` does. Runs without grad.
+    :class:`ReversibleSequence` does. ``context`` holds the sequence call's extra arguments
+    (masks, encoder states: :func:`sequence_inputs` records them). Runs without grad.
 
     Returns:
         ``(y, x_rebuilt)``: the output and the input rebuilt from it.
@@ -62,17 +65,17 @@ def roundtrip(
         for c in couplings:
             replay = Replay(x1, keep_rng=True)
             replay.mark()
-            y1 = c.couple(x1, c.run_f(x1, x2))
+            y1 = c.couple(x1, c.run_f(x1, x2, context))
             replay.mark()
-            x2 = c.couple(x2, c.run_g(x2, y1))
+            x2 = c.couple(x2, c.run_g(x2, y1, context))
             x1 = y1
             replays.append(replay)
         y = merge(x1, x2, dim)
         for c, replay in zip(reversed(couplings), reversed(replays), strict=True):
             replay.rewind(1)
-            x2 = c.decouple(x2, c.run_g(x2, x1))
+            x2 = c.decouple(x2, c.run_g(x2, x1, context))
             replay.rewind(0)
-            x1 = c.decouple(x1, c.run_f(x1, x2))
+            x1 = c.decouple(x1, c.run_f(x1, x2, context))
         return y, merge(x1, x2, dim)
 
 
@@ -89,14 +92,22 @@ def reconstruction_error(x: torch.Tensor, rebuilt: torch.Tensor) -> dict[str, fl
 # Drift guard
 # --------------------------------------------------------------------------------------
 
-def sequence_inputs(model: nn.Module, forward: Callable[[nn.Module], Any]) -> dict[str, torch.Tensor]:
+def sequence_inputs(model: nn.Module, forward: Callable[[nn.Module], Any], *,
+                    contexts: dict[str, Context] | None = None) -> dict[str, torch.Tensor]:
     """The input each :class:`ReversibleSequence` of ``model`` receives in ``forward(model)``.
 
-    The forward runs without grad; buffers and RNG streams are restored afterwards.
+    The forward runs without grad; buffers and RNG streams are restored afterwards. The extra
+    arguments of each call (masks, encoder states) go into ``contexts``, when given.
     """
     net = unwrap(model)
     seen: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda _m, args, n=name: seen.__setitem__(n, args[0].detach()))
+
+    def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> None:
+        seen[name] = args[0].detach()
+        if contexts is not None:
+            contexts[name] = Context(args[1:], kwargs)
+
+    handles = [m.register_forward_pre_hook(functools.partial(record, name=name), with_kwargs=True)
                for name, m in net.named_modules() if isinstance(m, ReversibleSequence)]
     try:
         with torch.no_grad(), kept_state(net):
@@ -147,7 +158,8 @@ class DriftGuard:
             then one ``{"event": "drift", ...}`` line per sequence past the threshold.
         """
         net = unwrap(model)
-        inputs = sequence_inputs(net, forward)
+        contexts: dict[str, Context] = {}
+        inputs = sequence_inputs(net, forward, contexts=contexts)
         seqs = dict(net.named_modules())
         errors: dict[str, dict[str, float]] = {}
         with kept_state(net):
@@ -155,7 +167,7 @@ class DriftGuard:
                 seq = seqs[name]
                 if not seq.reversible:  # activations stored: nothing is rebuilt
                     continue
-                _, rebuilt = roundtrip(list(seq.couplings), x, seq.dim)
+                _, rebuilt = roundtrip(list(seq.couplings), x, seq.dim, contexts[name])
                 # Against the input as the first block takes it (exact mode rounds it onto its
                 # lattice on entry): what the backward must get back.
                 errors[name] = reconstruction_error(seq.couplings[0].entry(x), rebuilt)
