@@ -28,8 +28,9 @@ def test_wrap_your_own_modules_example_runs():
 
 def test_reversible_transformer_example_runs():
     scope = run_example("## Reversible transformers")
-    tokens, out, blocks = scope["tokens"], scope["out"], scope["blocks"]
+    tokens, out, blocks, memory = scope["tokens"], scope["out"], scope["blocks"], scope["memory"]
     assert out.shape == (4, 128, 512) and tokens.grad is not None and torch.isfinite(tokens.grad).all()
+    assert memory.grad is not None and torch.isfinite(memory.grad).all() and memory.grad.abs().sum() > 0
     assert not blocks.reversible
 
 
