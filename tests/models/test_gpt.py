@@ -117,3 +117,23 @@ def test_bad_configurations_named():
         RevGPT(20, 6, 8, 1, 2, fuse="concat")
     with pytest.raises(ValueError, match="unknown pos_embed 'sin'"):
         GPT(20, 6, 8, 1, 2, pos_embed="sin")
+
+
+def test_generate_greedy_slides_over_the_context_and_runs_the_plain_forward():
+    torch.manual_seed(0)
+    net = revnet.create_model("revgpt_mini", context_length=8).double()
+    prompt = torch.randint(0, 256, (2, 5))
+    out = net.generate(prompt, 6, temperature=0)
+    assert out.shape == (2, 11) and torch.equal(out[:, :5], prompt) and net.training
+    tokens = prompt  # by hand: the likeliest next byte given the last 8
+    for _ in range(6):
+        with torch.no_grad():
+            tokens = torch.cat([tokens, net.eval()(tokens[:, -8:])[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, tokens)
+    g = torch.Generator().manual_seed(3)
+    a = net.generate(prompt, 4, temperature=0.7, top_k=5, generator=g)
+    b = net.generate(prompt, 4, temperature=0.7, top_k=5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    for bad, match in (({"temperature": -0.5}, "temperature"), ({"top_k": 0}, "top_k")):
+        with pytest.raises(ValueError, match=match):
+            net.generate(prompt, 1, **bad)

@@ -1,4 +1,4 @@
-"""Command line: ``revnet train | eval | plot | bench | models``. Parsing and printing only.
+"""Command line: ``revnet train | eval | generate | plot | bench | models``. Parsing and printing only.
 
 One module per command, each with ``add_parser(subparsers)``; the work is done by
 :mod:`revnet.training` and :mod:`revnet.bench`.
@@ -11,7 +11,7 @@ import logging
 import sys
 
 from .._version import __version__
-from . import bench, models, plot, train
+from . import bench, generate, models, plot, train
 from . import eval as eval_cmd
 from ._common import missing_extras, rank
 
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="revnet", description="Reversible residual networks: memory-free backpropagation.")
     parser.add_argument("--version", action="version", version=f"revnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (train, eval_cmd, plot, models, bench):
+    for command in (train, eval_cmd, generate, plot, models, bench):
         command.add_parser(sub)
     return parser
 

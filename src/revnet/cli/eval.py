@@ -23,8 +23,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device)
     except (FileNotFoundError, ValueError) as e:
-        print(f"revnet eval: {e}", file=sys.stderr)
+        msg = str(e) if str(e).startswith("eval:") else f"eval: {e}"
+        print(f"revnet {msg}", file=sys.stderr)
         return 1
+    bpb = f", {result['test_bits_per_byte']:.4f} bits per byte" if "test_bits_per_byte" in result else ""
     print(f"{result['checkpoint']} (step {result['step']}): test accuracy {result['test_accuracy']:.4f}, "
-          f"test loss {result['test_loss']:.4f}")
+          f"test loss {result['test_loss']:.4f}{bpb}")
     return 0

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..training.config import RECIPES, TrainConfig, is_reversible_model
+from ..training.config import RECIPES, TrainConfig, headline, is_reversible_model
 from ..training.distributed import DistributedError, launch_command
 from ..training.footprint import memory_line, saved_bytes_of_run
 from ..training.loop import TrainingDivergedError, fit
@@ -28,8 +28,12 @@ __all__ = ["add_parser"]
 # typed overrides the recipe (or, with --resume, the saved configuration).
 _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--model", "model", {"help": "model name (see `revnet models`); default revnet38"}),
-    ("--dataset", "dataset", {"help": "fashion-mnist (default), cifar10, cifar100 or synthetic"}),
-    ("--data-dir", "data_dir", {"help": "data folder (default: $REVNET_DATA or the system location)"}),
+    ("--dataset", "dataset", {"help": "fashion-mnist (default), cifar10, cifar100, synthetic, or text "
+                                      "(bytes of a folder of text files, for a language model)"}),
+    ("--data-dir", "data_dir", {"help": "data folder (default: $REVNET_DATA or the system location; text: "
+                                        "the Python standard library's source)"}),
+    ("--context-length", "context_length", {"type": int, "help": "text: bytes per training window (default "
+                                                                 "128)"}),
     ("--epochs", "epochs", {"type": float, "help": "passes over the training set (may be fractional)"}),
     ("--steps", "steps", {"type": int, "help": "total optimiser steps (overrides --epochs)"}),
     ("--batch-size", "batch_size", {"type": int, "help": "global batch: samples per optimiser step over "
@@ -89,7 +93,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "a summary and curves into its run directory.")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="starting values: fashion-mnist (default), fashion-mnist-long, fashion-mnist-vit, "
-                        "paper-cifar, paper-imagenet")
+                        "text-lm (a byte-level RevGPT on the standard library's source), paper-cifar, "
+                        "paper-imagenet")
     for flag, dest, kw in _TRAIN_FLAGS:
         p.add_argument(flag, dest=dest, default=None, **kw)
     p.add_argument("--no-reversible", dest="reversible", action="store_false", default=None,
@@ -225,8 +230,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"Continue with: {again} --out {config.out}"
               + (" (or your torchrun command with --resume)" if world > 1 else ""))
         return 130
-    print(f"test accuracy {summary['test_accuracy']:.4f}  (best {summary['best_test_accuracy']:.4f})  "
-          f"in {summary['wall_seconds']:.0f} s, {summary['images_per_s']:.0f} img/s, "
+    key, _ = headline(config)
+    rate = "tokens_per_s" if "tokens_per_s" in summary else "images_per_s"
+    unit = "tok/s" if rate == "tokens_per_s" else "img/s"
+    print(f"{key.replace('_', ' ')} {summary[key]:.4f}  (best {summary['best_' + key]:.4f})  "
+          f"in {summary['wall_seconds']:.0f} s, {summary[rate]:.0f} {unit}, "
           f"peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB")
     print(f"run directory: {config.out} (curves.png, metrics.jsonl, summary.json, best.pt)")
     if args.memory_report:

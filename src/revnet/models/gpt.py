@@ -4,7 +4,8 @@ Both are pre-norm decoder-only transformers over byte or BPE tokens: token embed
 position embeddings (or rotary ones, ``pos_embed="rope"``: Su et al. 2021, rotated into every
 self-attention's queries and keys, no position parameters), causal self-attention blocks, a
 final LayerNorm and a linear head whose weight is tied to the token embedding (``tie_weights``).
-``forward(tokens (B, T) int64, *, key_padding_mask=None) -> logits (B, T, vocab_size)``.
+``forward(tokens (B, T) int64, *, key_padding_mask=None) -> logits (B, T, vocab_size)``;
+``generate(tokens, max_new_tokens, temperature=, top_k=, generator=)`` samples a continuation.
 
 - :class:`GPT`: a :class:`~revnet.models.transformer.Transformer` with ``causal=True``. At
   GPT-2's shapes (``gpt2_small``, ``gpt2_medium``) the parameter counts are GPT-2's:
@@ -110,6 +111,45 @@ class _GPTBase(nn.Module):
         """Logits ``(B, T, vocab_size)`` of the next token at every position of ``tokens`` ``(B, T)``."""
         x, context = self._embed(tokens)
         return self.head(self.transformer(x, key_padding_mask=key_padding_mask, **context))
+
+    @torch.no_grad()
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``tokens`` (B, T) followed by ``max_new_tokens`` sampled ones, (B, T + max_new_tokens).
+
+        Each new token is drawn from the softmax of the last position's logits divided by
+        ``temperature`` (0: the most likely token), among the ``top_k`` likeliest if given; the
+        model sees the last ``context_length`` tokens. Runs without gradients, so a reversible
+        model runs its plain forward (nothing to rebuild); evaluation mode for the call.
+        """
+        owner = type(self).__name__
+        if temperature < 0 or not math.isfinite(temperature):
+            raise ValueError(f"{owner}.generate: temperature must be >= 0 (0: always the likeliest token), "
+                             f"got {temperature}.")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"{owner}.generate: top_k must be >= 1 (or None: every token), got {top_k}.")
+        if max_new_tokens < 0:
+            raise ValueError(f"{owner}.generate: max_new_tokens must be >= 0, got {max_new_tokens}.")
+        if tokens.dim() != 2 or tokens.shape[1] < 1:
+            raise ValueError(f"{owner}.generate: expects a prompt of token ids (B, T) with T >= 1, got shape "
+                             f"{tuple(tokens.shape)}. Fix: ids[None] for one sequence.")
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                logits = self(tokens[:, -self.context_length:])[:, -1].float()  # (B, V)
+                if temperature == 0:
+                    nxt = logits.argmax(-1, keepdim=True)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None and top_k < logits.shape[-1]:
+                        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+                tokens = torch.cat([tokens, nxt], dim=1)
+        finally:
+            self.train(was_training)
+        return tokens
 
 
 class GPT(_GPTBase):

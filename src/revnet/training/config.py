@@ -12,11 +12,14 @@ from torch import nn
 from ..engine import has_reversible_units
 from ..fidelity import DRIFT_ACTIONS
 from ..memory.sizes import parse_bytes
-from ..models import create_model, list_models
+from ..models import create_model, list_models, model_accepts
 from .datasets import DATASETS
 from .precision import AMP_MODES
 
-__all__ = ["NORMS", "OPTIMIZERS", "RECIPES", "TrainConfig", "is_reversible_model", "lr_at"]
+__all__ = ["NORMS", "OPTIMIZERS", "RECIPES", "TRAIN_DATASETS", "TrainConfig", "headline",
+           "is_reversible_model", "lr_at"]
+
+TRAIN_DATASETS = (*DATASETS, "text")  # the image sets, and byte-level text (revnet.training.text)
 
 
 def _group_norm(channels: int, **factory: Any) -> nn.GroupNorm:
@@ -56,7 +59,7 @@ class TrainConfig:
     """One training run. Saved as ``config.json`` and inside every checkpoint."""
 
     model: str = "revnet38"  # registry name (revnet.list_models())
-    dataset: str = "fashion-mnist"  # one of revnet.training.datasets.DATASETS
+    dataset: str = "fashion-mnist"  # in TRAIN_DATASETS: an image set, or "text" (bytes for a language model)
     data_dir: str | None = None  # folder of the data set; None: revnet.training.datasets.default_data_dir
     epochs: float = 1.6  # passes over the training set, may be fractional (ignored when steps is set)
     steps: int | None = None  # total optimiser steps; overrides epochs
@@ -85,6 +88,7 @@ class TrainConfig:
     eval_every: int | None = None  # evaluate every N steps; None: at each epoch's end
     log_every: int = 50  # steps between metrics.jsonl lines
     ckpt_every: int = 200  # steps between last.pt checkpoints (also at each eval)
+    context_length: int = 128  # text: bytes per training window (the language model's context)
     out: str = "runs/default"  # run directory
     recipe: str = "fashion-mnist"  # the recipe these values started from (informational)
     synthetic: dict[str, int] = field(default_factory=dict)  # options of the synthetic data set
@@ -103,10 +107,18 @@ class TrainConfig:
         # Only asked when a check needs it (a model built on the meta device, once per name).
         asked = self.exact or self.memory_budget not in (None, "min")
         reversible_model = asked and is_reversible_model(self.model)
+        known = self.model in list_models()
+        language_model = known and model_accepts(self.model, "vocab_size")
         checks = [
-            (self.model in list_models(), f"unknown model {self.model!r}; known: {list_models()}"),
-            (self.dataset in DATASETS,
-             f"unknown dataset {self.dataset!r}; known: {DATASETS}"),
+            (known, f"unknown model {self.model!r}; known: {list_models()}"),
+            (self.dataset in TRAIN_DATASETS,
+             f"unknown dataset {self.dataset!r}; known: {TRAIN_DATASETS}"),
+            (not known or self.dataset not in TRAIN_DATASETS or language_model == (self.dataset == "text"),
+             f"model {self.model!r} is a language model: train it on --dataset text (bytes), not on "
+             f"{self.dataset!r} images" if language_model else
+             f"dataset 'text' needs a language model (revgpt_mini, gpt_mini, ...), and {self.model!r} "
+             f"classifies images"),
+            (self.context_length >= 1, f"context_length must be >= 1, got {self.context_length}"),
             (self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}"),
             (self.epochs > 0 or (self.steps or 0) > 0, "need epochs > 0 or steps > 0"),
             (self.steps is None or self.steps > 0, f"steps must be > 0, got {self.steps}"),
@@ -145,6 +157,12 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {msg}.")
 
 
+def headline(config: TrainConfig) -> tuple[str, bool]:
+    """The test metric a run is judged (and its best checkpoint chosen) by, and whether lower is
+    better: bits per byte for a language model, accuracy for a classifier."""
+    return ("test_bits_per_byte", True) if config.dataset == "text" else ("test_accuracy", False)
+
+
 RECIPES: dict[str, dict[str, Any]] = {
     # Sized for a 2-core laptop CPU: RevNet-38 on Fashion-MNIST in a few minutes.
     "fashion-mnist": {},
@@ -156,6 +174,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     # AdamW with warm-up and cosine decay, label smoothing, flips (docs/PARITY.md).
     "fashion-mnist-vit": dict(model="revvit_mini", optimizer="adamw", lr=2e-3, momentum=0.9,
                               weight_decay=0.05, warmup=0.1, label_smoothing=0.1, epochs=3, flip=True),
+    # A byte-level reversible GPT (revgpt_mini: 4 blocks of 128, context 128) on the Python standard
+    # library's own source, 20 files held out; the metric is bits per byte (docs/guide/language.md).
+    "text-lm": dict(model="revgpt_mini", dataset="text", optimizer="adamw", lr=3e-3, momentum=0.9,
+                    weight_decay=0.1, warmup=0.05, batch_size=32, context_length=128, steps=1500,
+                    eval_every=500, flip=False, channels_last=False),
     # Gomez et al. 2017, Sec. 5 / official CIFAR config: batch 100, lr 0.1 -> 0.01 at 40k
     # -> 0.001 at 60k, 80k iterations, momentum 0.9, weight decay 2e-4, crop (pad 4) + flip.
     "paper-cifar": dict(

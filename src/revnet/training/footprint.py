@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..engine import has_reversible_units, set_reversible
 from ..engine.modes import set_stored
@@ -28,11 +27,12 @@ from ..memory.measure import saved_bytes
 from ..memory.sizes import format_bytes
 from .config import TrainConfig
 from .precision import AMP_DTYPES, amp_dtype
-from .setup import build_model, to_layout
+from .setup import build_model, prediction_loss, random_batch
 
 __all__ = ["SAVED_BYTES_METHOD", "memory_line", "saved_bytes_of_run", "step_of_run"]
 
 SAVED_BYTES_METHOD = "saved_tensors_hooks"  # how saved_bytes_of_run measures, as the line says
+SHAPE_KEYS = ("image_size", "in_chans", "num_classes", "vocab_size", "context_length")  # a run's data shape
 
 
 def step_of_run(config: Mapping[str, Any], summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -40,15 +40,20 @@ def step_of_run(config: Mapping[str, Any], summary: Mapping[str, Any]) -> dict[s
 
     Returns:
         ``model``; ``batch``, one process's micro-batch (``batch_size / (world size x
-        accum_steps)``); ``image_size``, ``in_chans`` and ``num_classes`` of its data;
+        accum_steps)``); the shape of its data (``image_size``, ``in_chans`` and ``num_classes``, or
+        ``vocab_size`` and ``context_length``);
         ``amp``, the precision it trained in (``"none"`` where it was never resolved);
         ``exact``; ``stored``, the units its memory plan stored; ``device``.
     """
     world = int(summary.get("world_size", 1))
     amp = config.get("amp", "none")
+    if "vocab_size" in summary:
+        shape = {k: summary[k] for k in ("vocab_size", "context_length")}
+    else:
+        shape = {"image_size": summary["image_size"], "in_chans": summary["in_chans"],
+                 "num_classes": summary.get("num_classes", 10)}
     return {"model": config["model"], "batch": config["batch_size"] // (world * config.get("accum_steps", 1)),
-            "image_size": summary["image_size"], "in_chans": summary["in_chans"],
-            "num_classes": summary.get("num_classes", 10), "amp": amp if amp in AMP_DTYPES else "none",
+            **shape, "amp": amp if amp in AMP_DTYPES else "none",
             "exact": bool(config.get("exact", False)), "stored": list(summary.get("stored") or []),
             "device": summary.get("device", "cpu")}
 
@@ -71,19 +76,17 @@ def saved_bytes_of_run(config: Mapping[str, Any], summary: Mapping[str, Any], *,
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     fields = {k: v for k, v in config.items() if k in names}
     cfg = TrainConfig(**{**fields, "milestones": tuple(fields.get("milestones", ())), "amp": step["amp"]})
-    model = build_model(cfg, num_classes=step["num_classes"], in_chans=step["in_chans"],
-                        image_size=step["image_size"])
+    shape = {k: step[k] for k in SHAPE_KEYS if k in step}
+    model = build_model(cfg, **shape)
     if not has_reversible_units(model):
         return None
     dev = torch.device(device if device is not None else step["device"])
     model.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format).train()
     g = torch.Generator(dev).manual_seed(0)
-    shape = (step["batch"], step["in_chans"], step["image_size"], step["image_size"])
-    x = to_layout(torch.randn(shape, generator=g, device=dev), cfg)
-    y = torch.randint(0, step["num_classes"], shape[:1], generator=g, device=dev)
+    x, y = random_batch(shape, step["batch"], cfg, dev, g)
 
     def loss_fn(out: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(out.float(), y)
+        return prediction_loss(out, y)
 
     dtype = amp_dtype(step["amp"])
     set_stored(model, step["stored"])  # as it trained: the plan's units stored, every other rebuilt

@@ -161,6 +161,13 @@ class Loader:
         self._mean = torch.tensor(dataset.mean, dtype=torch.float32, device=self.device)
         self._std = torch.tensor(dataset.std, dtype=torch.float32, device=self.device)
 
+    unit = "images"  # what the training speed counts
+
+    def shape_info(self) -> dict[str, int]:
+        """What a model and a random batch of this data need: classes, channels, image side."""
+        return {"num_classes": self.dataset.num_classes, "in_chans": self.dataset.in_chans,
+                "image_size": self.dataset.image_size[0]}
+
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
         n, b = len(self.dataset), self.batch_size

@@ -19,16 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..fidelity import DriftGuard, gradient_angle
-from .config import TrainConfig, lr_at
+from .config import TrainConfig, headline, lr_at
 from .distributed import DistInfo, DistributedError, init_from_env, is_group_failure, lost_contact, shutdown
 from .evaluate import evaluate
 from .plots import plot_run
 from .precision import AMP_DTYPES, autocast
-from .setup import Run, build_run, peak_memory_bytes, to_layout
+from .setup import Run, build_run, peak_memory_bytes, prediction_loss, to_layout
 from .signals import stop_on_signals
 from .state import checkpoint_state, restore, save_atomic, write_json
 
@@ -42,7 +41,8 @@ class TrainingDivergedError(RuntimeError):
 
 
 def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step on this process's batch ``x`` (B, C, H, W), ``y`` (B,).
+    """One optimiser step on this process's batch: images ``x`` (B, C, H, W) and labels ``y`` (B,),
+    or tokens ``x`` and next tokens ``y`` (B, T). Returns the mean loss and the correct predictions.
 
     With ``accum_steps = A`` the batch runs as A micro-batches of B/A whose gradients add
     up (each loss divided by A: the mean over the whole batch). Under DDP all but the last
@@ -58,11 +58,11 @@ def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tenso
         with syncing:
             with autocast(run.device, run.config.amp):
                 logits = net(to_layout(xi, run.config))
-                loss = F.cross_entropy(logits.float(), yi, label_smoothing=run.config.label_smoothing)
+                loss = prediction_loss(logits, yi, run.config.label_smoothing)
             scaled = loss / steps if steps > 1 else loss
             (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
         loss_sum += loss.detach()
-        correct += (logits.detach().argmax(1) == yi).sum()
+        correct += (logits.detach().argmax(-1) == yi).sum()
     if run.scaler is not None:
         run.scaler.step(run.optimizer)
         run.scaler.update()
@@ -85,7 +85,7 @@ def _fidelity_rows(run: Run, x: torch.Tensor, y: torch.Tensor) -> list[dict[str,
 
     def loss_fn(m: nn.Module) -> torch.Tensor:
         with autocast(run.device, cfg.amp):
-            return F.cross_entropy(forward(m).float(), y, label_smoothing=cfg.label_smoothing)
+            return prediction_loss(forward(m), y, cfg.label_smoothing)
 
     if cfg.grad_angle_every and run.step % cfg.grad_angle_every == 0:
         rows.append({"step": run.step, **gradient_angle(run.model, loss_fn)})
@@ -128,8 +128,9 @@ class _Window:
         self.check(run, loss)
         elapsed = time.perf_counter() - self.start
         return {"step": run.step, "epoch": run.step / len(run.train), "loss": loss,
-                "accuracy": correct / max(seen, 1),
-                "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": seen / max(elapsed, 1e-9),
+                "accuracy": correct / max(seen, 1),  # of every prediction: an image's class, a next token
+                "lr": run.optimizer.param_groups[0]["lr"],
+                f"{run.train.unit}_per_s": seen / max(elapsed, 1e-9),
                 "peak_memory_bytes": peak_memory_bytes(run.device)}
 
 
@@ -256,11 +257,12 @@ def _loop(run: Run, metrics: Any, stop: dict[str, int], progress: bool) -> bool:
                 if run.step % cfg.log_every == 0 or done:
                     row = window.row(run)
                     _emit(metrics, row, run)
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}",
-                                    img_s=f"{row['images_per_s']:.0f}")
+                    rate, unit = row[f"{run.train.unit}_per_s"], _RATE_UNITS[run.train.unit]
+                    bar.set_postfix({"loss": f"{row['loss']:.3f}", "acc": f"{row['accuracy']:.3f}",
+                                     unit.replace("/", "_"): f"{rate:.0f}"})
                     if not progress and run.dist.is_main:
-                        log.info("step %d/%d loss %.4f acc %.4f lr %.4g %.0f img/s", run.step, run.total,
-                                 row["loss"], row["accuracy"], row["lr"], row["images_per_s"])
+                        log.info("step %d/%d loss %.4f acc %.4f lr %.4g %.0f %s", run.step, run.total,
+                                 row["loss"], row["accuracy"], row["lr"], rate, unit)
                     window = _Window()
                 eval_due = (run.step % cfg.eval_every == 0) if cfg.eval_every else (run.step % per_epoch == 0)
                 paused = time.perf_counter()
@@ -279,6 +281,9 @@ def _loop(run: Run, metrics: Any, stop: dict[str, int], progress: bool) -> bool:
     return False
 
 
+_RATE_UNITS = {"images": "img/s", "tokens": "tok/s"}
+
+
 def _emit(metrics: Any, row: dict[str, Any], run: Run) -> None:
     """Records ``row``; only rank 0 holds the metrics file (``metrics`` is None elsewhere)."""
     run.history.append(row)
@@ -293,29 +298,33 @@ def _evaluate_and_keep_best(run: Run, metrics: Any) -> None:
     run.dist.broadcast_tensors(list(run.model.buffers()))
     result = evaluate(run.model, run.test, run.config, run.device, run.dist)
     _emit(metrics, {"step": run.step, "epoch": run.step / len(run.train), **result}, run)
+    key, lower = headline(run.config)
     if run.dist.is_main:
-        log.info("step %d: test accuracy %.4f, test loss %.4f", run.step, result["test_accuracy"],
+        log.info("step %d: %s %.4f, test loss %.4f", run.step, key.replace("_", " "), result[key],
                  result["test_loss"])
-    if result["test_accuracy"] > run.best:
-        run.best = result["test_accuracy"]
+    # run.best < 0: nothing evaluated yet (neither accuracy nor bits per byte is ever negative)
+    if run.best < 0 or (result[key] < run.best if lower else result[key] > run.best):
+        run.best = result[key]
         if run.dist.is_main:
             save_atomic(checkpoint_state(run), run.out / "best.pt")
 
 
 def _summarize(run: Run, wall: float, interrupted: bool) -> dict[str, Any]:
     tests = [r for r in run.history if "test_accuracy" in r]
-    trains = [r for r in run.history if "images_per_s" in r]
+    rate = f"{run.train.unit}_per_s"
+    trains = [r for r in run.history if rate in r]
     last = tests[-1] if tests else {}
+    key, _ = headline(run.config)
     return {
         "model": run.config.model, "dataset": run.config.dataset, "reversible": run.config.reversible,
         "step": run.step, "total_steps": run.total, "interrupted": interrupted,
         "test_accuracy": last.get("test_accuracy"), "test_loss": last.get("test_loss"),
-        "best_test_accuracy": run.best if run.best >= 0 else None,
+        **({key: last.get(key)} if key != "test_accuracy" else {}),
+        f"best_{key}": run.best if run.best >= 0 else None,
         "wall_seconds": wall, "first_step_seconds": run.first_step_s,
         "peak_memory_bytes": peak_memory_bytes(run.device),
-        "images_per_s": (sum(r["images_per_s"] for r in trains) / len(trains)) if trains else None,
-        "image_size": run.train.dataset.image_size[0], "in_chans": run.train.dataset.in_chans,
-        "num_classes": run.train.dataset.num_classes,
+        rate: (sum(r[rate] for r in trains) / len(trains)) if trains else None,
+        **run.train.shape_info(),
         "device": str(run.device), "torch": torch.__version__, "config": asdict(run.config),
         "world_size": run.dist.world_size,
         "stored": run.plan.stored if run.plan is not None else [],  # units --memory-budget stored

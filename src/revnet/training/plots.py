@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def plot_run(run_dir: str | os.PathLike) -> Path:
-    """Draws loss, accuracy and learning rate against step into ``RUN_DIR/curves.png``.
+    """Draws loss, accuracy (bits per byte for a language model) and learning rate against step
+    into ``RUN_DIR/curves.png``.
 
     Runs with ``grad_angle_every`` get a panel of the gradient angle (whole model and per
     stage), runs with ``drift_guard_every`` one of each sequence's rebuild error.
@@ -58,9 +60,14 @@ def plot_run(run_dir: str | os.PathLike) -> Path:
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     axes[0].plot([r["step"] for r in test], [r["test_loss"] for r in test], "o-", label="test")
     axes[0].set(title="loss", xlabel="step", yscale="log")
-    axes[1].plot([r["step"] for r in train], [r["accuracy"] for r in train], label="train")
-    axes[1].plot([r["step"] for r in test], [r["test_accuracy"] for r in test], "o-", label="test")
-    axes[1].set(title="accuracy", xlabel="step")
+    if any("test_bits_per_byte" in r for r in test):  # a language model: bits per byte, lower is better
+        axes[1].plot([r["step"] for r in train], [r["loss"] / math.log(2) for r in train], label="train")
+        axes[1].plot([r["step"] for r in test], [r["test_bits_per_byte"] for r in test], "o-", label="test")
+        axes[1].set(title="bits per byte", xlabel="step")
+    else:
+        axes[1].plot([r["step"] for r in train], [r["accuracy"] for r in train], label="train")
+        axes[1].plot([r["step"] for r in test], [r["test_accuracy"] for r in test], "o-", label="test")
+        axes[1].set(title="accuracy", xlabel="step")
     axes[2].plot([r["step"] for r in train], [r["lr"] for r in train])
     axes[2].set(title="learning rate", xlabel="step")
     for ax in axes[:2]:

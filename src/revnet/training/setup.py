@@ -26,9 +26,10 @@ from .datasets import load_dataset
 from .distributed import DistInfo, wrap_ddp
 from .loader import Loader
 from .precision import AmpChoice, autocast, probe_step_time, resolve_amp
+from .text import TextLoader, load_text, random_tokens
 
-__all__ = ["Run", "build_model", "build_run", "peak_memory_bytes", "per_process_batch", "resolve_device",
-           "to_layout"]
+__all__ = ["Run", "build_model", "build_run", "peak_memory_bytes", "per_process_batch", "prediction_loss",
+           "random_batch", "resolve_device", "to_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,27 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def to_layout(x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
-    """The batch in the memory layout the run trains in (channels_last by default)."""
-    return x.contiguous(memory_format=torch.channels_last) if config.channels_last else x
+    """The batch in the memory layout the run trains in (channels_last by default, for images)."""
+    return x.contiguous(memory_format=torch.channels_last) if config.channels_last and x.dim() == 4 else x
+
+
+def prediction_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0,
+                    reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of a classifier's (B, K) logits against (B,) labels, or of a language
+    model's (B, T, V) logits against (B, T) next tokens (every position one prediction), in float32."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), y.flatten(), label_smoothing=label_smoothing,
+                           reduction=reduction)
+
+
+def random_batch(shape: dict[str, int], n: int, config: TrainConfig, device: torch.device,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch of ``n`` samples of the run's data (``shape``: a loader's ``shape_info()``),
+    in its layout, for the precision probe, the memory plan and the memory count."""
+    if "vocab_size" in shape:
+        return random_tokens(n, shape["context_length"], generator, device)
+    size = shape["image_size"]
+    x = to_layout(torch.randn((n, shape["in_chans"], size, size), generator=generator, device=device), config)
+    return x, torch.randint(0, shape["num_classes"], (n,), generator=generator, device=device)
 
 
 @dataclass
@@ -70,8 +90,8 @@ class Run:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
-    train: Loader
-    test: Loader
+    train: Loader | TextLoader
+    test: Loader | TextLoader
     total: int
     out: Path
     net: nn.Module | None = None  # what the loop trains: the model, or its DistributedDataParallel wrapper
@@ -111,13 +131,12 @@ def device_for(config: TrainConfig, info: DistInfo) -> torch.device:
     return device
 
 
-def _choose_precision(model: nn.Module, shape: tuple[int, ...], num_classes: int, config: TrainConfig,
+def _choose_precision(model: nn.Module, shape: dict[str, int], n: int, config: TrainConfig,
                       device: torch.device) -> AmpChoice:
     """``amp="auto"`` for this model and batch: where the flags do not tell, a probe of its step."""
     g = torch.Generator(device).manual_seed(0)  # the run's own RNG streams are left alone
-    x = to_layout(torch.randn(shape, generator=g, device=device), config)
-    y = torch.randint(0, num_classes, shape[:1], generator=g, device=device)
-    probe = probe_step_time(model, x, lambda out: F.cross_entropy(out.float(), y))
+    x, y = random_batch(shape, n, config, device, g)
+    probe = probe_step_time(model, x, lambda out: prediction_loss(out, y))
     return resolve_amp("auto", device, probe)
 
 
@@ -130,8 +149,8 @@ def _compile_problem(backend: str, device: torch.device) -> str | None:
     return None
 
 
-def plan_memory(model: nn.Module, config: TrainConfig, device: torch.device, shape: tuple[int, ...],
-                num_classes: int) -> Plan:
+def plan_memory(model: nn.Module, config: TrainConfig, device: torch.device, shape: dict[str, int],
+                n: int) -> Plan:
     """``--memory-budget``: the plan on a batch of the run's shape, in its precision (not applied).
 
     ``auto`` (CUDA): 90% of the device memory free now, less the optimizer's share (one
@@ -147,10 +166,9 @@ def plan_memory(model: nn.Module, config: TrainConfig, device: torch.device, sha
     else:
         budget = str(config.memory_budget)
     g = torch.Generator(device).manual_seed(0)  # the run's own RNG streams are left alone
-    x = to_layout(torch.randn(shape, generator=g, device=device), config)
-    y = torch.randint(0, num_classes, shape[:1], generator=g, device=device)
+    x, y = random_batch(shape, n, config, device, g)
     with autocast(device, config.amp):
-        return plan(model, x, budget=budget, loss_fn=lambda out: F.cross_entropy(out.float(), y))
+        return plan(model, x, budget=budget, loss_fn=lambda out: prediction_loss(out, y))
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -170,14 +188,20 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
                              betas=(config.momentum, 0.999), weight_decay=config.weight_decay)
 
 
-def build_model(config: TrainConfig, *, num_classes: int, in_chans: int, image_size: int) -> nn.Module:
-    """The run's model, freshly initialised on the CPU: its norm layers, sized to its images
-    where the model takes a size (a transformer's position embeddings), in its modes
-    (reversible or plain, exact or float)."""
-    extra_kw: dict[str, Any] = {} if config.norm == "batch" else {"norm_layer": NORMS[config.norm]}
-    if model_accepts(config.model, "img_size"):  # asked of the model's class, not read from its name
-        extra_kw["img_size"] = image_size
-    model = create_model(config.model, num_classes=num_classes, in_chans=in_chans, **extra_kw)
+def build_model(config: TrainConfig, **shape: int) -> nn.Module:
+    """The run's model, freshly initialised on the CPU, for data of ``shape`` (a loader's
+    ``shape_info()``): an image classifier with its norm layers, sized to its images where the
+    model takes a size (a transformer's position embeddings); a language model with the data's
+    vocabulary and context length. In its modes (reversible or plain, exact or float)."""
+    if "vocab_size" in shape:
+        model = create_model(config.model, vocab_size=shape["vocab_size"],
+                             context_length=shape["context_length"])
+    else:
+        extra_kw: dict[str, Any] = {} if config.norm == "batch" else {"norm_layer": NORMS[config.norm]}
+        if model_accepts(config.model, "img_size"):  # asked of the model's class, not read from its name
+            extra_kw["img_size"] = shape["image_size"]
+        model = create_model(config.model, num_classes=shape["num_classes"], in_chans=shape["in_chans"],
+                             **extra_kw)
     set_reversible(model, config.reversible)
     set_exact(model, config.exact)
     return model
@@ -190,15 +214,13 @@ def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
     keep_freed_memory()  # host memory reused from step to step, not faulted in anew (memory.measure)
     per_rank = per_process_batch(config, info.world_size)
     torch.manual_seed(config.seed)
-    extra = dict(config.synthetic) if config.dataset == "synthetic" else {}
-    train_ds = load_dataset(config.dataset, "train", config.data_dir, **extra)
-    test_ds = load_dataset(config.dataset, "test", config.data_dir, **extra)
-    model = build_model(config, num_classes=train_ds.num_classes, in_chans=train_ds.in_chans,
-                        image_size=train_ds.image_size[0])
+    train, test = _loaders(config, info, per_rank, device)
+    shape = train.shape_info()
+    micro = per_rank // config.accum_steps
+    model = build_model(config, **shape)
     model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
     if config.amp == "auto":  # resolved once: config.json and checkpoints hold the precision used
-        shape = (per_rank // config.accum_steps, train_ds.in_chans, *train_ds.image_size)
-        choice = info.broadcast(_choose_precision(model, shape, train_ds.num_classes, config, device)
+        choice = info.broadcast(_choose_precision(model, shape, micro, config, device)
                                 if info.is_main else None)  # every rank trains in rank 0's choice
         config = dataclasses.replace(config, amp=choice.amp, amp_reason=choice.reason)
     if info.is_main:
@@ -207,9 +229,8 @@ def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
     if config.memory_budget == "min" and not (config.reversible and has_reversible_units(model)):
         config = dataclasses.replace(config, memory_budget=None)  # plain autograd: nothing to plan
     if config.memory_budget:  # before compiling: the plan's modes are what gets compiled
-        shape = (per_rank // config.accum_steps, train_ds.in_chans, *train_ds.image_size)
         # Every rank applies rank 0's plan: DDP's ranks run the same graph.
-        plan = info.broadcast(plan_memory(model, config, device, shape, train_ds.num_classes)
+        plan = info.broadcast(plan_memory(model, config, device, shape, micro)
                               if info.is_main else None)
         plan.apply(model)
         if info.is_main:
@@ -224,6 +245,29 @@ def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
     net = wrap_ddp(model, info, device, sync_bn=config.sync_bn)
     optimizer = make_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
+    total = config.steps or max(1, round(config.epochs * len(train)))
+    lr_scale = float(info.world_size) if config.lr_scaling == "linear" else 1.0
+    return Run(config, device, model, optimizer, scaler, train, test, total, Path(config.out),
+               net=net, dist=info, lr_scale=lr_scale, plan=plan)
+
+
+def _loaders(config: TrainConfig, info: DistInfo, per_rank: int,
+             device: torch.device) -> tuple[Loader | TextLoader, Loader | TextLoader]:
+    """This process's training and test batches: images (:class:`Loader`) or byte windows
+    (:class:`TextLoader`, ``--dataset text``)."""
+    if config.dataset == "text":
+        # Each global step's windows are drawn from (seed, epoch, step); rank r trains on its slice.
+        train_streams, test_streams = load_text(config.data_dir)
+        if not test_streams:
+            raise ValueError(f"text data folder {config.data_dir}: no held-out file to evaluate on; a folder "
+                             f"needs at least two files (every 10th is held out).")
+        kw = dict(device=device, rank=info.rank, world_size=info.world_size)
+        return (TextLoader(train_streams, per_rank, config.context_length, train=True, seed=config.seed,
+                           **kw),
+                TextLoader(test_streams, max(per_rank, 64), config.context_length, train=False, **kw))
+    extra = dict(config.synthetic) if config.dataset == "synthetic" else {}
+    train_ds = load_dataset(config.dataset, "train", config.data_dir, **extra)
+    test_ds = load_dataset(config.dataset, "test", config.data_dir, **extra)
     # Each global step takes the next batch_size samples of a seeded per-epoch permutation;
     # rank r trains on its slice r of them (revnet.training.loader.Loader).
     train = Loader(train_ds, per_rank, train=True, device=device, seed=config.seed,
@@ -232,7 +276,4 @@ def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
     # Evaluation is sharded too: each rank takes its part of every global test batch.
     test_batch = min(max(per_rank, 256), max(1, math.ceil(len(test_ds) / info.world_size)))
     test = Loader(test_ds, test_batch, train=False, device=device, rank=info.rank, world_size=info.world_size)
-    total = config.steps or max(1, round(config.epochs * len(train)))
-    lr_scale = float(info.world_size) if config.lr_scaling == "linear" else 1.0
-    return Run(config, device, model, optimizer, scaler, train, test, total, Path(config.out),
-               net=net, dist=info, lr_scale=lr_scale, plan=plan)
+    return train, test
