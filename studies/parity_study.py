@@ -7,7 +7,9 @@ then writes a table (test accuracy mean +- std, wall time, memory) and the curve
     .venv/bin/python studies/parity_study.py --family vit --out runs/parity-vit --doc docs
 
 `--family cnn` (default): RevNet-38 vs ResNet-32 on the default recipe; `--family vit`:
-RevViT-mini vs the residual ViT-mini on `--recipe fashion-mnist-vit`.
+RevViT-mini vs the residual ViT-mini on `--recipe fashion-mnist-vit`; `--family gpt`: RevGPT-mini
+vs the residual GPT-mini on `--recipe text-lm` (bits per byte on the held-out stdlib files, lower
+is better).
 Extra arguments after `--` go to every `revnet train` (e.g. `-- --epochs 10`).
 `--tune-lr 1e-3 2e-3 4e-3`: first train the reversible network and the residual baseline at
 each of those peak learning rates (the first seed), then run the study with each at the
@@ -55,8 +57,18 @@ FAMILIES = {
                                          ["--recipe", "fashion-mnist-vit", "--no-reversible"]),
         "ViT-mini (residual)": ("vit_mini", "vit", ["--recipe", "fashion-mnist-vit", "--model", "vit_mini"]),
     },
+    "gpt": {
+        "RevGPT-mini (reversible)": ("revgpt_mini", "revgpt", ["--recipe", "text-lm"]),
+        "RevGPT-mini (plain backprop)": ("revgpt_mini-plain", "revgpt-plain",
+                                         ["--recipe", "text-lm", "--no-reversible"]),
+        "GPT-mini (residual)": ("gpt_mini", "gpt", ["--recipe", "text-lm", "--model", "gpt_mini"]),
+    },
 }
+# family -> (summary key, its name in the table, lower is better)
+METRICS = {"cnn": ("test_accuracy", "test accuracy", False), "vit": ("test_accuracy", "test accuracy", False),
+           "gpt": ("test_bits_per_byte", "bits per byte", True)}
 CONFIGS = FAMILIES["cnn"]  # set by main() from --family
+METRIC = METRICS["cnn"]
 
 
 def run_one(label: str, seed: int, out: Path, extra: list[str], threads: int,
@@ -81,15 +93,17 @@ def summarize(runs: dict[str, list[Path]], extra: list[str]) -> dict:
     rows = {}
     for label, dirs in runs.items():
         s = [json.loads((d / "summary.json").read_text()) for d in dirs]
-        acc = [r["test_accuracy"] for r in s]
+        acc = [r[METRIC[0]] for r in s]
         cfg = s[0]["config"]
-        mem = measure(kind=CONFIGS[label][1], model=cfg["model"], batch=cfg["batch_size"],
-                      image_size=s[0]["image_size"], in_chans=s[0]["in_chans"])
+        shape = ({"context": s[0]["context_length"], "vocab_size": s[0]["vocab_size"]} if "vocab_size" in s[0]
+                 else {"image_size": s[0]["image_size"], "in_chans": s[0]["in_chans"]})
+        mem = measure(kind=CONFIGS[label][1], model=cfg["model"], batch=cfg["batch_size"], **shape)
+        rate = "tokens_per_s" if "tokens_per_s" in s[0] else "images_per_s"
         rows[label] = {
-            "seeds": [r["config"]["seed"] for r in s], "test_accuracy": acc,
+            "seeds": [r["config"]["seed"] for r in s], METRIC[0]: acc,
             "mean": statistics.mean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
             "wall_seconds": statistics.mean(r["wall_seconds"] for r in s),
-            "images_per_s": statistics.mean(r["images_per_s"] for r in s),
+            rate: statistics.mean(r[rate] for r in s),
             "peak_rss_bytes": statistics.mean(r["peak_memory_bytes"] for r in s),
             "activation_bytes": mem["activation_bytes"], "params": mem["params"],
             "runs": [str(d) for d in dirs], "config": cfg,
@@ -108,12 +122,12 @@ def plot(runs: dict[str, list[Path]], path: Path) -> None:
         for i, d in enumerate(dirs):
             rows = read_metrics(d)
             train = [r for r in rows if "loss" in r]
-            test = [r for r in rows if "test_accuracy" in r]
+            test = [r for r in rows if METRIC[0] in r]
             kw = {"color": color, "alpha": 0.8, "label": label if i == 0 else None}
             axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], **kw)
-            axes[1].plot([r["step"] for r in test], [r["test_accuracy"] for r in test], "o-", **kw)
+            axes[1].plot([r["step"] for r in test], [r[METRIC[0]] for r in test], "o-", **kw)
     axes[0].set(title="training loss", xlabel="step", yscale="log")
-    axes[1].set(title="test accuracy", xlabel="step")
+    axes[1].set(title=f"test {METRIC[1].removeprefix('test ')}", xlabel="step")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
@@ -130,6 +144,11 @@ def markers(family: str) -> tuple[str, str]:
     """The comments that open and close the family's section of PARITY.md."""
     tag = "parity-study" if family == "cnn" else f"parity-study-{family}"
     return f"<!-- {tag}: begin (written by studies/parity_study.py) -->", f"<!-- {tag}: end -->"
+
+
+def _data(cfg: dict) -> str:
+    return {"text": "the standard library's source, bytes", "fashion-mnist": "Fashion-MNIST"}.get(
+        cfg.get("dataset", "fashion-mnist"), cfg.get("dataset", "fashion-mnist"))
 
 
 def write_doc(rows: dict, args: argparse.Namespace, extra: list[str], doc: Path, commit: str,
@@ -156,39 +175,54 @@ def write_doc(rows: dict, args: argparse.Namespace, extra: list[str], doc: Path,
         f"torch {torch.__version__}, revnet at commit {commit}, {args.jobs} runs at a time with "
         f"{args.threads} thread(s) each (so wall times are comparable within this table, not with a "
         "run that has the whole machine).",
-        "", f"Recipe: `revnet train --recipe {cfg['recipe']}` (Fashion-MNIST: {precision}, {length}, batch "
-        f"{cfg['batch_size']}, {optimizer} {cfg['schedule']}{smoothing}, {aug or 'no augmentation'}; see "
+        "", f"Recipe: `revnet train --recipe {cfg['recipe']}` ({_data(cfg)}: {precision}, {length}, batch "
+        f"{cfg['batch_size']}, {optimizer} {cfg['schedule']}{smoothing}, "
+        f"{(aug or 'no augmentation') if cfg.get('dataset') != 'text' else 'random windows'}; see "
         "`config.json` of each run)" + (f" plus `{' '.join(extra)}`" if extra else "") + ".", "",
     ]
+    key, name_of_metric, lower = METRIC
+    pick = min if lower else max
+
+    def cell(v: float) -> str:  # accuracy in percent, bits per byte as they are
+        return f"{v:.4f}" if lower else f"{100 * v:.2f}"
+
     if sweep:
         tried = sorted({lr for scores in sweep.values() for lr in scores})
         lines += [
-            f"Peak learning rate, tuned first: test accuracy of seed {args.seeds[0]} at each rate (the best "
-            "in bold; chosen on the test set, as there is no held-out split, for every architecture alike).",
+            f"Peak learning rate, tuned first: {name_of_metric} of seed {args.seeds[0]} at each rate (the "
+            "best in bold; chosen on the test set, as there is no held-out split, for every architecture "
+            "alike).",
             "", "| configuration | " + " | ".join(f"lr {lr:g}" for lr in tried) + " |",
             "|---|" + "---|" * len(tried),
         ]
         for label, scores in sweep.items():
-            best = max(scores, key=scores.__getitem__)
-            cells = [(f"**{100 * scores[lr]:.2f}**" if lr == best else f"{100 * scores[lr]:.2f}")
+            best = pick(scores, key=scores.__getitem__)
+            cells = [(f"**{cell(scores[lr])}**" if lr == best else cell(scores[lr]))
                      if lr in scores else "" for lr in tried]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [
-        "| configuration | params | " + ("peak lr | " if sweep else "") + "test accuracy (mean +- std) "
-        "| per seed | wall s | img/s | activation memory / step |",
+        "| configuration | params | " + ("peak lr | " if sweep else "") + f"{name_of_metric} (mean +- std) "
+        f"| per seed | wall s | {'tokens' if lower else 'img'}/s | activation memory / step |",
         "|---|---|" + ("---|" if sweep else "") + "---|---|---|---|---|",
     ]
     for label, r in rows.items():
-        per = ", ".join(f"{a:.4f}" for a in r["test_accuracy"])
+        per = ", ".join(f"{a:.4f}" for a in r[key])
         lr_cell = f"{r['config']['lr']:g} | " if sweep else ""
-        lines.append(f"| {label} | {r['params'] / 1e6:.3f}M | {lr_cell}{100 * r['mean']:.2f} +- "
-                     f"{100 * r['std']:.2f} | {per} | {r['wall_seconds']:.0f} | {r['images_per_s']:.0f} "
+        rate = r.get("tokens_per_s", r.get("images_per_s"))
+        lines.append(f"| {label} | {r['params'] / 1e6:.3f}M | {lr_cell}{cell(r['mean'])} +- "
+                     f"{cell(r['std'])} | {per} | {r['wall_seconds']:.0f} | {rate:.0f} "
                      f"| {format_bytes(r['activation_bytes'])} |")
     name = rev_label.split(" (")[0]
+
+    def diff(a: dict, b: dict) -> str:  # points of accuracy; bits per byte relative to b's
+        if lower:
+            return f"{a['mean'] - b['mean']:+.4f} bits per byte ({100 * (a['mean'] / b['mean'] - 1):+.2f}%)"
+        return f"{100 * (a['mean'] - b['mean']):+.2f} points"
+
     lines += [
-        "", f"- {name} minus {res_label}: {100 * (rev['mean'] - res['mean']):+.2f} points.",
-        f"- {name} reversible minus plain backprop: {100 * (rev['mean'] - plain['mean']):+.2f} points "
+        "", f"- {name} minus {res_label}: {diff(rev, res)}.",
+        f"- {name} reversible minus plain backprop: {diff(rev, plain)} "
         "(same weights at step 0 and the same batches; they differ only by floating-point "
         "reconstruction error).",
         "- Activation memory: one training step at the recipe's batch, measured in a fresh process "
@@ -211,7 +245,8 @@ def main() -> int:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=sorted(FAMILIES), default="cnn",
-                   help="cnn: RevNet-38 / ResNet-32; vit: RevViT-mini / ViT-mini (fashion-mnist-vit)")
+                   help="cnn: RevNet-38 / ResNet-32; vit: RevViT-mini / ViT-mini (fashion-mnist-vit); gpt: "
+                        "RevGPT-mini / GPT-mini (text-lm)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -221,8 +256,8 @@ def main() -> int:
                    help="peak learning rates to try (first seed) before the study; each architecture then "
                         "trains at its best")
     args = p.parse_args(argv)
-    global CONFIGS
-    CONFIGS = FAMILIES[args.family]
+    global CONFIGS, METRIC
+    CONFIGS, METRIC = FAMILIES[args.family], METRICS[args.family]
     # Before the runs: the commit they train with (environment reads the package's checkout).
     commit = environment()["git_commit"] or "unknown (not a git checkout)"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -236,9 +271,9 @@ def main() -> int:
             dirs = list(pool.map(lambda j: run_one(j[0], args.seeds[0], args.out, extra, args.threads, j[1]),
                                  tries))
         for (label, lr), d in zip(tries, dirs, strict=True):
-            sweep.setdefault(label, {})[lr] = json.loads((d / "summary.json").read_text())["test_accuracy"]
+            sweep.setdefault(label, {})[lr] = json.loads((d / "summary.json").read_text())[METRIC[0]]
         for label, scores in sweep.items():
-            lrs[label] = max(scores, key=scores.__getitem__)
+            lrs[label] = (min if METRIC[2] else max)(scores, key=scores.__getitem__)
         lrs[plain_label] = lrs[rev_label]  # the same network: only the backward differs
     jobs = [(label, seed) for seed in args.seeds for label in CONFIGS]
     with ThreadPoolExecutor(args.jobs) as pool:

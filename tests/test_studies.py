@@ -111,6 +111,30 @@ def test_parity_study_doc_reports_the_lr_sweep_and_each_rows_rate(tmp_path):
     assert "peak lr |" not in text and "AdamW lr 0.002" in text
 
 
+def test_parity_study_of_language_models_reports_bits_per_byte_lower_is_better(tmp_path):
+    study = load("parity_study")
+    study.CONFIGS, study.METRIC = study.FAMILIES["gpt"], study.METRICS["gpt"]
+    rev, plain, res = study.CONFIGS
+
+    def lm(bpb: list[float]) -> dict:
+        cfg = {**row([0.5], 0.003)["config"], "recipe": "text-lm", "dataset": "text", "steps": 1500,
+               "epochs": None, "label_smoothing": 0.0, "flip": False}
+        return {"test_bits_per_byte": bpb, "mean": sum(bpb) / len(bpb), "std": 0.01, "wall_seconds": 300.0,
+                "tokens_per_s": 20000.0, "activation_bytes": 2 ** 20, "params": 842496, "config": cfg}
+
+    rows = {rev: lm([2.10, 2.12]), plain: lm([2.11, 2.11]), res: lm([2.00, 2.02])}
+    sweep = {rev: {0.002: 2.2, 0.003: 2.1}, res: {0.002: 2.0, 0.003: 2.05}}
+    args = argparse.Namespace(family="gpt", seeds=[0, 1], jobs=2, threads=1, out=Path("runs/p"), doc=tmp_path,
+                              tune_lr=[0.002, 0.003])
+    study.write_doc(rows, args, [], tmp_path / "PARITY.md", "abc1234", sweep)
+    text = (tmp_path / "PARITY.md").read_text()
+    assert "<!-- parity-study-gpt: begin" in text and "the standard library's source" in text
+    assert f"| {rev} | 2.2000 | **2.1000** |" in text and f"| {res} | **2.0000** | 2.0500 |" in text  # lowest
+    assert "bits per byte (mean +- std)" in text and "| 2.1100 +- 0.0100 |" in text
+    assert "minus GPT-mini (residual): +0.1000 bits per byte (+4.98%)" in text
+    study.CONFIGS, study.METRIC = study.FAMILIES["cnn"], study.METRICS["cnn"]
+
+
 def test_parity_study_rewrites_a_section_written_when_it_lived_in_scripts(tmp_path):
     study = load("parity_study")
     study.CONFIGS = study.FAMILIES["vit"]

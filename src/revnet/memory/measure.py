@@ -103,7 +103,7 @@ class SavedBytes:
 
 def saved_bytes(model: nn.Module, inputs: torch.Tensor,
                 loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
-                autocast: torch.dtype | None = None) -> int:
+                autocast: torch.dtype | None = None, forward_kwargs: dict[str, Any] | None = None) -> int:
     """Bytes autograd keeps for backward in one training step of ``model`` on ``inputs``.
 
     The forward and ``loss_fn`` run once under :class:`SavedBytes` (parameters are not
@@ -118,6 +118,8 @@ def saved_bytes(model: nn.Module, inputs: torch.Tensor,
         loss_fn: ``loss_fn(output) -> scalar``; default ``output.float().square().mean()``.
         autocast: run the forward and ``loss_fn`` under ``torch.autocast`` in this dtype (a
             ``--amp bf16``/``fp16`` step); None: as the model and inputs are.
+        forward_kwargs: passed to the forward, ``model(inputs, **forward_kwargs)`` (e.g. a
+            language model's ``targets``, with ``loss_fn=lambda loss: loss``).
 
     Example:
         >>> import revnet, torch
@@ -133,7 +135,7 @@ def saved_bytes(model: nn.Module, inputs: torch.Tensor,
     cast = (torch.autocast(inputs.device.type, dtype=autocast) if autocast is not None
             else contextlib.nullcontext())
     with kept_state(model), SavedBytes(model) as saved, cast:
-        loss_fn(model(inputs))
+        loss_fn(model(inputs, **(forward_kwargs or {})))
     return saved.total
 
 

@@ -4,7 +4,8 @@ Both are pre-norm decoder-only transformers over byte or BPE tokens: token embed
 position embeddings (or rotary ones, ``pos_embed="rope"``: Su et al. 2021, rotated into every
 self-attention's queries and keys, no position parameters), causal self-attention blocks, a
 final LayerNorm and a linear head whose weight is tied to the token embedding (``tie_weights``).
-``forward(tokens (B, T) int64, *, key_padding_mask=None) -> logits (B, T, vocab_size)``;
+``forward(tokens (B, T) int64, *, key_padding_mask=None) -> logits (B, T, vocab_size)``, or with
+``targets=`` the training loss without the logits ever held at once (:mod:`revnet.models.lm_loss`);
 ``generate(tokens, max_new_tokens, temperature=, top_k=, generator=)`` samples a continuation.
 
 - :class:`GPT`: a :class:`~revnet.models.transformer.Transformer` with ``causal=True``. At
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from ..engine.modes import ReversibleSwitch
+from .lm_loss import linear_cross_entropy
 from .registry import register_model
 from .transformer import RevTransformer, Transformer, rope_tables
 
@@ -107,10 +109,21 @@ class _GPTBase(nn.Module):
                                           dtype=x.dtype)
         return self.drop(x), context
 
-    def forward(self, tokens: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``(B, T, vocab_size)`` of the next token at every position of ``tokens`` ``(B, T)``."""
+    def forward(self, tokens: torch.Tensor, *, targets: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, T, vocab_size)`` of the next token at every position of ``tokens`` ``(B, T)``;
+        with ``targets`` (B, T) the mean cross-entropy against them instead (a scalar, in nats;
+        targets of -100 count for nothing), computed by
+        :func:`~revnet.models.lm_loss.linear_cross_entropy` without keeping the logits: for
+        training, where the logits would be the largest activation of all."""
         x, context = self._embed(tokens)
-        return self.head(self.transformer(x, key_padding_mask=key_padding_mask, **context))
+        h = self.transformer(x, key_padding_mask=key_padding_mask, **context)
+        if targets is None:
+            return self.head(h)
+        if targets.shape != tokens.shape:
+            raise ValueError(f"{type(self).__name__}: targets {tuple(targets.shape)} must have the tokens' "
+                             f"shape {tuple(tokens.shape)} (the next token of every position).")
+        return linear_cross_entropy(h, self.head.weight, targets, self.head.bias)
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,

@@ -119,6 +119,9 @@ class TrainConfig:
              f"dataset 'text' needs a language model (revgpt_mini, gpt_mini, ...), and {self.model!r} "
              f"classifies images"),
             (self.context_length >= 1, f"context_length must be >= 1, got {self.context_length}"),
+            (self.dataset != "text" or self.label_smoothing == 0,
+             f"label_smoothing is for classifiers; a language model's loss has none (got "
+             f"{self.label_smoothing}): drop --label-smoothing"),
             (self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}"),
             (self.epochs > 0 or (self.steps or 0) > 0, "need epochs > 0 or steps > 0"),
             (self.steps is None or self.steps > 0, f"steps must be > 0, got {self.steps}"),
@@ -177,8 +180,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # A byte-level reversible GPT (revgpt_mini: 4 blocks of 128, context 128) on the Python standard
     # library's own source, 20 files held out; the metric is bits per byte (docs/guide/language.md).
     "text-lm": dict(model="revgpt_mini", dataset="text", optimizer="adamw", lr=3e-3, momentum=0.9,
-                    weight_decay=0.1, warmup=0.05, batch_size=32, context_length=128, steps=1500,
-                    eval_every=500, flip=False, channels_last=False),
+                    weight_decay=0.1, warmup=0.05, batch_size=32, context_length=128, steps=1200,
+                    eval_every=400, flip=False, channels_last=False),
     # Gomez et al. 2017, Sec. 5 / official CIFAR config: batch 100, lr 0.1 -> 0.01 at 40k
     # -> 0.001 at 60k, 80k iterations, momentum 0.9, weight decay 2e-4, crop (pad 4) + flip.
     "paper-cifar": dict(

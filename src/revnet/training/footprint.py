@@ -84,15 +84,15 @@ def saved_bytes_of_run(config: Mapping[str, Any], summary: Mapping[str, Any], *,
     model.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format).train()
     g = torch.Generator(dev).manual_seed(0)
     x, y = random_batch(shape, step["batch"], cfg, dev, g)
-
-    def loss_fn(out: torch.Tensor) -> torch.Tensor:
-        return prediction_loss(out, y)
-
+    if "vocab_size" in shape:  # as a language model trains: the loss without the logits (models.lm_loss)
+        kw: dict[str, Any] = {"loss_fn": lambda loss: loss, "forward_kwargs": {"targets": y}}
+    else:
+        kw = {"loss_fn": lambda out: prediction_loss(out, y)}
     dtype = amp_dtype(step["amp"])
     set_stored(model, step["stored"])  # as it trained: the plan's units stored, every other rebuilt
-    reversible = saved_bytes(model, x, loss_fn, autocast=dtype)
+    reversible = saved_bytes(model, x, autocast=dtype, **kw)
     set_reversible(model, False)
-    plain = saved_bytes(model, x, loss_fn, autocast=dtype)
+    plain = saved_bytes(model, x, autocast=dtype, **kw)
     return {**step, "method": SAVED_BYTES_METHOD, "reversible_bytes": reversible, "plain_bytes": plain}
 
 

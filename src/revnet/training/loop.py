@@ -42,7 +42,8 @@ class TrainingDivergedError(RuntimeError):
 
 def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step on this process's batch: images ``x`` (B, C, H, W) and labels ``y`` (B,),
-    or tokens ``x`` and next tokens ``y`` (B, T). Returns the mean loss and the correct predictions.
+    or tokens ``x`` and next tokens ``y`` (B, T). Returns the mean loss and the correct predictions
+    (a language model computes its loss without logits, :mod:`revnet.models.lm_loss`: no count).
 
     With ``accum_steps = A`` the batch runs as A micro-batches of B/A whose gradients add
     up (each loss divided by A: the mean over the whole batch). Under DDP all but the last
@@ -57,12 +58,16 @@ def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tenso
         syncing = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
         with syncing:
             with autocast(run.device, run.config.amp):
-                logits = net(to_layout(xi, run.config))
-                loss = prediction_loss(logits, yi, run.config.label_smoothing)
+                if run.train.unit == "tokens":
+                    loss, logits = net(xi, targets=yi), None
+                else:
+                    logits = net(to_layout(xi, run.config))
+                    loss = prediction_loss(logits, yi, run.config.label_smoothing)
             scaled = loss / steps if steps > 1 else loss
             (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
         loss_sum += loss.detach()
-        correct += (logits.detach().argmax(-1) == yi).sum()
+        if logits is not None:
+            correct += (logits.detach().argmax(-1) == yi).sum()
     if run.scaler is not None:
         run.scaler.step(run.optimizer)
         run.scaler.update()
@@ -127,8 +132,8 @@ class _Window:
         loss, correct, seen = self.totals(run)
         self.check(run, loss)
         elapsed = time.perf_counter() - self.start
-        return {"step": run.step, "epoch": run.step / len(run.train), "loss": loss,
-                "accuracy": correct / max(seen, 1),  # of every prediction: an image's class, a next token
+        accuracy = {"accuracy": correct / max(seen, 1)} if run.train.unit == "images" else {}
+        return {"step": run.step, "epoch": run.step / len(run.train), "loss": loss, **accuracy,
                 "lr": run.optimizer.param_groups[0]["lr"],
                 f"{run.train.unit}_per_s": seen / max(elapsed, 1e-9),
                 "peak_memory_bytes": peak_memory_bytes(run.device)}
@@ -258,11 +263,12 @@ def _loop(run: Run, metrics: Any, stop: dict[str, int], progress: bool) -> bool:
                     row = window.row(run)
                     _emit(metrics, row, run)
                     rate, unit = row[f"{run.train.unit}_per_s"], _RATE_UNITS[run.train.unit]
-                    bar.set_postfix({"loss": f"{row['loss']:.3f}", "acc": f"{row['accuracy']:.3f}",
+                    acc = {"acc": f"{row['accuracy']:.3f}"} if "accuracy" in row else {}
+                    bar.set_postfix({"loss": f"{row['loss']:.3f}", **acc,
                                      unit.replace("/", "_"): f"{rate:.0f}"})
                     if not progress and run.dist.is_main:
-                        log.info("step %d/%d loss %.4f acc %.4f lr %.4g %.0f %s", run.step, run.total,
-                                 row["loss"], row["accuracy"], row["lr"], rate, unit)
+                        log.info("step %d/%d loss %.4f%s lr %.4g %.0f %s", run.step, run.total, row["loss"],
+                                 f" acc {row['accuracy']:.4f}" if acc else "", row["lr"], rate, unit)
                     window = _Window()
                 eval_due = (run.step % cfg.eval_every == 0) if cfg.eval_every else (run.step % per_epoch == 0)
                 paused = time.perf_counter()
