@@ -458,3 +458,146 @@ def test_cli_memory_of_a_run_in_fresh_processes(tmp_path, capsys):
     (run / "config.json").write_text(json.dumps({**config, "model": "resnet32"}))
     with pytest.raises(SystemExit, match="resnet32 has no reversible units"):
         cli.main(["bench", "memory", "--run", str(run)])
+
+
+def test_cli_memory_of_a_language_model_run(tmp_path, capsys):
+    """--run on a text run: its tokens per window, its loss without the logits."""
+    from revnet.training import TrainConfig, fit
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"{i}.txt").write_text(f"line {i}\n" * 100)
+    run = tmp_path / "run"
+    fit(TrainConfig(model="revgpt_mini", dataset="text", data_dir=str(corpus), context_length=32, steps=1,
+                    batch_size=4, amp="none", channels_last=False, out=str(run)))
+    assert cli.main(["bench", "memory", "--run", str(run), "--out", str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().out.startswith("activation memory of one revgpt_mini training step at batch 4")
+    rev = json.loads((tmp_path / "b" / "memory_run.json").read_text())["reversible"]
+    assert (rev["kind"], rev["context"], rev["lm_loss"]) == ("revgpt", 32, "fused")
+
+
+# --- the language models: GPT against RevGPT -----------------------------------------------
+
+# Tiny GPTs whose main tensors (2 x 32 tokens x 256 wide, float32) reach the 64 KiB mmap threshold.
+TINY_GPT = {"embed_dim": 256, "num_heads": 4, "vocab_size": 512, "context": 32, "batch": 2}
+TINY_GPT_FLAGS = ["--embed-dim", "256", "--num-heads", "4", "--vocab-size", "512", "--context", "32",
+                  "--batch", "2"]
+
+
+def test_gpt_kinds_run_and_revgpt_saves_nothing_per_block():
+    """Every GPT kind measures a step on token ids; RevGPT's saved bytes do not grow with blocks,
+    GPT's and plain RevGPT's do, and checkpointing keeps one input per block."""
+    pts = {(k, n): memory.memory_point(k, n, **TINY_GPT) for k in contenders.GPT_KINDS for n in (2, 4)}
+    for (kind, n), p in pts.items():
+        assert p["kind"] == kind and p["depth"] == n and p["context"] == 32 and p["vocab_size"] == 512
+        assert p["image_size"] is None and p["activation_bytes"] > 0 and p["saved_bytes"] > 0
+    saved = {key: p["saved_bytes"] for key, p in pts.items()}
+    assert saved["revgpt", 4] == saved["revgpt", 2]
+    assert saved["gpt", 4] > 1.5 * saved["gpt", 2]
+    assert saved["revgpt-plain", 4] > 1.5 * saved["revgpt-plain", 2]
+    assert saved["revgpt", 4] < saved["gpt-checkpoint", 4] < saved["gpt", 4] <= saved["revgpt-plain", 4]
+    # The same weights count: RevGPT (mean readout, tied head) has exactly GPT's parameters.
+    assert pts["revgpt", 4]["params"] == pts["gpt", 4]["params"] == pts["gpt-checkpoint", 4]["params"]
+    named = memory.memory_point("revgpt", model="revgpt_mini", batch=2, context=16)
+    assert named["depth"] == 4 and named["context"] == 16  # the blocks counted, not the digits of the name
+
+
+def test_gpt_step_is_measured_on_the_fused_loss_unless_asked_for_the_logits():
+    """As revnet train steps a language model: no logits kept (revnet.models.lm_loss)."""
+    fused = memory.memory_point("revgpt", 2, **TINY_GPT)
+    logits = memory.memory_point("revgpt", 2, **TINY_GPT, lm_loss="logits")
+    assert fused["lm_loss"] == "fused" and logits["lm_loss"] == "logits"
+    log_softmax = 2 * 32 * 512 * 4  # what the cross-entropy of the logits keeps for backward
+    assert logits["saved_bytes"] - fused["saved_bytes"] >= 0.99 * log_softmax
+    with pytest.raises(ValueError, match="lm_loss must be one of"):
+        memory.memory_point("revgpt", 2, **TINY_GPT, lm_loss="chunked")
+
+
+def test_gpt_batch_is_tokens_and_next_tokens():
+    net = contenders.build("gpt", 1, context=8, embed_dim=32, num_heads=2, vocab_size=50)
+    x, y = contenders.make_tokens(net, 3, 8)
+    assert x.shape == y.shape == (3, 8) and x.dtype == y.dtype == torch.int64
+    assert int(x.min()) >= 0 and int(x.max()) < 50
+    assert torch.equal(x[:, 1:], y[:, :-1])  # the targets are the next tokens
+    contenders.train_step(net, x, y)  # cross-entropy over (B * T, V)
+    assert net.tok_embed.weight.grad is not None
+
+
+def test_gpt_kinds_are_asked_of_the_model():
+    assert [contenders.model_kind(n) for n in ("gpt_mini", "revgpt_mini", "gpt2_small")] == [
+        "gpt", "revgpt", "gpt"]
+    plan = memory.sweep_plan([2], contenders.GPT_KINDS, models=["gpt_mini", "revgpt_mini"], model_batch=2)
+    named = [(p["kind"], p["model"]) for p in plan if p.get("model")]
+    assert named == [("gpt", "gpt_mini"), ("gpt-checkpoint", "gpt_mini"), ("revgpt", "revgpt_mini"),
+                     ("revgpt-plain", "revgpt_mini")]
+    with pytest.raises(ValueError, match="not a language model"):
+        contenders.build("revgpt", model="revnet38")
+    with pytest.raises(ValueError, match="not a RevGPT"):
+        contenders.build("revgpt", model="gpt_mini")
+    with pytest.raises(ValueError, match="exceeds gpt_mini's context_length 128"):
+        contenders.build("gpt", model="gpt_mini", context=256)
+    with pytest.raises(ValueError, match="context must be >= 1"):
+        memory.memory_point("gpt", 2, **{**TINY_GPT, "context": 0})
+    with pytest.raises(ValueError, match="are for the language models"):
+        memory.memory_point("vit", 1, context=32)
+    with pytest.raises(ValueError, match="sweep='context' needs one depth"):
+        memory.sweep_plan([2, 4], ["gpt"], sweep="context", contexts=[16])
+    with pytest.raises(ValueError, match="take images"):
+        memory.sweep_plan([2], ["revvit"], sweep="context", contexts=[16])
+
+
+def test_cli_gpt_memory_depth_and_context_sweeps(tmp_path):
+    """`revnet bench memory --family gpt`: RevGPT below GPT and flat in depth (fresh processes), and
+    --sweep context against the tokens per sequence; JSON and PNG."""
+    argv = ["bench", "memory", "--family", "gpt", "--units", "2", "4", "--kinds", "gpt", "revgpt", "--models",
+            *TINY_GPT_FLAGS, "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    result = json.loads((tmp_path / "memory.json").read_text())
+    c = result["config"]
+    assert (c["family"], c["sweep"], c["context"]) == ("gpt", "depth", 32)
+    assert (c["embed_dim"], c["num_heads"], c["vocab_size"]) == (256, 4, 512)
+    assert (tmp_path / "memory.png").stat().st_size > 1000
+    pts = {(p["kind"], p["depth"]): p["activation_bytes"] for p in result["points"]}
+    assert set(pts) == {("gpt", 2), ("gpt", 4), ("revgpt", 2), ("revgpt", 4)}
+    assert pts["revgpt", 4] < pts["gpt", 4]
+    assert pts["revgpt", 4] - pts["revgpt", 2] < 0.25 * (pts["gpt", 4] - pts["gpt", 2])  # flat
+    argv = ["bench", "memory", "--family", "gpt", "--sweep", "context", "--contexts", "16", "32", "--units",
+            "2", "--kinds", "gpt", "--embed-dim", "256", "--num-heads", "4", "--vocab-size", "512",
+            "--batch", "2", "--out", str(tmp_path), "--name", "ctx"]
+    assert cli.main(argv) == 0
+    result = json.loads((tmp_path / "ctx.json").read_text())
+    assert result["config"]["sweep"] == "context" and (tmp_path / "ctx.png").stat().st_size > 1000
+    assert sorted((p["context"], p["depth"]) for p in result["points"]) == [(16, 2), (32, 2)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--family", "gpt", "--image-size", "64"], "--image-size is for the image families .* Fix: drop "
+                                                 "--image-size"),
+    (["--family", "gpt", "--block", "bottleneck"], "--block is for the image families"),
+    (["--family", "gpt", "--context", "0"], "--context must be >= 1, got 0. Fix: e.g. --context 1024"),
+    (["--family", "gpt", "--sweep", "context", "--contexts", "128", "-1"], "--contexts must all be >= 1"),
+    (["--family", "gpt", "--sweep", "context", "--units", "4", "8"], "one depth.* Fix: one value"),
+    (["--family", "gpt", "--sweep", "context", "--models", "gpt2_small"], "Fix: drop --models"),
+    (["--family", "gpt", "--contexts", "128"], "Fix: add --sweep context"),
+    (["--family", "gpt", "--kinds", "revvit"], "--kinds revvit are not --family gpt's kinds .* Fix: "
+                                                "--family vit"),
+    (["--family", "vit", "--context", "128"], "--context is for the language models. Fix: add --family gpt"),
+    (["--sweep", "context"], "--sweep context is for the language models"),
+])
+def test_cli_gpt_memory_refuses_bad_combinations(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["bench", "memory", *argv, "--out", "/nonexistent/never-written"])
+
+
+def test_cli_parses_family_gpt():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    from revnet.cli import bench as bench_cli
+
+    bench_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", "memory", "--family", "gpt", "--sweep", "context", "--contexts", "128",
+                              "256", "--kinds", "revgpt", "gpt-checkpoint"])
+    assert (args.family, args.sweep, args.contexts, args.kinds) == ("gpt", "context", [128, 256],
+                                                                     ["revgpt", "gpt-checkpoint"])

@@ -27,23 +27,29 @@ from ..engine import Coupling, set_exact
 from ..engine import compile as revnet_compile
 from ..engine.modes import set_stored
 from ..memory.measure import SavedBytes, freed_memory_returned, nbytes, peak_of
-from ..models import RevViT, VisionTransformer
+from ..models import RevViT, VisionTransformer, model_accepts
 from ..models.transformer import TransformerBlock
 from ..training.precision import AMP_DTYPES
 from .contenders import (
+    GPT_SWEEP,
     KINDS,
     Progress,
     build,
     depth_of,
     family_of,
     is_baseline,
+    logits_loss,
     make_batch,
+    make_tokens,
     model_kind,
     run_mode,
     sync,
 )
 
-__all__ = ["measure", "memory_point", "memory_sweep", "step_memory", "sweep_plan"]
+__all__ = ["SWEEPS", "measure", "memory_point", "memory_sweep", "step_memory", "sweep_plan"]
+
+LM_LOSSES = ("fused", "logits")  # how a language model's loss is computed (memory_point's lm_loss)
+SWEEPS = ("depth", "context")  # what a sweep varies: blocks (every family), or tokens (language models)
 
 
 def _drop_grad(p: torch.Tensor) -> None:
@@ -130,18 +136,29 @@ def memory_point(
     kind: str, units: int | None = None, *, model: str | None = None, block: str = "basic",
     batch: int = 32, image_size: int = 32, in_chans: int = 3, warmup_batch: int | None = None,
     grads: str = "freed", device: str = "cpu", dtype: str = "float32", seed: int = 0, exact: bool = False,
-    compile: str | None = None, stored: Sequence[str] = (), amp: str = "none",
+    compile: str | None = None, stored: Sequence[str] = (), amp: str = "none", context: int | None = None,
+    embed_dim: int | None = None, num_heads: int | None = None, vocab_size: int | None = None,
+    lm_loss: str = "fused",
 ) -> dict[str, Any]:
     """Memory of one training step (forward, cross-entropy, backward) of a zoo network, in this process.
 
     Prefer :func:`measure`, which gives CPU points a fresh process. See :func:`step_memory`
     (``grads``, and what is returned besides the configuration).
 
+    A language model (the GPT kinds, :data:`revnet.bench.contenders.GPT_KINDS`) takes random token
+    ids ``(batch, context)`` in ``[0, vocab_size)`` and its loss is the cross-entropy at every
+    position against the next tokens; ``image_size`` and ``in_chans`` do not apply.
+
     Args:
-        kind: one of :data:`KINDS` or :data:`revnet.bench.contenders.VIT_KINDS`.
+        kind: one of :data:`KINDS`, :data:`revnet.bench.contenders.VIT_KINDS` or
+            :data:`revnet.bench.contenders.GPT_KINDS`.
         units: units per stage of a sweep network (:func:`revnet.bench.contenders.build`; blocks of
             a transformer), or
         model: a registered model.
+        context: tokens per sequence of a language model (default 1024; a named model's position
+            table must hold them).
+        embed_dim, num_heads, vocab_size: the width of a language-model sweep network (default
+            GPT-2 small's, :data:`revnet.bench.contenders.GPT_SWEEP`).
         warmup_batch: batch of the warm-up step (default ``batch``).
         exact: a RevNet's couplings in exact mode (:func:`revnet.set_exact`).
         compile: a torch.compile backend: the network under :func:`revnet.compile` (the
@@ -149,41 +166,84 @@ def memory_point(
         stored: units stored in a reversible kind (names as in a :class:`revnet.Plan`).
         amp: ``"none"``, ``"bf16"`` or ``"fp16"``: the forward under autocast in that dtype, as
             ``revnet train --amp`` runs it.
+        lm_loss: a language model's loss: ``"fused"`` (default), as ``revnet train`` computes it,
+            ``model(tokens, targets=...)`` without keeping the logits
+            (:func:`revnet.models.lm_loss.linear_cross_entropy`); ``"logits"``: the cross-entropy
+            of the logits, which keeps them (batch x context x vocabulary floats, and as many again
+            for their gradient).
     """
+    if lm_loss not in LM_LOSSES:
+        raise ValueError(f"memory_point: lm_loss must be one of {LM_LOSSES}, got {lm_loss!r}.")
     if amp not in AMP_DTYPES:
         raise ValueError(f"memory_point: amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}.")
+    family = family_of(kind)
+    lm = family == "gpt"
+    width = {"embed_dim": embed_dim, "num_heads": num_heads, "vocab_size": vocab_size}
+    if lm:
+        context = 1024 if context is None else context
+        if context < 1:
+            raise ValueError(f"memory_point: context must be >= 1 token, got {context}.")
+    elif context is not None or any(v is not None for v in width.values()):
+        raise ValueError(f"memory_point: context, embed_dim, num_heads and vocab_size are for the language "
+                         f"models (GPT kinds); kind {kind!r} is {family}. Fix: leave them out.")
     torch.manual_seed(seed)
     net = build(kind, units, model=model, block=block, in_chans=in_chans, device=device,
-                dtype=getattr(torch, dtype), image_size=image_size if family_of(kind) == "vit" else None)
+                dtype=getattr(torch, dtype), image_size=image_size if family == "vit" else None,
+                **({"context": context, **width} if lm else {}))
     if exact and not set_exact(net, True):
         raise ValueError(f"memory_point: exact mode needs a RevNet, got kind {kind!r}.")
     if compile is not None:
         if kind.endswith("-checkpoint"):
             raise ValueError("memory_point: compile is for every kind but the -checkpoint ones.")
         revnet_compile(net, backend=compile)
-    x, y = make_batch(net, batch, image_size, in_chans)
+
+    def batch_of(n: int) -> tuple[torch.Tensor, torch.Tensor]:  # tokens and next tokens, or images and labels
+        return make_tokens(net, n, context) if lm else make_batch(net, n, image_size, in_chans)
+
+    def loss(out: torch.Tensor) -> torch.Tensor:
+        if out.dim() == 0:  # already the loss: a language model given its targets
+            return out
+        target = labels[out.shape[0]]
+        return logits_loss(out, target) if lm else F.cross_entropy(out.float(), target)
+
+    x, y = batch_of(batch)
     with run_mode(net, kind):
         if stored:
-            if kind not in ("revnet", "revvit"):
+            if kind not in ("revnet", "revvit", "revgpt"):
                 raise ValueError(f"memory_point: stored units need a reversible kind, got {kind!r}.")
             set_stored(net, stored)
-        warm_x, warm_y = make_batch(net, warmup_batch or batch, image_size, in_chans)
+        warm_x, warm_y = batch_of(warmup_batch or batch)
         labels = {len(warm_y): warm_y, len(y): y}  # by batch size: the warm-up's may differ
-        result = step_memory(net, x, lambda out: F.cross_entropy(out.float(), labels[out.shape[0]]),
-                             grads=grads, warmup_inputs=warm_x, autocast=AMP_DTYPES[amp])
-    result["total_bytes"] += nbytes(y)  # the batch: images and labels
+        stepped = _WithTargets(net, labels) if lm and lm_loss == "fused" else net
+        result = step_memory(stepped, x, loss, grads=grads, warmup_inputs=warm_x, autocast=AMP_DTYPES[amp])
+    result["total_bytes"] += nbytes(y)  # the batch: images (or tokens) and labels (or next tokens)
+    shape = ({"image_size": None, "in_chans": None, "context": context, "vocab_size": net.vocab_size,
+              "embed_dim": net.tok_embed.embedding_dim, "lm_loss": lm_loss} if lm
+             else {"image_size": image_size, "in_chans": in_chans})
     return {
         "kind": kind, "units": units, "model": model, "block": block,
         "depth": depth_of(kind, units, block) if model is None else _model_depth(model, net),
-        "batch": batch, "image_size": image_size, "in_chans": in_chans, "device": device,
+        "batch": batch, **shape, "device": device,
         "dtype": dtype, "amp": amp, "exact": exact, "compile": compile, "stored": list(stored), **result,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
     }
 
 
+class _WithTargets(nn.Module):
+    """A language model stepped on its training loss: ``net(tokens, targets=...)``, the targets
+    of each batch size looked up in ``labels`` (the warm-up's batch may differ)."""
+
+    def __init__(self, net: nn.Module, labels: dict[int, torch.Tensor]) -> None:
+        super().__init__()
+        self.net, self.labels = net, labels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x, targets=self.labels[x.shape[0]])
+
+
 def _model_depth(name: str, net: nn.Module) -> int:
-    """The depth in a CNN's name (``revnet38``: 38); a transformer's number of blocks."""
-    if isinstance(net, RevViT | VisionTransformer):
+    """The depth in a CNN's name (``revnet38``: 38); a transformer's (a GPT's too) number of blocks."""
+    if isinstance(net, RevViT | VisionTransformer) or model_accepts(name, "vocab_size"):
         return sum(isinstance(m, Coupling | TransformerBlock) for m in net.modules())
     return int(re.sub(r"\D", "", name))
 
@@ -211,23 +271,45 @@ def measure(timeout: float = 1800.0, **point: Any) -> dict[str, Any]:
 def sweep_plan(
     units: Sequence[int] = (1, 3, 9, 18, 36), kinds: Sequence[str] = KINDS, *,
     models: Sequence[str] = (), block: str = "basic", batch: int = 32, model_batch: int = 128,
-    compile: str | None = None,
+    compile: str | None = None, sweep: str = "depth", contexts: Sequence[int] = (),
 ) -> list[dict[str, Any]]:
     """The points :func:`memory_sweep` measures, in order (its arguments, without the machine's).
 
     A registered model runs in each of ``kinds`` that matches it: a reversible one (asked of
     the model: :func:`revnet.bench.contenders.model_kind`) in every reversible kind, a
-    baseline as the baseline.
+    baseline as the baseline (``gpt`` and ``gpt-checkpoint`` for a GPT).
+
+    ``sweep="context"`` (language models): every kind at the one depth in ``units``, at each
+    of ``contexts`` tokens, each point carrying its ``context``; no named models.
+
+    Raises:
+        ValueError: an unknown sweep; a context sweep of image models, with more or fewer than
+            one depth, without contexts, with a context < 1, or with named models.
     """
-    plan = [{"kind": k, "units": 2 * n if k == "resnet" else n, "block": block, "batch": batch}
-            for n in units for k in kinds]
+    if sweep not in SWEEPS:
+        raise ValueError(f"sweep_plan: sweep must be one of {', '.join(SWEEPS)}, got {sweep!r}.")
+    if sweep == "context":
+        image = sorted({k for k in kinds if family_of(k) != "gpt"})
+        if image:
+            raise ValueError(f"sweep_plan: sweep='context' varies a language model's tokens; kinds {image} "
+                             f"take images. Fix: GPT kinds only, or sweep='depth'.")
+        if len(units) != 1 or not contexts or min(contexts) < 1 or models:
+            raise ValueError(f"sweep_plan: sweep='context' needs one depth in units (got {list(units)}), "
+                             f"contexts >= 1 (got {list(contexts)}) and no named models "
+                             f"(got {list(models)}).")
+        plan = [{"kind": k, "units": units[0], "block": block, "batch": batch, "context": c}
+                for c in contexts for k in kinds]
+    else:
+        plan = [{"kind": k, "units": 2 * n if k == "resnet" else n, "block": block, "batch": batch}
+                for n in units for k in kinds]
     for name in models:
         rev = not is_baseline(model_kind(name))
         plan += [{"kind": k, "model": name, "batch": model_batch}
                  for k in kinds if (not is_baseline(k)) == rev]
     if compile is not None:
         plan += [{**p, "compile": compile} for p in plan
-                 if p["kind"] in ("revnet", "revnet-plain", "revvit", "revvit-plain")]
+                 if p["kind"] in ("revnet", "revnet-plain", "revvit", "revvit-plain", "revgpt",
+                                  "revgpt-plain")]
     return plan
 
 
@@ -235,36 +317,63 @@ def memory_sweep(
     units: Sequence[int] = (1, 3, 9, 18, 36), kinds: Sequence[str] = KINDS, *,
     models: Sequence[str] = (), block: str = "basic", batch: int = 32, model_batch: int = 128,
     image_size: int = 32, device: str = "cpu", dtype: str = "float32", compile: str | None = None,
-    progress: Progress = None,
+    sweep: str = "depth", context: int | None = None, contexts: Sequence[int] = (),
+    embed_dim: int | None = None, num_heads: int | None = None, vocab_size: int | None = None,
+    lm_loss: str = "fused", progress: Progress = None,
 ) -> dict[str, Any]:
-    """Memory across depth, plus the paper's named models.
+    """Memory across depth (or, for language models, across context length), plus named models.
 
     Depths are matched: a RevNet with ``n`` units per stage (``12n+2`` layers, basic) is
     compared with a ResNet with ``2n`` units per stage (``6(2n)+2`` layers).
 
     Args:
-        units: RevNet units per stage to sweep (the ResNet gets twice as many).
-        kinds: which of :data:`KINDS` to run.
+        units: RevNet units per stage to sweep (the ResNet gets twice as many); transformer blocks.
+            With ``sweep="context"``: the one depth of every point.
+        kinds: which of :data:`KINDS` (or of one transformer family's kinds) to run.
         models: registered models to measure at ``model_batch``; RevNets run in every
-            RevNet kind of ``kinds``, ResNets as ``resnet``.
+            RevNet kind of ``kinds``, ResNets as ``resnet`` (likewise ViTs and GPTs).
         block: residual function of the sweep networks.
         batch: batch of the sweep points.
         compile: a torch.compile backend: every ``revnet`` and ``revnet-plain`` point is
             measured a second time under :func:`revnet.compile` (kind shown as ``KIND+compile``).
+        sweep: ``"depth"`` or ``"context"`` (GPT kinds: ``contexts`` at one depth).
+        context: tokens per sequence of the language models' depth sweep and named models
+            (default 1024).
+        contexts: the context lengths of ``sweep="context"``.
+        embed_dim, num_heads, vocab_size: width of the language-model sweep networks (default
+            GPT-2 small's, :data:`revnet.bench.contenders.GPT_SWEEP`).
+        lm_loss: the language models' loss, ``"fused"`` or ``"logits"`` (:func:`memory_point`).
         progress: called with each finished point.
+
+    Raises:
+        ValueError: ``kinds`` mix families; the language-model arguments with image kinds.
     """
-    plan = sweep_plan(units, kinds, models=models, block=block, batch=batch, model_batch=model_batch,
-                      compile=compile)
-    points = []
-    for p in plan:
-        points.append(measure(**p, image_size=image_size, device=device, dtype=dtype))
-        if progress is not None:
-            progress(points[-1])
     families = {family_of(k) for k in kinds}
     if len(families) != 1:
-        raise ValueError(f"memory_sweep: kinds {list(kinds)} mix families; run the CNNs and the ViTs apart.")
-    config = {"family": families.pop(), "units": list(units), "kinds": list(kinds), "models": list(models),
-              "block": block,
-              "batch": batch, "model_batch": model_batch, "image_size": image_size,
-              "device": device, "dtype": dtype, "compile": compile}
+        raise ValueError(f"memory_sweep: kinds {list(kinds)} mix families; run the CNNs, the ViTs and the "
+                         f"GPTs apart.")
+    family = families.pop()
+    lm = family == "gpt"
+    width = {k: v for k, v in (("embed_dim", embed_dim), ("num_heads", num_heads), ("vocab_size", vocab_size))
+             if v is not None}
+    if not lm and (context is not None or width):
+        raise ValueError(f"memory_sweep: context, embed_dim, num_heads and vocab_size are for the GPT kinds; "
+                         f"kinds {list(kinds)} are {family}. Fix: leave them out.")
+    context = (1024 if context is None else context) if lm else None
+    plan = sweep_plan(units, kinds, models=models, block=block, batch=batch, model_batch=model_batch,
+                      compile=compile, sweep=sweep, contexts=contexts)
+    points = []
+    for p in plan:
+        shape = ({"context": context, "lm_loss": lm_loss, **({} if p.get("model") else width), **p} if lm
+                 else {"image_size": image_size, **p})
+        points.append(measure(**shape, device=device, dtype=dtype))
+        if progress is not None:
+            progress(points[-1])
+    config = {"family": family, "sweep": sweep, "units": list(units), "kinds": list(kinds),
+              "models": list(models), "block": block, "batch": batch, "model_batch": model_batch,
+              "image_size": None if lm else image_size, "device": device, "dtype": dtype, "compile": compile}
+    if lm:
+        config.update(context=context if sweep == "depth" else None, contexts=list(contexts or ()),
+                      lm_loss=lm_loss,
+                      **{**GPT_SWEEP, **width})
     return {"config": config, "points": points}

@@ -6,14 +6,24 @@ from pathlib import Path
 from typing import Any
 
 from ..memory.sizes import format_bytes
-from .contenders import KINDS, PAPER_PAIRS, VIT_KINDS, VIT_PAIRS, is_baseline, model_kind
+from .contenders import (
+    GPT_KINDS,
+    GPT_PAIRS,
+    KINDS,
+    PAPER_PAIRS,
+    VIT_KINDS,
+    VIT_PAIRS,
+    is_baseline,
+    model_kind,
+)
 
 __all__ = ["plot_budget", "plot_capacity", "plot_drift", "plot_memory", "plot_speed"]
 
 _STYLE = {"resnet": ("tab:red", "o"), "revnet": ("tab:blue", "s"),
           "revnet-plain": ("tab:orange", "^"), "revnet-checkpoint": ("tab:green", "D"),
           "vit": ("tab:red", "o"), "revvit": ("tab:blue", "s"), "revvit-plain": ("tab:orange", "^"),
-          "revvit-checkpoint": ("tab:green", "D")}
+          "revvit-checkpoint": ("tab:green", "D"), "gpt": ("tab:red", "o"), "revgpt": ("tab:blue", "s"),
+          "revgpt-plain": ("tab:orange", "^"), "gpt-checkpoint": ("tab:green", "D")}
 
 
 def _pyplot() -> Any:
@@ -26,30 +36,49 @@ def _pyplot() -> Any:
 
 
 def plot_memory(sweep: dict[str, Any], path: str | Path) -> Path:
-    """Activation memory against depth, one line per kind (and the named models); PNG."""
+    """Activation memory against depth, one line per kind (and the named models); PNG.
+
+    A language-model sweep across context length (``config["sweep"] == "context"``): against
+    the tokens per sequence, at its one depth.
+    """
     plt = _pyplot()
     c = sweep["config"]
+    x_key = "context" if c.get("sweep") == "context" else "depth"
     named = [p for p in sweep["points"] if p["model"] is not None]
     fig, axes = plt.subplots(1, 2 if named else 1, figsize=(12 if named else 7, 4.5), dpi=120,
                              squeeze=False, gridspec_kw={"width_ratios": [3, 2] if named else [1]})
     ax = axes[0][0]
     for kind in c["kinds"]:
         for compiled in (False, True):
-            pts = sorted((p["depth"], p["activation_bytes"] / 2**20) for p in sweep["points"]
+            pts = sorted((p[x_key], p["activation_bytes"] / 2**20) for p in sweep["points"]
                          if p["kind"] == kind and p["model"] is None and bool(p.get("compile")) == compiled)
             if pts:
                 color, marker = _STYLE[kind]
                 ax.plot(*zip(*pts, strict=True), marker=marker, color=color, ls="--" if compiled else "-",
                         label=f"{kind}+compile" if compiled else kind)
-    xlabel = "depth (blocks)" if c.get("family") == "vit" else "depth (layers with weights)"
-    ax.set(xlabel=xlabel, ylabel="activation memory of one training step (MiB)",
-           title=f"Across depth: batch {c['batch']}, {c['image_size']}px, {c['device']}")
+    family = c.get("family")
+    if x_key == "context":
+        xlabel, title = "context (tokens per sequence)", f"Across context: {c['units'][0]} blocks"
+    else:
+        xlabel = "depth (blocks)" if family in ("vit", "gpt") else "depth (layers with weights)"
+        title = "Across depth"
+    if family == "gpt":
+        where = (f"batch {c['batch']}" + (f", context {c['context']}" if x_key == "depth" else "")
+                 + f", width {c['embed_dim']}, vocab {c['vocab_size']}, {c['device']}")
+    else:
+        where = f"batch {c['batch']}, {c['image_size']}px, {c['device']}"
+    ax.set(xlabel=xlabel, ylabel="activation memory of one training step (MiB)", title=f"{title}: {where}")
+    if x_key == "context":
+        ax.set_xticks(c["contexts"])
     ax.grid(alpha=0.3)
     ax.legend()
     if named:
         ax = axes[0][1]
-        kinds = [k for k in KINDS + VIT_KINDS if any(p["kind"] == k for p in named)]
-        pairs = [pair for pair in PAPER_PAIRS + VIT_PAIRS if any(p["model"] in pair for p in named)]
+        kinds = [k for k in KINDS + VIT_KINDS + GPT_KINDS if any(p["kind"] == k for p in named)]
+        known = PAPER_PAIRS + VIT_PAIRS + GPT_PAIRS
+        pairs = [pair for pair in known if any(p["model"] in pair for p in named)]
+        pairs += [(p["model"], "") for p in named  # a model of no known pair: a group of its own
+                  if not any(p["model"] in pair for pair in pairs) and (p["model"], "") not in pairs]
         width = 0.8 / len(kinds)
         for i, kind in enumerate(kinds):
             vals = [next((p["activation_bytes"] / 2**20 for p in named
@@ -59,8 +88,9 @@ def plot_memory(sweep: dict[str, Any], path: str | Path) -> Path:
                           color=_STYLE[kind][0], label=kind)
             ax.bar_label(bars, fmt="%.0f", fontsize=7)
         ax.set_xticks([j + width * (len(kinds) - 1) / 2 for j in range(len(pairs))],
-                      [f"{a} / {b}" for a, b in pairs], fontsize=8)
-        ax.set(ylabel="MiB", title=f"Named models, batch {c['model_batch']}")
+                      [f"{a} / {b}" if b else a for a, b in pairs], fontsize=8)
+        context = f", context {c['context']}" if family == "gpt" else ""
+        ax.set(ylabel="MiB", title=f"Named models, batch {c['model_batch']}{context}")
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

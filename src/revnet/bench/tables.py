@@ -25,17 +25,18 @@ def label(point: dict[str, Any]) -> str:
 
 
 def memory_table(result: dict[str, Any]) -> tuple[list[str], list[Row]]:
-    """Activation memory (MiB) per depth, one column per kind."""
+    """Activation memory (MiB) per depth (per context, for a language model's context sweep), one
+    column per kind."""
     kinds = result["config"]["kinds"]
     kinds = kinds + [f"{k}+compile" for k in kinds if any(p.get("compile") and p["kind"] == k
                                                               for p in result["points"])]
+    key = "context" if result["config"].get("sweep") == "context" else "depth"
     sweep = [p for p in result["points"] if p["model"] is None]
-    by = {(p["depth"], label(p)): p for p in sweep}
+    by = {(p[key], label(p)): p for p in sweep}
     rows = []
-    for depth in sorted({p["depth"] for p in sweep}):
-        rows.append([str(depth), *(mib(by[(depth, k)]["activation_bytes"]) if (depth, k) in by else "-"
-                                   for k in kinds)])
-    return ["depth", *(f"{k} MiB" for k in kinds)], rows
+    for x in sorted({p[key] for p in sweep}):
+        rows.append([str(x), *(mib(by[(x, k)]["activation_bytes"]) if (x, k) in by else "-" for k in kinds)])
+    return [key, *(f"{k} MiB" for k in kinds)], rows
 
 
 def models_table(result: dict[str, Any]) -> tuple[list[str], list[Row]]:

@@ -21,11 +21,22 @@ import torch
 
 from ..bench.budget import budget_frontier
 from ..bench.capacity import capacity
-from ..bench.contenders import KINDS, PAPER_PAIRS, VIT_KINDS, VIT_PAIRS, family_of, is_baseline, model_kind
+from ..bench.contenders import (
+    FAMILIES,
+    GPT_KINDS,
+    GPT_SWEEP,
+    KINDS,
+    PAPER_PAIRS,
+    VIT_KINDS,
+    VIT_PAIRS,
+    family_of,
+    is_baseline,
+    model_kind,
+)
 from ..bench.data import data_path
 from ..bench.drift import DRIFT_PRECISIONS, drift, exact_cost
 from ..bench.environment import environment
-from ..bench.memory import measure, memory_sweep, sweep_plan
+from ..bench.memory import SWEEPS, measure, memory_sweep, sweep_plan
 from ..bench.plots import plot_budget, plot_capacity, plot_drift, plot_memory, plot_speed
 from ..bench.report import render_report
 from ..bench.speed import speed
@@ -54,7 +65,14 @@ MEMORY_DEFAULTS = {  # revnet bench memory --family: what is measured unless a f
             "batch": 32, "model_batch": 128, "image_size": 32},
     "vit": {"units": [4, 12, 24, 48], "kinds": list(VIT_KINDS), "models": [m for p in VIT_PAIRS for m in p],
             "batch": 8, "model_batch": 8, "image_size": 224},
+    # GPT-2 small's widths at 1024 tokens; the named pair is GPT-2 small (medium: --models, minutes more).
+    "gpt": {"units": [4, 8, 16, 32, 48], "kinds": list(GPT_KINDS), "models": ["gpt2_small", "revgpt2_small"],
+            "batch": 2, "model_batch": 2, "context": 1024},
 }
+GPT_CONTEXTS = [128, 256, 512, 1024]  # --sweep context, at GPT-2 small's 12 blocks
+_QUICK_GPT = {"units": [2, 4], "batch": 2, "models": [], "model_batch": 2, "context": 32,
+              "contexts": [16, 32], "embed_dim": 256, "num_heads": 4, "vocab_size": 512}
+_GPT_ONLY = ("context", "contexts", "embed_dim", "num_heads", "vocab_size", "lm_loss")  # --family gpt alone
 _QUICK_SPEED = {"batch": 16, "repeats": 3, "warmup": 1, "inference_repeats": 5}
 _QUICK_CAPACITY = {"budget": "256MiB", "models": ["resnet32", "revnet38"], "depth_batch": 16,
                    "verify_max_batch": 512, "verify_max_units": 3}
@@ -84,18 +102,47 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     common(q, "runs/bench")
     q.add_argument("--family", choices=sorted(MEMORY_DEFAULTS), default="cnn",
                    help="cnn (default): ResNet vs RevNet at 32px; vit: ViT vs RevViT at 224px (the sweep "
-                        "at ViT-Ti/16 widths, the pairs base and large)")
+                        "at ViT-Ti/16 widths, the pairs base and large); gpt: GPT vs RevGPT language models "
+                        "on random tokens (the sweep at GPT-2 small's widths, the pair gpt2_small)")
+    q.add_argument("--sweep", choices=SWEEPS, default="depth",
+                   help="depth (default): across --units; context (--family gpt): across --contexts at "
+                        "one depth")
     q.add_argument("--units", type=int, nargs="+", default=None,
                    help="RevNet units per stage (the ResNet gets twice as many: same depth); transformer "
-                        "blocks (default cnn: 1 3 9 18 36; vit: 4 12 24 48)")
-    q.add_argument("--kinds", nargs="+", choices=KINDS + VIT_KINDS, default=None,
+                        "blocks (default cnn: 1 3 9 18 36; vit: 4 12 24 48; gpt: 4 8 16 32 48, and 12 for "
+                        "--sweep context)")
+    q.add_argument("--kinds", nargs="+", choices=KINDS + VIT_KINDS + GPT_KINDS, default=None,
                    help="default: the family's four")
     q.add_argument("--models", nargs="*", default=None,
                    help="registered models measured at --model-batch (none: skip; default: the "
                         "family's pairs)")
-    q.add_argument("--batch", type=int, default=None, help="batch of the depth sweep (cnn 32, vit 8)")
-    q.add_argument("--model-batch", type=int, default=None, help="batch of the named models (cnn 128, vit 8)")
-    q.add_argument("--block", choices=["basic", "bottleneck"], default="basic")
+    q.add_argument("--batch", type=int, default=None, help="batch of the depth sweep (cnn 32, vit 8, gpt 2)")
+    q.add_argument("--model-batch", type=int, default=None,
+                   help="batch of the named models (cnn 128, vit 8, gpt 2)")
+    q.add_argument("--block", choices=["basic", "bottleneck"], default=None,
+                   help="residual function of the CNN sweep (default basic)")
+    q.add_argument("--context", type=int, default=None,
+                   help="--family gpt: tokens per sequence of the depth sweep and the named models "
+                        "(default 1024)")
+    q.add_argument("--contexts", type=int, nargs="+", default=None,
+                   help=f"--family gpt --sweep context: the context lengths (default "
+                        f"{' '.join(map(str, GPT_CONTEXTS))})")
+    q.add_argument("--lm-loss", choices=["fused", "logits"], default=None,
+                   help="--family gpt: the loss as revnet train computes it, without keeping the logits "
+                        "(fused, default: revnet.models.lm_loss), or the cross-entropy of the logits "
+                        "(logits: they and their gradient count too)")
+    q.add_argument("--embed-dim", type=int, default=None,
+                   help=f"--family gpt: width of the sweep networks (default GPT-2 small's "
+                        f"{GPT_SWEEP['embed_dim']})")
+    q.add_argument("--num-heads", type=int, default=None,
+                   help=f"--family gpt: attention heads of the sweep networks (default "
+                        f"{GPT_SWEEP['num_heads']})")
+    q.add_argument("--vocab-size", type=int, default=None,
+                   help=f"--family gpt: vocabulary of the sweep networks (default GPT-2's "
+                        f"{GPT_SWEEP['vocab_size']})")
+    q.add_argument("--name", default=None,
+                   help="file name of the JSON and PNG in --out, without extension (default memory; "
+                        "memory_context for --sweep context)")
     q.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="measure every revnet and revnet-plain point again under revnet.compile "
                         "(each fresh process compiles: minutes)")
@@ -253,13 +300,22 @@ def _save(out: Path, name: str, result: dict[str, Any]) -> Path:
 
 
 def _run_memory(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
-    defaults = MEMORY_DEFAULTS[getattr(args, "family", "cnn")]
+    family = getattr(args, "family", "cnn")
+    defaults = dict(MEMORY_DEFAULTS[family])
+    sweep = getattr(args, "sweep", "depth")
+    if family == "gpt":
+        defaults.update(sweep=sweep, contexts=GPT_CONTEXTS if sweep == "context" else [],
+                        **{k: getattr(args, k, None) for k in ("embed_dim", "num_heads", "vocab_size")},
+                        lm_loss=getattr(args, "lm_loss", None) or "fused")
+        if sweep == "context":  # the sweep networks at GPT-2 small's depth, no named models
+            defaults.update(units=[12], models=[])
     given = {k: getattr(args, k, None) for k in defaults}
-    kw = {**defaults, **{k: v for k, v in given.items() if v is not None}, "block": args.block,
+    kw = {**defaults, **{k: v for k, v in given.items() if v is not None}, "block": args.block or "basic",
           "compile": getattr(args, "compile", None), "device": args.device, **over}
     try:
         points = len(sweep_plan(**{k: kw[k] for k in ("units", "kinds", "models", "block", "batch",
-                                                        "model_batch", "compile")}))
+                                                        "model_batch", "compile") + (
+                                       ("sweep", "contexts") if family == "gpt" else ())}))
     except ValueError as e:  # an unknown model
         raise SystemExit(f"revnet bench memory: {e}") from None
     tick, close = _progress(points, "memory")
@@ -271,9 +327,13 @@ def _run_memory(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
 
 def _run_speed(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
     try:
-        vit = family_of(model_kind(args.model)) == "vit"  # asked of the model, not read from its name
+        family = family_of(model_kind(args.model))  # asked of the model, not read from its name
     except ValueError as e:  # an unknown model
         raise SystemExit(f"revnet bench speed: {e}") from None
+    if family == "gpt":
+        raise SystemExit(f"revnet bench speed: {args.model} is a language model; speed times image models. "
+                         f"Fix: a RevNet or RevViT (for RevGPT's memory: revnet bench memory --family gpt).")
+    vit = family == "vit"
     reference = args.reference or ("vit_" + args.model.removeprefix("revvit_") if vit else "resnet32")
     kw = {"model": args.model, "reference": None if reference.lower() == "none" else reference,
           "batch": args.batch or (16 if vit else 128), "repeats": args.repeats, "warmup": args.warmup,
@@ -302,15 +362,72 @@ def _run_capacity(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
 def _cmd_memory(args: argparse.Namespace) -> int:
     if args.run is not None:
         return _memory_of_run(args)
+    _check_memory_flags(args)
     args.device = args.device or "cpu"
     out = _setup(args)
-    result = _run_memory(args, **(_QUICK_MEMORY if args.quick else {}))
+    quick = (_QUICK_GPT if args.family == "gpt" else _QUICK_MEMORY) if args.quick else {}
+    if args.quick and args.family == "gpt" and args.sweep == "context":
+        quick = {**quick, "units": [2]}
+    result = _run_memory(args, **quick)
     print(text_table(*memory_table(result)))
     if result["config"]["models"]:
         print()
         print(text_table(*models_table(result)))
-    _report_files(out, "memory", result, plot_memory)
+    _report_files(out, args.name or ("memory_context" if args.sweep == "context" else "memory"), result,
+                  plot_memory)
     return 0
+
+
+def _check_memory_flags(args: argparse.Namespace) -> None:
+    """Refuses a combination of ``revnet bench memory`` flags that cannot be measured, naming the flag
+    and the fix (before anything runs)."""
+    def fail(message: str) -> None:
+        raise SystemExit(f"revnet bench memory: {message}")
+
+    gpt, family = args.family == "gpt", args.family
+    flag = {k: "--" + k.replace("_", "-") for k in ("image_size", "block", *_GPT_ONLY)}
+    if args.kinds:
+        other = [k for k in args.kinds if family_of(k) != family]
+        if other:
+            fail(f"--kinds {' '.join(other)} are not --family {family}'s kinds "
+                 f"({', '.join(FAMILIES[family])}). Fix: --family {family_of(other[0])}, or kinds of "
+                 f"--family {family}.")
+    if gpt:
+        for name in ("image_size", "block"):
+            if getattr(args, name) is not None:
+                fail(f"{flag[name]} is for the image families (cnn, vit); --family gpt measures token ids. "
+                     f"Fix: drop {flag[name]} (the tokens per sequence are --context).")
+        example = {"context": MEMORY_DEFAULTS["gpt"]["context"], **GPT_SWEEP}
+        for name in ("context", "embed_dim", "num_heads", "vocab_size"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                fail(f"{flag[name]} must be >= 1, got {value}. Fix: e.g. {flag[name]} {example[name]}.")
+        if args.contexts is not None and min(args.contexts) < 1:
+            fail(f"--contexts must all be >= 1 token, got {' '.join(map(str, args.contexts))}. Fix: e.g. "
+                 f"--contexts {' '.join(map(str, GPT_CONTEXTS))}.")
+        if args.sweep == "context":
+            if args.units is not None and len(args.units) != 1:
+                fail(f"--sweep context measures at one depth; got --units {' '.join(map(str, args.units))}. "
+                     f"Fix: one value, e.g. --units 12.")
+            if args.models:
+                fail("--sweep context measures the sweep networks only. Fix: drop --models (the named "
+                     "models are measured by --sweep depth).")
+            if args.context is not None:
+                fail("--context sets the one context of --sweep depth. Fix: give the context lengths "
+                     "with --contexts.")
+        elif args.contexts is not None:
+            fail("--contexts are the context lengths of --sweep context. Fix: add --sweep context, or give "
+                 "the one context of the depth sweep with --context.")
+    else:
+        given = [flag[k] for k in _GPT_ONLY if getattr(args, k) is not None]
+        if given or args.sweep != "depth":
+            what = " ".join(given) or f"--sweep {args.sweep}"
+            fail(f"{what} {'is' if len(given) <= 1 else 'are'} for the language models. Fix: add "
+                 f"--family gpt, or drop {what} (--family {family} takes images: --image-size).")
+    for name in ("batch", "model_batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
 
 
 def _memory_of_run(args: argparse.Namespace) -> int:
@@ -334,10 +451,15 @@ def _memory_of_run(args: argparse.Namespace) -> int:
                          f"reversible step to compare with plain backprop.")
     args.device = args.device or step["device"]
     out = _setup(args)
-    point = {"model": step["model"], "batch": step["batch"], "image_size": step["image_size"],
-             "in_chans": step["in_chans"], "exact": step["exact"], "amp": step["amp"], "device": args.device}
-    rev = measure(kind=kind, stored=step["stored"], **point)
-    plain = measure(kind=f"{kind}-plain", **point)
+    shape = ({"context": step["context_length"]} if "context_length" in step  # a language model's run
+             else {"image_size": step["image_size"], "in_chans": step["in_chans"]})
+    point = {"model": step["model"], "batch": step["batch"], **shape, "exact": step["exact"],
+             "amp": step["amp"], "device": args.device}
+    try:
+        rev = measure(kind=kind, stored=step["stored"], **point)
+        plain = measure(kind=f"{kind}-plain", **point)
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(f"revnet bench memory --run: {e}") from None
     print(memory_line({**step, "method": rev["method"], "reversible_bytes": rev["activation_bytes"],
                        "plain_bytes": plain["activation_bytes"]}))
     print(f"wrote {_save(out, 'memory_run', {'run': str(run), 'reversible': rev, 'plain': plain})}")
