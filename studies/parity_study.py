@@ -95,7 +95,7 @@ def summarize(runs: dict[str, list[Path]], extra: list[str]) -> dict:
         s = [json.loads((d / "summary.json").read_text()) for d in dirs]
         acc = [r[METRIC[0]] for r in s]
         cfg = s[0]["config"]
-        shape = ({"context": s[0]["context_length"], "vocab_size": s[0]["vocab_size"]} if "vocab_size" in s[0]
+        shape = ({"context": s[0]["context_length"]} if "vocab_size" in s[0]
                  else {"image_size": s[0]["image_size"], "in_chans": s[0]["in_chans"]})
         mem = measure(kind=CONFIGS[label][1], model=cfg["model"], batch=cfg["batch_size"], **shape)
         rate = "tokens_per_s" if "tokens_per_s" in s[0] else "images_per_s"
@@ -161,7 +161,7 @@ def write_doc(rows: dict, args: argparse.Namespace, extra: list[str], doc: Path,
     (rev_label, rev), (plain_label, plain), (res_label, res) = rows.items()
     cfg = rev["config"]
     begin, end = markers(args.family)
-    length = f"{cfg['epochs']:g} epochs" if cfg.get("epochs") else f"{cfg['steps']} steps"
+    length = f"{cfg['steps']} steps" if cfg.get("steps") else f"{cfg['epochs']:g} epochs"  # steps win
     aug = ", ".join(name for name, on in ((f"crop (pad {cfg['crop_pad']})", cfg["crop_pad"]),
                                           ("flip", cfg["flip"])) if on)
     precision = f"{cfg['amp']} autocast" if cfg["amp"] != "none" else "float32"
@@ -171,7 +171,7 @@ def write_doc(rows: dict, args: argparse.Namespace, extra: list[str], doc: Path,
     smoothing = f", label smoothing {cfg['label_smoothing']:g}" if cfg.get("label_smoothing") else ""
     lines = [
         begin, "",
-        f"Produced by `{cmd}` on {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+        f"Produced by `{cmd}` on {time.strftime('%Y-%m-%d')}, {environment()['cpu'] or platform.machine()}, "
         f"torch {torch.__version__}, revnet at commit {commit}, {args.jobs} runs at a time with "
         f"{args.threads} thread(s) each (so wall times are comparable within this table, not with a "
         "run that has the whole machine).",
