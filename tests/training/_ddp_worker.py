@@ -34,6 +34,19 @@ from revnet.training import TrainConfig, fit
 
 TINY = {"num_samples": 64, "image_size": 8, "channels": 3}
 VIT = {"model": "revvit_mini", "lr": 0.05}  # a RevViT under DDP (SGD: AdamW amplifies rounding)
+# A byte-level RevGPT on a small folder of text: windows drawn per global batch, sliced per rank.
+LM = {"model": "revgpt_mini", "dataset": "text", "context_length": 16, "lr": 0.05, "batch_size": 8,
+      "channels_last": False}
+
+
+def write_corpus(folder: Path) -> Path:
+    """Ten small files (one held out), the same bytes on every rank; tests/training/test_distributed.py
+    trains on the same folder in one process."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(10):
+        body = "".join(f"def f{i}_{j}(x):\n    return x + {j}\n" for j in range(30))
+        (folder / f"m{i}.py").write_text(body)
+    return folder
 
 
 def config(out: Path, name: str, **kw) -> TrainConfig:
@@ -138,6 +151,10 @@ def scenarios(out: Path) -> None:
         t = time.perf_counter()
         results[name] = fit(config(out, name, **kw))
         timings[name] = time.perf_counter() - t
+    if rank == 0:
+        write_corpus(out / "corpus")
+    dist.barrier()
+    results["lm_rev"] = fit(config(out, "lm_rev", **LM, data_dir=str(out / "corpus")))
     # --memory-budget: rank 0 plans and every rank applies its plan; rank 1 must not plan at all.
     planner = run_mod.plan_memory
     if rank == 1:

@@ -102,6 +102,16 @@ def test_ddp_trains_a_revvit_as_one_process_and_as_plain_autograd(ddp, tmp_path)
     assert _max_rel_diff(_weights(out / "vit_rev"), _weights(out / "vit_plain")) < 1e-4
 
 
+def test_ddp_trains_a_language_model_on_text_as_one_process(ddp, tmp_path):
+    from _ddp_worker import LM, write_corpus
+
+    out, r0, _, _ = ddp
+    corpus = write_corpus(tmp_path / "corpus")
+    fit(_config(tmp_path, "lm_one", **LM, data_dir=str(corpus)))
+    assert r0["lm_rev"]["world_size"] == 2 and r0["lm_rev"]["test_bits_per_byte"] < 8
+    assert _max_rel_diff(_weights(out / "lm_rev"), _weights(tmp_path / "lm_one")) < 1e-4
+
+
 def test_accumulation_with_no_sync_equals_the_full_batch_under_ddp(ddp):
     out, _, _, _ = ddp
     assert _max_rel_diff(_weights(out / "accum"), _weights(out / "rev")) < 1e-4
