@@ -13,7 +13,8 @@ graph (the planner's per-unit timing, summed). It prints per configuration
 as medians of the per-round ratios. The README's and BENCHMARKS.md's speed targets (for
 example reversible <= 1.25x plain) are below the floor where ``floor`` exceeds them.
 
-    python studies/rebuild_floor.py [--rounds 7] [--out docs/benchmarks/rebuild_floor.json]
+    python studies/rebuild_floor.py [--rounds 7] [--models revgpt_mini ...] \
+        [--out docs/benchmarks/rebuild_floor.json]
 """
 
 from __future__ import annotations
@@ -28,21 +29,25 @@ from pathlib import Path
 
 import torch
 
-from revnet.bench.contenders import build, make_batch, run_mode
+from revnet.bench.contenders import build, make_batch, make_tokens, run_mode
 from revnet.bench.environment import environment
 from revnet.engine import modes
 from revnet.memory.measure import keep_freed_memory
 from revnet.memory.planner import forward_seconds
 
-# (kind, model, batch, image size, channels_last, autocast dtype)
+# (kind, model, batch, image size (a language model: context length), channels_last, autocast dtype)
 CONFIGS = [
     ("revnet", "revnet38", 128, 32, False, None),
     ("revnet", "revnet38", 128, 32, True, None),
     ("revnet", "revnet38", 128, 28, True, "bf16"),  # the main job's step (but 3 input channels)
     ("revnet", "revnet164", 32, 32, False, None),
     ("revvit", "revvit_base", 8, 224, False, None),
+    ("revgpt", "revgpt_mini", 32, 128, False, None),  # revnet train --recipe text-lm's step
+    ("revgpt", "revgpt_mini", 32, 128, False, "bf16"),
+    ("revgpt", "revgpt2_small", 1, 512, False, None),
 ]
-QUICK = [("revnet", "revnet38", 16, 16, False, None), ("revvit", "revvit_small", 2, 32, False, None)]
+QUICK = [("revnet", "revnet38", 16, 16, False, None), ("revvit", "revvit_small", 2, 32, False, None),
+         ("revgpt", "revgpt_mini", 2, 16, False, None)]
 
 
 def ratios(times: dict[str, list[float]]) -> dict[str, float]:
@@ -60,8 +65,10 @@ def ratios(times: dict[str, list[float]]) -> dict[str, float]:
 def measure(kind: str, model: str, batch: int, size: int, channels_last: bool, amp: str | None,
             rounds: int) -> dict:
     torch.manual_seed(0)
-    net = build(kind, model=model, image_size=size if kind == "revvit" else None)
-    x, y = make_batch(net, batch, size, channels_last=channels_last)
+    lm = kind == "revgpt"
+    net = build(kind, model=model, image_size=size if kind == "revvit" else None,
+                context=size if lm else None)
+    x, y = make_tokens(net, batch, size) if lm else make_batch(net, batch, size, channels_last=channels_last)
     units = modes.units(net)
 
     def cast() -> contextlib.AbstractContextManager:
@@ -71,9 +78,9 @@ def measure(kind: str, model: str, batch: int, size: int, channels_last: bool, a
         net.zero_grad(set_to_none=True)
         with run_mode(net, mode):
             start = time.perf_counter()
-            with cast():
-                out = net(x)
-            torch.nn.functional.cross_entropy(out.float(), y).backward()
+            with cast():  # a language model's loss as revnet train computes it (no logits kept)
+                loss = net(x, targets=y) if lm else torch.nn.functional.cross_entropy(net(x).float(), y)
+            loss.backward()
             return time.perf_counter() - start
 
     def units_forward() -> float:
@@ -109,12 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="two tiny configurations, seconds")
     ap.add_argument("--out", type=Path, help="JSON file to write")
+    ap.add_argument("--models", nargs="+", metavar="MODEL", help="only the configurations of these models")
     args = ap.parse_args(argv)
     keep_freed_memory()
     results = []
     print(f"{'model':<12} {'batch':>5} {'px':>4} {'layout':<14} {'amp':<5} {'plain s':>8} "
           f"{'floor':>6} {'measured':>9} {'engine':>7}")
     for cfg in QUICK if args.quick else CONFIGS:
+        if args.models and cfg[1] not in args.models:
+            continue
         r = measure(*cfg, rounds=args.rounds)
         results.append(r)
         print(row(r), flush=True)
