@@ -137,3 +137,10 @@ def test_generate_greedy_slides_over_the_context_and_runs_the_plain_forward():
     for bad, match in (({"temperature": -0.5}, "temperature"), ({"top_k": 0}, "top_k")):
         with pytest.raises(ValueError, match=match):
             net.generate(prompt, 1, **bad)
+
+
+def test_token_ids_outside_the_vocabulary_are_named():
+    net = revnet.create_model("gpt_mini", depth=1)
+    for bad in (torch.tensor([[3, 256]]), torch.tensor([[-1, 2]])):
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 256\)"):
+            net(bad)

@@ -96,6 +96,12 @@ class _GPTBase(nn.Module):
             raise ValueError(f"{owner}: expects token ids of shape (B, T), int64, got {tuple(tokens.shape)} "
                              f"{tokens.dtype}. Fix: pass ids.long() with a batch dimension (ids[None] for "
                              f"one sequence).")
+        if tokens.numel() and not torch.compiler.is_compiling():
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(f"{owner}: token ids must be in [0, {self.vocab_size}) (vocab_size), got "
+                                 f"ids from {low} to {high}. Fix: encode with the model's vocabulary (bytes: "
+                                 f"0-255 for vocab_size=256), or build the model with a larger vocab_size.")
         t = tokens.shape[1]
         if t > self.context_length:
             raise ValueError(f"{owner}: {t} tokens exceed context_length {self.context_length}. Fix: crop to "
