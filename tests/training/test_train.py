@@ -276,12 +276,20 @@ def test_signal_during_the_last_step_completes_the_run(tmp_path, monkeypatch):
     assert summary["test_accuracy"] is not None  # the final evaluation ran
 
 
-def test_resuming_a_finished_run_is_refused_and_keeps_its_summary(tmp_path):
-    fit(tiny(tmp_path, "run", steps=3))
+def test_resuming_a_finished_run_has_nothing_to_do_and_keeps_its_summary(tmp_path, capsys):
+    """A scheduler that requeues a finished job sees success; a changed configuration is still an error."""
+    first = fit(tiny(tmp_path, "run", steps=3))
     before = (tmp_path / "run" / "summary.json").read_text()
-    with pytest.raises(ValueError, match=r"finished run \(step 3 of 3\).*revnet eval"):
-        fit(tiny(tmp_path, "run", steps=3), resume=True)
+    again = fit(tiny(tmp_path, "run", steps=3), resume=True)
+    assert again["nothing_to_do"] and again["test_accuracy"] == first["test_accuracy"]
     assert (tmp_path / "run" / "summary.json").read_text() == before
+    assert main(["train", "--resume", "--out", str(tmp_path / "run")]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    (tmp_path / "run" / "summary.json").unlink()  # stopped after its last checkpoint, before the summary
+    assert fit(tiny(tmp_path, "run", steps=3), resume=True)["step"] == 3
+    assert (tmp_path / "run" / "summary.json").is_file()
+    with pytest.raises(ValueError, match="resume"):
+        fit(tiny(tmp_path, "run", steps=3, lr=0.3), resume=True)
 
 
 def test_sigterm_in_a_real_process_saves_and_exits_cleanly(tmp_path):

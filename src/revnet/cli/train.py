@@ -223,6 +223,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 1
     if not main_rank:
         return 130 if summary["interrupted"] else 0
+    if summary.get("nothing_to_do"):
+        key, _ = headline(config)
+        print(f"nothing to do: {config.out} finished at step {summary['step']} of {summary['total_steps']} "
+              f"({key.replace('_', ' ')} {summary.get(key, float('nan')):.4f}); its results are in "
+              f"{config.out}/summary.json. To train more, start a new --out with more --epochs/--steps.")
+        return 0
     if summary["interrupted"]:
         world = summary.get("world_size", 1)
         again = f"revnet train --nproc {world} --resume" if world > 1 else "revnet train --resume"

@@ -188,11 +188,9 @@ def _fit(config: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> d
                                     f"continue it or choose another --out.")
     info.raise_together(error)
     if resume:
-        restore(run, last)
-        if run.step >= run.total:
-            raise ValueError(f"resume: {last} is a finished run (step {run.step} of {run.total}); its "
-                             f"results are in {run.out / 'summary.json'} and `revnet eval {last}` tests it "
-                             f"again. To train more, start a new --out with more --epochs/--steps.")
+        restore(run, last)  # a changed configuration is an error here
+        if run.step >= run.total:  # a scheduler that requeues a finished job: nothing to do, no failure
+            return _finished(run, info)
         log.info("resumed from %s at step %d", last, run.step)
     if info.enabled:
         log.info("DDP: %d processes (%s), %d samples per process per step, peak lr %g", info.world_size,
@@ -215,6 +213,26 @@ def _fit(config: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> d
             plot_run(run.out)
     info.barrier()  # no rank leaves before rank 0's files are complete
     return summary
+
+
+def _finished(run: Run, info: DistInfo) -> dict[str, Any]:
+    """``--resume`` of a run that already took its last step: its summary, marked
+    ``nothing_to_do``. A run stopped between its last checkpoint and its summary gets its final
+    evaluation and summary now."""
+    summary = None
+    if info.is_main:
+        with contextlib.suppress(OSError, ValueError):
+            summary = json.loads((run.out / "summary.json").read_text())
+    summary = info.broadcast(summary)
+    if summary is None:
+        with open(run.out / "metrics.jsonl", "a") if info.is_main else contextlib.nullcontext() as metrics:
+            _evaluate_and_keep_best(run, metrics)
+        summary = _summarize(run, 0.0, False)
+        if info.is_main:
+            write_json(summary, run.out / "summary.json")
+    log.info("resume: %s finished at step %d of %d; nothing to do", run.out, run.step, run.total)
+    info.barrier()
+    return {**summary, "nothing_to_do": True}
 
 
 def _saved_precision(config: TrainConfig, info: DistInfo) -> TrainConfig:
