@@ -16,7 +16,7 @@ wants the algorithm reads this folder. The tools around it live beside it
 """
 
 from .compiler import compile
-from .coupling import AdditiveCoupling, AffineCoupling, Coupling
+from .coupling import AdditiveCoupling, AffineCoupling, Coupling, MomentumCoupling
 from .modes import has_reversible_units, set_exact, set_reversible
 from .recompute import Recomputed
 from .reversible import ReversibleSequence
@@ -24,6 +24,7 @@ from .reversible import ReversibleSequence
 __all__ = [
     "AdditiveCoupling",
     "AffineCoupling",
+    "MomentumCoupling",
     "Coupling",
     "Recomputed",
     "ReversibleSequence",

@@ -124,6 +124,30 @@ class Coupling(nn.Module):
         dx, dh = torch.autograd.grad(y, (x, h), dy)
         return dx, dh
 
+    # The F step (y1 from x1 and F(x2)) and the G step (y2 from x2 and G(y1)) combine alike
+    # unless a subclass says otherwise (MomentumCoupling's velocity and position do not).
+    def couple_f(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``y1`` from ``x1`` and ``F(x2)``: :meth:`couple` unless a subclass says otherwise."""
+        return self.couple(x, h)
+
+    def decouple_f(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.decouple(y, h)
+
+    def couple_f_backward(self, x: torch.Tensor, h: torch.Tensor,
+                          dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.couple_backward(x, h, dy)
+
+    def couple_g(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``y2`` from ``x2`` and ``G(y1)``: :meth:`couple` unless a subclass says otherwise."""
+        return self.couple(x, h)
+
+    def decouple_g(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.decouple(y, h)
+
+    def couple_g_backward(self, x: torch.Tensor, h: torch.Tensor,
+                          dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.couple_backward(x, h, dy)
+
     def branch_shape(self, half_shape: torch.Size) -> torch.Size:
         """Shape F and G must return for a half of shape ``half_shape``."""
         return half_shape
@@ -195,14 +219,14 @@ class Coupling(nn.Module):
         # One cast per half into the stream's dtype (exact mode: bf16 -> float32), so plain
         # autograd sums x2's two gradients in that dtype, as the reversible engine does.
         x1, x2 = self.stream(x1), self.stream(x2)
-        y1 = self.couple(x1, self.run_f(x1, x2, context))
-        y2 = self.couple(x2, self.run_g(x2, y1, context))
+        y1 = self.couple_f(x1, self.run_f(x1, x2, context))
+        y2 = self.couple_g(x2, self.run_g(x2, y1, context))
         return y1, y2
 
     def inverse_halves(self, y1: torch.Tensor, y2: torch.Tensor,
                        context: Context = NO_CONTEXT) -> tuple[torch.Tensor, torch.Tensor]:
-        x2 = self.decouple(y2, self.run_g(y2, y1, context))
-        x1 = self.decouple(y1, self.run_f(y1, x2, context))
+        x2 = self.decouple_g(y2, self.run_g(y2, y1, context))
+        x1 = self.decouple_f(y1, self.run_f(y1, x2, context))
         return x1, x2
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
@@ -337,3 +361,67 @@ class AffineCoupling(Coupling):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, clamp={self.clamp}"
+
+
+class MomentumCoupling(Coupling):
+    """A momentum residual step (Sander et al., ICML 2021, "Momentum Residual Neural Networks"):
+    ``v' = gamma * v + (1 - gamma) * F(x)``, ``x' = x + G(v')`` on the halves ``(v, x)``.
+
+    With ``G`` the identity (the default) it is the paper's step ``x' = x + v'``, and at
+    ``gamma = 0`` the residual step ``x' = x + F(x)`` exactly; for ``gamma > 0`` the step inverts
+    (``x = x' - v'``, ``v = (v' - (1 - gamma) F(x)) / gamma``), so a chain of them trains in a
+    :class:`~revnet.engine.reversible.ReversibleSequence` without storing activations. The
+    velocity is the **first** half: start it at zero, ``torch.cat([torch.zeros_like(x), x], dim)``,
+    and read the position from the second half. The division by ``gamma`` amplifies rounding
+    in the rebuild by ``1 / gamma`` a step: keep ``gamma`` away from 0 for deep chains (the drift
+    guard measures it).
+
+    Example:
+        >>> import torch, revnet
+        >>> from torch import nn
+        >>> c = revnet.MomentumCoupling(nn.Linear(8, 8), gamma=0.9, dim=-1)
+        >>> x = torch.randn(2, 16)
+        >>> torch.allclose(c.inverse(c(x)), x, atol=1e-5)
+        True
+
+    Args:
+        f: the residual branch, a function of the position ``x`` shaped like it.
+        g: applied to the new velocity before it is added to the position (default identity).
+        gamma: momentum in ``[0, 1)``; 0 is the residual network (not invertible: plain mode only).
+        dim: split dimension.
+    """
+
+    def __init__(self, f: nn.Module, g: nn.Module | None = None, gamma: float = 0.9, dim: int = 1) -> None:
+        if not 0.0 <= gamma < 1.0:
+            raise ValueError(f"MomentumCoupling: gamma must be in [0, 1), got {gamma}.")
+        super().__init__(f, nn.Identity() if g is None else g, dim)
+        self.gamma = float(gamma)
+
+    # The G step (position) is additive: Coupling's couple/decouple serve it.
+    def couple(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return x + h
+
+    def decouple(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return y - h
+
+    def couple_backward(self, x: torch.Tensor, h: torch.Tensor,
+                        dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return dy, dy
+
+    # The F step (velocity): v' = gamma v + (1 - gamma) F(x).
+    def couple_f(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return torch.lerp(h, x, self.gamma) if x.dtype == h.dtype else self.gamma * x + (1 - self.gamma) * h
+
+    def decouple_f(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if self.gamma == 0.0:
+            raise RuntimeError("MomentumCoupling: gamma = 0 is the residual step, whose velocity cannot be "
+                               "rebuilt. Fix: gamma > 0, or plain autograd (revnet.set_reversible(model, "
+                               "False)).")
+        return (y - (1 - self.gamma) * h) / self.gamma
+
+    def couple_f_backward(self, x: torch.Tensor, h: torch.Tensor,
+                          dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gamma * dy, (1 - self.gamma) * dy
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma:g}, dim={self.dim}"

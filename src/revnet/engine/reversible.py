@@ -291,9 +291,9 @@ class _ReversibleBlock(torch.autograd.Function):
         ctx.chain, ctx.c, ctx.context, ctx.params = chain, c, context, tensors[n:]
         ctx.replay = Replay(x1, keep_rng)
         ctx.replay.mark()  # 0: before F
-        y1 = c.couple(x1, c.run_f(x1, x2, context))
+        y1 = c.couple_f(x1, c.run_f(x1, x2, context))
         ctx.replay.mark()  # 1: before G
-        y2 = c.couple(x2, c.run_g(x2, y1, context))
+        y2 = c.couple_g(x2, c.run_g(x2, y1, context))
         return y1, y2
 
     @staticmethod
@@ -308,24 +308,24 @@ class _ReversibleBlock(torch.autograd.Function):
         # Memory: every half (B, C/2, ...) is dropped as soon as it is dead, before the next
         # backprop through a branch, and a branch's output is held only as its graph edge.
         with replay.rerun(c):
-            # G step: h = G(y1) with a graph; x2 = decouple(y2, h); backprop dy2.
+            # G step: h = G(y1) with a graph; x2 = decouple_g(y2, h); backprop dy2.
             replay.rewind(1)
             with grads.swapped(c.g), torch.enable_grad():
                 z1 = y1.detach().requires_grad_()
                 h = c.run_g(y2, z1, context)
-            x2 = c.decouple(y2, h.detach())
-            dx2, dh = c.couple_backward(x2, h.detach(), dy2)
+            x2 = c.decouple_g(y2, h.detach())
+            dx2, dh = c.couple_g_backward(x2, h.detach(), dy2)
             y2 = dy2 = None
             dz1 = grads.backprop(grad_edge(h), z1, dh)
             dz1 = dy1 if dz1 is None else add_into(dz1, dy1, dx2)  # y1 feeds G and the output
             z1 = h = dh = dy1 = None
-            # F step: h = F(x2) with a graph; x1 = decouple(y1, h); backprop dz1.
+            # F step: h = F(x2) with a graph; x1 = decouple_f(y1, h); backprop dz1.
             replay.rewind(0)
             with grads.swapped(c.f), torch.enable_grad():
                 x2.requires_grad_()
                 h = c.run_f(y1, x2, context)
-            x1 = c.decouple(y1, h.detach())
-            dx1, dh = c.couple_backward(x1, h.detach(), dz1)
+            x1 = c.decouple_f(y1, h.detach())
+            dx1, dh = c.couple_f_backward(x1, h.detach(), dz1)
             y1 = dz1 = None
             dx2_f = grads.backprop(grad_edge(h), x2, dh)
             if dx2_f is not None:

@@ -65,17 +65,17 @@ def roundtrip(
         for c in couplings:
             replay = Replay(x1, keep_rng=True)
             replay.mark()
-            y1 = c.couple(x1, c.run_f(x1, x2, context))
+            y1 = c.couple_f(x1, c.run_f(x1, x2, context))
             replay.mark()
-            x2 = c.couple(x2, c.run_g(x2, y1, context))
+            x2 = c.couple_g(x2, c.run_g(x2, y1, context))
             x1 = y1
             replays.append(replay)
         y = merge(x1, x2, dim)
         for c, replay in zip(reversed(couplings), reversed(replays), strict=True):
             replay.rewind(1)
-            x2 = c.decouple(x2, c.run_g(x2, x1, context))
+            x2 = c.decouple_g(x2, c.run_g(x2, x1, context))
             replay.rewind(0)
-            x1 = c.decouple(x1, c.run_f(x1, x2, context))
+            x1 = c.decouple_f(x1, c.run_f(x1, x2, context))
         return y, merge(x1, x2, dim)
 
 
