@@ -23,9 +23,10 @@ MAY_IMPORT = {
     "memory": {"memory", "engine"},
     "fidelity": {"fidelity", "engine"},
     "models": {"models", "engine"},
-    "training": {"training", "models", "memory", "fidelity", "engine"},
-    "bench": {"bench", "training", "models", "memory", "fidelity", "engine"},
-    "cli": {"cli", "bench", "training", "models", "memory", "fidelity", "engine"},
+    "conversion": {"conversion", "models", "engine"},
+    "training": {"training", "conversion", "models", "memory", "fidelity", "engine"},
+    "bench": {"bench", "training", "conversion", "models", "memory", "fidelity", "engine"},
+    "cli": {"cli", "bench", "training", "conversion", "models", "memory", "fidelity", "engine"},
 }
 LEAVES = {"_version"}
 EXTRAS = ("numpy", "tqdm", "matplotlib")  # the `train` extra
@@ -92,11 +93,11 @@ def test_imports_point_down_the_module_map():
     assert not wrong, "imports against the module map:\n" + "\n".join(wrong)
 
 
-def test_engine_memory_fidelity_and_models_need_only_torch():
+def test_engine_memory_fidelity_models_and_conversion_need_only_torch():
     stdlib = set(sys.stdlib_module_names)
     wrong = []
     for path in sources():
-        if part_of(module_name(path)) not in ("engine", "memory", "fidelity", "models"):
+        if part_of(module_name(path)) not in ("engine", "memory", "fidelity", "models", "conversion"):
             continue
         for line, target in imports(path):
             top = target.split(".")[0]

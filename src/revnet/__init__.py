@@ -5,7 +5,8 @@ The package in parts, each importing only the parts below it (docs/DESIGN.md):
 - ``revnet.engine``: reversible couplings and the backward that rebuilds activations;
 - ``revnet.memory``: measuring a step's activation memory, and the memory-budget planner;
 - ``revnet.fidelity``: reconstruction error, gradient angle and the drift guard;
-- ``revnet.models``: the model zoo (RevNets, ResNets, RevViT, ViT) and its registry;
+- ``revnet.models``: the model zoo (RevNets, ResNets, RevViT, ViT, GPTs) and its registry;
+- ``revnet.conversion``: ``revnet.convert``, existing models (Hugging Face, the zoo's) made reversible;
 - ``revnet.training``: ``revnet train`` as a library (``fit(config)``): data, loop, checkpoints;
 - ``revnet.bench``: the measurements behind ``revnet bench`` (memory, speed, capacity, drift);
 
@@ -14,6 +15,7 @@ zoo only, which need nothing but torch.
 """
 
 from ._version import __version__
+from .conversion import convert, register_adapter
 from .engine import (
     AdditiveCoupling,
     AffineCoupling,
@@ -40,10 +42,12 @@ __all__ = [
     "ResNet",
     "RevNet",
     "ReversibleSequence",
+    "convert",
     "create_model",
     "has_reversible_units",
     "list_models",
     "plan",
+    "register_adapter",
     "register_model",
     "set_exact",
     "set_reversible",

@@ -27,7 +27,8 @@ from torch import nn
 from .context import NO_CONTEXT, Context
 from .exact import EXACT_BITS, FLOAT, Arithmetic, Lattice, check_bits
 
-__all__ = ["AdditiveCoupling", "AffineCoupling", "Coupling", "halves", "merge", "split"]
+__all__ = ["AdditiveCoupling", "AffineCoupling", "Coupling", "MomentumCoupling", "Position", "halves",
+           "merge", "split"]
 
 
 def split(x: torch.Tensor, dim: int, owner: str = "coupling") -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,6 +364,13 @@ class AffineCoupling(Coupling):
         return f"dim={self.dim}, clamp={self.clamp}"
 
 
+class Position(nn.Module):
+    """The identity on a half that ignores the context: a momentum step's default G (``x' = x + v'``)."""
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return x
+
+
 class MomentumCoupling(Coupling):
     """A momentum residual step (Sander et al., ICML 2021, "Momentum Residual Neural Networks"):
     ``v' = gamma * v + (1 - gamma) * F(x)``, ``x' = x + G(v')`` on the halves ``(v, x)``.
@@ -394,7 +402,7 @@ class MomentumCoupling(Coupling):
     def __init__(self, f: nn.Module, g: nn.Module | None = None, gamma: float = 0.9, dim: int = 1) -> None:
         if not 0.0 <= gamma < 1.0:
             raise ValueError(f"MomentumCoupling: gamma must be in [0, 1), got {gamma}.")
-        super().__init__(f, nn.Identity() if g is None else g, dim)
+        super().__init__(f, Position() if g is None else g, dim)
         self.gamma = float(gamma)
 
     # The G step (position) is additive: Coupling's couple/decouple serve it.
