@@ -28,3 +28,12 @@ def test_measure_memory_shows_reversible_flat_and_plain_growing():
     saved = {int(r[0]): (float(r[5]), float(r[8])) for r in rows}  # (reversible, plain) MiB
     assert saved[8][0] == saved[2][0]  # the reversible step keeps the same tensors at any depth
     assert saved[8][1] > 3 * saved[2][1]  # plain autograd keeps every block's activations
+
+
+def test_finetune_hf_converts_trains_generates_and_round_trips(tmp_path):
+    out = run("finetune_hf.py", "--steps", "4", "--layers", "2", "--width", "32", "--context", "32",
+              "--batch", "4", "--out", str(tmp_path / "model"))
+    saved = re.search(r"([0-9.]+) MiB before conversion, ([0-9.]+) MiB after", out)
+    assert float(saved.group(1)) > 3 * float(saved.group(2))
+    assert "step    3  loss" in out and "sample: #include <" in out
+    assert "same outputs: True" in out and (tmp_path / "model" / "config.json").exists()

@@ -181,3 +181,43 @@ def test_a_converted_gpt_generates_and_trains_under_autocast():
         loss = reference(x, targets=x)
     loss.backward()
     assert all(p.grad is not None for p in reference.parameters())
+
+
+class EncoderDecoder(nn.Module):
+    """PyTorch's own nn.Transformer pieces, batch first."""
+
+    def __init__(self, norm_first):
+        super().__init__()
+        kw = {"d_model": 16, "nhead": 4, "dim_feedforward": 32, "dropout": 0.0, "batch_first": True,
+              "norm_first": norm_first, "dtype": torch.float64}
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**kw), 2, enable_nested_tensor=False)
+        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(activation="gelu", **kw), 2)
+
+    def forward(self, src, tgt, pad):
+        memory = self.encoder(src, src_key_padding_mask=pad)
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1], dtype=torch.float64)
+        return self.decoder(tgt, memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=pad)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_pytorch_transformer_encoder_and_decoder_convert(norm_first):
+    torch.manual_seed(0)
+    model = EncoderDecoder(norm_first)
+    src = torch.randn(2, 7, 16, dtype=torch.float64)
+    tgt = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    ref = model(src, tgt, pad)
+    zero = revnet.convert(copy.deepcopy(model), gamma=0.0)
+    assert rel_err(zero(src, tgt, pad), ref) <= 1e-12
+    assert [c for _, c, _, _ in zero.revnet_conversion.stacks] == ["TransformerEncoderLayer",
+                                                                   "TransformerDecoderLayer"]
+    assert [n for _, _, _, n in zero.revnet_conversion.stacks] == [4, 6]  # 2 and 3 branches per layer
+    revnet.convert(model, gamma=0.9)
+    plain = copy.deepcopy(model)
+    revnet.set_reversible(plain, False)
+    loss_fn = lambda m: m(src, tgt, pad).square().sum()  # noqa: E731
+    assert grad_error(grads_of(model, loss_fn), grads_of(plain, loss_fn)) <= 1e-10
+    model.eval()  # the encoder's nested-tensor fast path is off after conversion
+    with torch.no_grad():
+        assert torch.isfinite(model(src, tgt, pad)).all()

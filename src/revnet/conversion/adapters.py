@@ -11,16 +11,20 @@ imported here):
 
 - revnet's own :class:`~revnet.models.transformer.TransformerBlock` (``vit_*``, ``gpt_*``):
   attention, MLP;
+- PyTorch's ``nn.TransformerEncoderLayer`` (self-attention, feed-forward) and
+  ``nn.TransformerDecoderLayer`` (self-attention, cross-attention to ``memory``, feed-forward),
+  pre-norm (``norm_first=True``) and post-norm;
 - Hugging Face GPT-2 (``GPT2Block``): ``attn(ln_1(x))``, ``mlp(ln_2(x))``;
 - Hugging Face Llama, Mistral, Qwen2 (``*DecoderLayer``): ``self_attn(input_layernorm(x))``,
   ``mlp(post_attention_layernorm(x))``, with the model's rotary tables and mask as context;
-- Hugging Face BERT and RoBERTa (``BertLayer``, ``RobertaLayer``), post-norm: a sub-layer
-  ``x -> LayerNorm(x + A(x))`` is the residual step ``x + f(x)`` with ``f(x) = LayerNorm(x + A(x)) - x``
-  (the same function: at ``gamma = 0`` the converted model is the original);
+- Hugging Face BERT and RoBERTa (``BertLayer``, ``RobertaLayer``), post-norm;
 - Hugging Face ViT (``ViTLayer``): ``attention(layernorm_before(x))``, ``mlp(layernorm_after(x))``.
 
-The Hugging Face adapters follow the block layouts of ``transformers`` 5 (tested with the version
-``scripts/constraints.txt`` pins); a layout they do not find is reported by :func:`revnet.convert`.
+A post-norm sub-layer ``x -> LayerNorm(x + A(x))`` converts as the residual step with
+``f(x) = LayerNorm(x + A(x)) - x``: the same function, so at ``gamma = 0`` the converted model is
+the original. The Hugging Face adapters follow the block layouts of ``transformers`` 5 (tested
+with the version ``scripts/constraints.txt`` pins); a layout they do not find is reported by
+:func:`revnet.convert`.
 
 :func:`register_adapter` adds a user's block class.
 """
@@ -72,11 +76,14 @@ class Adapter:
         name: the block class's name, for messages.
         branches: ``block -> [f_1, f_2, ...]``, its residual branches in order.
         check: ``block -> reason`` it cannot be converted (or None), e.g. cross-attention.
+        parent: called with the module holding the converted list, to switch off what would no longer
+            work (``nn.TransformerEncoder``'s nested-tensor fast path).
     """
 
     name: str
     branches: Branches
     check: Callable[[nn.Module], str | None] | None = None
+    parent: Callable[[nn.Module], None] | None = None
 
 
 _BY_TYPE: dict[type, Adapter] = {}
@@ -84,7 +91,8 @@ _BY_NAME: dict[str, Adapter] = {}
 
 
 def register_adapter(block_type: type | str, branches: Branches, *,
-                     check: Callable[[nn.Module], str | None] | None = None) -> None:
+                     check: Callable[[nn.Module], str | None] | None = None,
+                     parent: Callable[[nn.Module], None] | None = None) -> None:
     """Teaches :func:`revnet.convert` a residual block class.
 
     Example:
@@ -108,12 +116,13 @@ def register_adapter(block_type: type | str, branches: Branches, *,
             ``block(x) == x + f_1(x) + f_2(x + f_1(x))`` (each ``f_k(x, **context)`` if the block takes
             call arguments beyond ``x``; an ``nn.Sequential`` branch takes none).
         check: optional ``block -> reason`` it cannot be converted, or None.
+        parent: optional, called with the module that holds the converted list.
     """
     if isinstance(block_type, str):
-        adapter = Adapter(block_type.rpartition(".")[2], branches, check)
+        adapter = Adapter(block_type.rpartition(".")[2], branches, check, parent)
         _BY_NAME[block_type] = adapter
     elif isinstance(block_type, type) and issubclass(block_type, nn.Module):
-        _BY_TYPE[block_type] = Adapter(block_type.__name__, branches, check)
+        _BY_TYPE[block_type] = Adapter(block_type.__name__, branches, check, parent)
     else:
         raise TypeError(f"register_adapter: block_type must be an nn.Module class or its path "
                         f"'package.module.Class', got {block_type!r}.")
@@ -135,6 +144,78 @@ def adapter_for(module: nn.Module) -> Adapter | None:
 # --------------------------------------------------------------------------------------
 
 register_adapter(TransformerBlock, lambda block: [block.attn, block.mlp])
+
+
+# --------------------------------------------------------------------------------------
+# PyTorch's nn.TransformerEncoderLayer / nn.TransformerDecoderLayer (pre- and post-norm)
+# --------------------------------------------------------------------------------------
+
+def _post_norm(norm: nn.Module, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return norm(x + h) - x  # x -> norm(x + h(x)) as the residual step x + f(x)
+
+
+def _torch_sa(m: Branch, x: torch.Tensor, *, src_mask: Any = None, src_key_padding_mask: Any = None,
+              is_causal: bool = False, tgt_mask: Any = None, tgt_key_padding_mask: Any = None,
+              tgt_is_causal: bool = False, **context: Any) -> torch.Tensor:
+    mask, pad = (tgt_mask, tgt_key_padding_mask) if "memory" in context else (src_mask, src_key_padding_mask)
+    causal = tgt_is_causal if "memory" in context else is_causal
+    inp = m.norm(x) if m.norm_first else x
+    h = m.drop(m.attn(inp, inp, inp, attn_mask=mask, key_padding_mask=pad, need_weights=False,
+                      is_causal=causal)[0])
+    return h if m.norm_first else _post_norm(m.norm, x, h)
+
+
+def _torch_cross(m: Branch, x: torch.Tensor, *, memory: torch.Tensor, memory_mask: Any = None,
+                 memory_key_padding_mask: Any = None, memory_is_causal: bool = False,
+                 **context: Any) -> torch.Tensor:
+    inp = m.norm(x) if m.norm_first else x
+    h = m.drop(m.attn(inp, memory, memory, attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask,
+                      is_causal=memory_is_causal, need_weights=False)[0])
+    return h if m.norm_first else _post_norm(m.norm, x, h)
+
+
+def _torch_ff(m: Branch, x: torch.Tensor, **context: Any) -> torch.Tensor:
+    inp = m.norm(x) if m.norm_first else x
+    h = m.drop_out(m.linear2(m.dropout(m.activation(m.linear1(inp)))))
+    return h if m.norm_first else _post_norm(m.norm, x, h)
+
+
+def _branch(fn: Callable[..., torch.Tensor], layer: nn.Module, **modules: nn.Module) -> Branch:
+    b = Branch(fn, **modules)
+    b.norm_first = layer.norm_first
+    return b
+
+
+def _ff(layer: nn.Module, norm: nn.Module, drop_out: nn.Module) -> Branch:
+    b = _branch(_torch_ff, layer, norm=norm, linear1=layer.linear1, dropout=layer.dropout,
+                linear2=layer.linear2, drop_out=drop_out)
+    if isinstance(layer.activation, nn.Module):
+        b.add_module("activation", layer.activation)
+    else:
+        b.activation = layer.activation  # F.relu or F.gelu
+    return b
+
+
+def _torch_encoder(layer: nn.Module) -> list[nn.Module]:
+    return [_branch(_torch_sa, layer, norm=layer.norm1, attn=layer.self_attn, drop=layer.dropout1),
+            _ff(layer, layer.norm2, layer.dropout2)]
+
+
+def _torch_decoder(layer: nn.Module) -> list[nn.Module]:
+    return [_branch(_torch_sa, layer, norm=layer.norm1, attn=layer.self_attn, drop=layer.dropout1),
+            _branch(_torch_cross, layer, norm=layer.norm2, attn=layer.multihead_attn, drop=layer.dropout2),
+            _ff(layer, layer.norm3, layer.dropout3)]
+
+
+def _no_nested_tensors(encoder: nn.Module) -> None:
+    # nn.TransformerEncoder's inference fast path packs padded batches into nested tensors, which a
+    # momentum stream (a concatenation) cannot hold: the converted stack takes the padded batch.
+    if hasattr(encoder, "use_nested_tensor"):
+        encoder.use_nested_tensor = False
+
+
+register_adapter(nn.TransformerEncoderLayer, _torch_encoder, parent=_no_nested_tensors)
+register_adapter(nn.TransformerDecoderLayer, _torch_decoder)
 
 
 # --------------------------------------------------------------------------------------

@@ -253,6 +253,9 @@ def convert(model: nn.Module, *, method: str | None = None, gamma: float | None 
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, attr, stack)
+        adapter = adapter_for(blocks[0])
+        if adapter is not None and adapter.parent is not None:
+            adapter.parent(parent)
         report.stacks.append((path, type(blocks[0]).__name__, len(blocks), len(stack.sequence)))
     if reference is not None:
         was_training = model.training
