@@ -494,3 +494,27 @@ def test_training_keeps_freed_host_memory_for_the_next_step(tmp_path, monkeypatc
     monkeypatch.setattr(run_mod, "keep_freed_memory", lambda: calls.append(1) or True)
     fit(tiny(tmp_path, steps=1))
     assert calls
+
+
+def test_fine_tuning_a_converted_model_from_a_checkpoint(tmp_path):
+    """--init loads a residual model's weights (a head of another shape starts fresh), --convert makes
+    it reversible; the run resumes and evaluates as the converted model, and its checkpoint loads
+    into the unconverted one (the same keys)."""
+    base = dict(model="vit_mini", optimizer="adamw", lr=3e-3, weight_decay=0.05, steps=6)
+    fit(tiny(tmp_path, "pre", **base))
+    pre = tmp_path / "pre" / "last.pt"
+    kw = dict(base, init=str(pre), convert="momentum", convert_gamma=0.8, steps=8,
+              synthetic={**TINY, "num_classes": 4})
+    summary = fit(tiny(tmp_path, "fine", **kw))
+    assert summary["reversible"] is True and summary["step"] == 8
+    fine = torch.load(tmp_path / "fine" / "last.pt", weights_only=False)
+    start = torch.load(pre, weights_only=False)["model"]
+    assert set(fine["model"]) == set(start)  # the unconverted model's keys
+    assert fine["model"]["head.weight"].shape[0] == 4 and start["head.weight"].shape[0] == 10
+    assert evaluate_checkpoint(tmp_path / "fine" / "last.pt")["test_accuracy"] == summary["test_accuracy"]
+    pre.rename(tmp_path / "moved.pt")  # a resumed run needs its own checkpoint only
+    assert fit(tiny(tmp_path, "fine", **kw), resume=True)["step"] == 8
+    with pytest.raises(ValueError, match="reversible already"):
+        tiny(tmp_path, "x", model="revvit_mini", convert="momentum")
+    with pytest.raises(FileNotFoundError, match="--init: no file"):
+        fit(tiny(tmp_path, "y", **{**kw, "init": str(tmp_path / "gone.pt")}))

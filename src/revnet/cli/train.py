@@ -80,6 +80,13 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                                              "compare it with the stored one"}),
     ("--drift-guard-threshold", "drift_guard_threshold", {
         "type": float, "help": "relative rebuild error that trips the guard (default 0.1)"}),
+    ("--init", "init", {"metavar": "CHECKPOINT", "help": "start from these weights (a last.pt/best.pt, or a "
+                                                         "saved state dict); a classifier head of another "
+                                                         "shape starts fresh (fine-tuning)"}),
+    ("--convert", "convert", {"choices": ["momentum"], "help": "make the (residual) model reversible with "
+                                                               "revnet.convert before training "
+                                                               "(docs/guide/convert.md)"}),
+    ("--gamma", "convert_gamma", {"type": float, "help": "the momentum of --convert (default 0.9)"}),
     ("--drift-guard-action", "drift_guard_action", {
         "choices": ["warn", "exact", "store"], "help": "past the threshold: warn (default), switch the "
                                                        "sequence to exact mode, or store its activations"}),

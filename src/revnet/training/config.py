@@ -30,6 +30,7 @@ def _group_norm(channels: int, **factory: Any) -> nn.GroupNorm:
 NORMS: dict[str, Any] = {"batch": nn.BatchNorm2d, "group": _group_norm}  # TrainConfig.norm -> layer
 
 OPTIMIZERS = ("sgd", "adamw")
+CONVERT_METHODS = ("momentum",)  # revnet.convert's methods
 
 
 def is_reversible_model(model: str) -> bool:
@@ -102,6 +103,9 @@ class TrainConfig:
     drift_guard_every: int | None = None  # every N steps: rebuild each sequence's input and compare
     drift_guard_threshold: float = 0.1  # guard: relative rebuild error (max abs / max |input|) tolerated
     drift_guard_action: str = "warn"  # guard, past the threshold: "warn", "exact" or "store" (activations)
+    init: str | None = None  # weights to start from: a revnet train checkpoint or a state-dict file
+    convert: str | None = None  # revnet.convert the model (a residual one) with this method: "momentum"
+    convert_gamma: float = 0.9  # the momentum of --convert
 
     def __post_init__(self) -> None:
         # Only asked when a check needs it (a model built on the meta device, once per name).
@@ -154,6 +158,13 @@ class TrainConfig:
              f"drift_guard_threshold must be > 0, got {self.drift_guard_threshold}"),
             (self.drift_guard_action in DRIFT_ACTIONS,
              f"drift_guard_action must be one of {DRIFT_ACTIONS}, got {self.drift_guard_action!r}"),
+            (self.convert in (None, *CONVERT_METHODS),
+             f"convert must be one of {CONVERT_METHODS} (or None), got {self.convert!r}"),
+            (0 < self.convert_gamma < 1, f"convert_gamma must be in (0, 1) to train reversibly, got "
+                                         f"{self.convert_gamma}"),
+            (self.convert is None or not known or not is_reversible_model(self.model),
+             f"convert makes a residual model reversible, and {self.model!r} is reversible already: drop "
+             f"--convert, or convert its residual counterpart (e.g. vit_mini, gpt_mini)"),
         ]
         for ok, msg in checks:
             if not ok:

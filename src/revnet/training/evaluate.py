@@ -60,7 +60,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *, data_dir: str | None = None,
     state = read_checkpoint(path, "eval")
     fields = config_fields(state["config"])
     fields.update(device=device, compile=None, **({"data_dir": data_dir} if data_dir else {}))
-    run = build_run(TrainConfig(**fields))
+    run = build_run(TrainConfig(**fields), init_weights=False)  # the checkpoint's own weights
     run.model.load_state_dict(state["model"])
     set_modes(run.model, state.get("engine_modes", {}))
     return {"checkpoint": str(path), "step": state["step"], "dataset": run.config.dataset,

@@ -177,7 +177,7 @@ def _fit(config: TrainConfig, info: DistInfo, resume: bool, progress: bool) -> d
     """:func:`fit` once the process knows its rank: rank 0 alone writes files and logs."""
     if resume and config.amp == "auto":
         config = _saved_precision(config, info)
-    run = build_run(config, info)
+    run = build_run(config, info, init_weights=not resume)
     last = run.out / "last.pt"
     error: BaseException | None = None
     if info.is_main:  # the run directory lives on rank 0's node; the others learn its verdict

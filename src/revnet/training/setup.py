@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..conversion import convert
 from ..engine import compile as revnet_compile
 from ..engine import has_reversible_units, set_exact, set_reversible
 from ..memory import Plan, plan
@@ -192,7 +193,8 @@ def build_model(config: TrainConfig, **shape: int) -> nn.Module:
     """The run's model, freshly initialised on the CPU, for data of ``shape`` (a loader's
     ``shape_info()``): an image classifier with its norm layers, sized to its images where the
     model takes a size (a transformer's position embeddings); a language model with the data's
-    vocabulary and context length. In its modes (reversible or plain, exact or float)."""
+    vocabulary and context length; converted (``config.convert``: :func:`revnet.convert`, the same
+    state-dict keys) where asked. In its modes (reversible or plain, exact or float)."""
     if "vocab_size" in shape:
         model = create_model(config.model, vocab_size=shape["vocab_size"],
                              context_length=shape["context_length"])
@@ -202,13 +204,46 @@ def build_model(config: TrainConfig, **shape: int) -> nn.Module:
             extra_kw["img_size"] = shape["image_size"]
         model = create_model(config.model, num_classes=shape["num_classes"], in_chans=shape["in_chans"],
                              **extra_kw)
+    if config.convert:
+        convert(model, method=config.convert, gamma=config.convert_gamma)
     set_reversible(model, config.reversible)
     set_exact(model, config.exact)
     return model
 
 
-def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
-    """Resolves the device and precision, loads the data, builds the model, optimizer and loaders."""
+def load_init(model: nn.Module, path: str | os.PathLike[str]) -> list[str]:
+    """Loads the weights of ``path`` (a ``revnet train`` checkpoint, or a state dict saved with
+    ``torch.save``) into ``model`` where names and shapes agree; returns the names kept as they were
+    (a classifier head of another shape: fine-tuning on other classes). A file that matches nothing
+    is an error, and so is a model tensor of the same name with another shape outside the head.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--init: no file at {path}; pass a last.pt/best.pt of `revnet train` or a "
+                                f"state dict saved with torch.save(model.state_dict(), path).")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--init: {path} holds no state dict (name -> tensor).")
+    own = model.state_dict()
+    loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not loaded:
+        raise ValueError(f"--init: no tensor of {path} fits the model (e.g. {next(iter(state), '-')!r} vs "
+                         f"{next(iter(own), '-')!r}): it was saved from another architecture.")
+    fresh = sorted(k for k in own if k not in loaded)
+    odd = [k for k in fresh if k in state and not k.startswith(("head.", "fc.", "classifier."))]
+    if odd:
+        raise ValueError(f"--init: {path} has {odd[0]} with shape {tuple(state[odd[0]].shape)}, the model "
+                         f"{tuple(own[odd[0]].shape)}: only a classifier head may change shape.")
+    model.load_state_dict(loaded, strict=False)
+    return fresh
+
+
+def build_run(config: TrainConfig, info: DistInfo | None = None, *, init_weights: bool = True) -> Run:
+    """Resolves the device and precision, loads the data, builds the model, optimizer and loaders;
+    the model starts from ``config.init`` where given (unless ``init_weights`` is False: a resumed run
+    takes its weights from its own checkpoint)."""
     info = info or DistInfo()
     device = device_for(config, info)
     keep_freed_memory()  # host memory reused from step to step, not faulted in anew (memory.measure)
@@ -218,6 +253,11 @@ def build_run(config: TrainConfig, info: DistInfo | None = None) -> Run:
     shape = train.shape_info()
     micro = per_rank // config.accum_steps
     model = build_model(config, **shape)
+    if config.init and init_weights:
+        fresh = load_init(model, config.init)
+        if info.is_main:
+            log.info("init: weights from %s%s", config.init,
+                     f"; kept fresh: {', '.join(fresh)}" if fresh else "")
     model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
     if config.amp == "auto":  # resolved once: config.json and checkpoints hold the precision used
         choice = info.broadcast(_choose_precision(model, shape, micro, config, device)
