@@ -14,8 +14,8 @@ import pytest
 import torch
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
-NAMES = ("fidelity_study", "fsdp_probe", "memcnn_compare", "min_plan", "page_faults", "parity_study",
-         "planner_savings", "rebuild_floor", "window_savings")
+NAMES = ("convert_memory", "convert_study", "fidelity_study", "fsdp_probe", "memcnn_compare", "min_plan",
+         "page_faults", "parity_study", "planner_savings", "rebuild_floor", "window_savings")
 
 
 def load(name: str):
@@ -349,3 +349,47 @@ def test_window_savings_per_stage_and_json(tmp_path, capsys):
     assert "all rebuilt 4.100 s, all stored 3.100 s (medians of 3)" in printed
     line = next(ln for ln in printed.splitlines() if ln.startswith("0 couplings"))
     assert line.split() == ["0", "couplings", "2", "6", "4", "1.50"]
+
+
+def test_convert_memory_table_and_doc(tmp_path):
+    cm = load("convert_memory")
+    rows = [{"depth": d, "batch": 2, "context": 1024, "loss": loss, "plain_saved_mib": 100.0 * d,
+             "converted_saved_mib": 10.0, "saved_ratio": 10.0 * d}
+            for d in (4, 24) for loss in ("fused", "hf")]
+    rows[2].update(plain_peak_mib=2400.0, converted_peak_mib=300.0, peak_ratio=8.0)
+    result = {"rows": rows, "command": "python studies/convert_memory.py",
+              "environment": {"cpu": "X", "date": "d"}}
+    doc = tmp_path / "CONVERT.md"
+    doc.write_text("# t\n<!-- convert-memory:start -->\nold\n<!-- convert-memory:end -->\nkept\n")
+    cm.write_doc(doc, result)
+    text = doc.read_text()
+    assert "old" not in text and text.endswith("kept\n")
+    assert "| 24 | 2400.0 MiB | 10.0 MiB | 240x | 2400.0 MiB | 300.0 MiB | 8.0x |" in text
+    assert "| 4 | 400.0 MiB | 10.0 MiB | 40x | - | - | - | 400.0 / 10.0 MiB (40.0x) |" in text
+
+
+def test_convert_study_summary_table_and_doc(tmp_path):
+    cs = load("convert_study")
+    runs = []
+    for seed in (0, 1):
+        for arm, finals in (("plain", (0.90, 0.92)), ("converted", (0.91, 0.93))):
+            gamma = 0.9 if arm == "converted" else None
+            runs.append({"task": "vision", "arm": arm, "seed": seed, "gamma": gamma,
+                         "curve": [[0, 0.2], [50, finals[seed] - 0.005], [100, finals[seed]]],
+                         "final": finals[seed], "start": 0.2,
+                         "saved_mib": 100.0 if arm == "plain" else 25.0, "seconds": 1.0})
+        for arm, final in (("plain", 2.0), ("converted", 2.1)):
+            gamma = 0.9 if arm == "converted" else None
+            runs.append({"task": "text", "arm": arm, "seed": seed, "gamma": gamma,
+                         "curve": [[0, 3.0], [50, 2.5], [100, final]], "final": final, "start": 3.0,
+                         "saved_mib": 50.0 if arm == "plain" else 5.0, "seconds": 1.0})
+    rows = {(r["task"], r["arm"]): r for r in cs.summarize(runs)}
+    assert rows[("vision", "converted")]["vs_plain"] == pytest.approx(1.0)  # points
+    assert rows[("vision", "converted")]["steps_to_plain_final"] == 75  # 50 and 100: mean over seeds
+    assert rows[("text", "converted")]["vs_plain"] == pytest.approx(5.0)  # percent, lower is better
+    assert rows[("text", "converted")]["steps_to_plain_final"] is None
+    meta = {"command": "python studies/convert_study.py", "cpu": "X", "date": "d"}
+    cs.write_doc(tmp_path, runs, meta)
+    text = (tmp_path / "CONVERT.md").read_text()
+    assert "+1.00 points" in text and "+5.00%" in text and "not reached" in text and "25.0 MiB" in text
+    assert (tmp_path / "convert" / "curves.png").exists() and (tmp_path / "convert" / "results.json").exists()
