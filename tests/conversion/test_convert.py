@@ -221,3 +221,28 @@ def test_pytorch_transformer_encoder_and_decoder_convert(norm_first):
     model.eval()  # the encoder's nested-tensor fast path is off after conversion
     with torch.no_grad():
         assert torch.isfinite(model(src, tgt, pad)).all()
+
+
+def test_a_resnets_stages_convert_after_their_downsampling_units():
+    torch.manual_seed(0)
+    model = revnet.create_model("resnet32", num_classes=4, in_chans=1).double()
+    x = torch.randn(3, 1, 12, 12, dtype=torch.float64)
+    model.eval()
+    ref = model(x)
+    zero = revnet.convert(copy.deepcopy(model), gamma=0.0)
+    assert rel_err(zero(x), ref) <= 1e-12
+    # stage 0's units are all x + f(x); stages 1 and 2 open with a unit whose shortcut downsamples
+    assert [(p, n) for p, _, n, _ in zero.revnet_conversion.stacks] == [
+        ("stages.0", 5), ("stages.1", 4), ("stages.2", 4)]
+    assert sorted(zero.state_dict()) == sorted(model.state_dict())
+    model.train()
+    revnet.convert(model, gamma=0.9)
+    plain = copy.deepcopy(model)
+    revnet.set_reversible(plain, False)
+    loss_fn = lambda m: m(x).square().sum()  # noqa: E731
+    assert grad_error(grads_of(model, loss_fn), grads_of(plain, loss_fn)) <= 1e-10
+    # BatchNorm's running statistics move once per step, as under plain autograd (engine rule 2)
+    bn = [b for b in model.modules() if isinstance(b, nn.BatchNorm2d)]
+    bn_plain = [b for b in plain.modules() if isinstance(b, nn.BatchNorm2d)]
+    assert all(torch.allclose(a.running_mean, b.running_mean) and a.num_batches_tracked == b.num_batches_tracked
+               for a, b in zip(bn, bn_plain, strict=True))

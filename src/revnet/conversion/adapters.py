@@ -10,7 +10,8 @@ Built in (matched by class, Hugging Face's by their module path, so ``transforme
 imported here):
 
 - revnet's own :class:`~revnet.models.transformer.TransformerBlock` (``vit_*``, ``gpt_*``):
-  attention, MLP;
+  attention, MLP; and the ResNets' units (``resnet*``), ``x + residual(x)``, after each stage's
+  first unit (whose shortcut changes the shape, and which runs as it is);
 - PyTorch's ``nn.TransformerEncoderLayer`` (self-attention, feed-forward) and
   ``nn.TransformerDecoderLayer`` (self-attention, cross-attention to ``memory``, feed-forward),
   pre-norm (``norm_first=True``) and post-norm;
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.layers import ResidualUnit
 from ..models.transformer import TransformerBlock
 
 __all__ = ["Adapter", "Branch", "adapter_for", "register_adapter"]
@@ -144,6 +146,16 @@ def adapter_for(module: nn.Module) -> Adapter | None:
 # --------------------------------------------------------------------------------------
 
 register_adapter(TransformerBlock, lambda block: [block.attn, block.mlp])
+
+
+def _unit_check(unit: nn.Module) -> str | None:
+    if not isinstance(unit.shortcut, nn.Identity):
+        return "its shortcut changes the shape (a stage's first unit), so it is not x + f(x)"
+    return None
+
+
+# The zoo's ResNets: each unit of a stage after the first is x + residual(x).
+register_adapter(ResidualUnit, lambda unit: [unit.residual], check=_unit_check)
 
 
 # --------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ class ConversionReport:
     Attributes:
         method: the conversion method (``"momentum"``).
         gamma: the momentum.
-        stacks: ``(path, block class, blocks, couplings)`` per converted stack.
+        stacks: ``(path, block class, converted blocks, couplings)`` per converted stack.
         output_difference: ``|y_converted - y_original| / |y_original|`` on the example (None without one).
         reconstruction_error: the largest relative error of a stack's input rebuilt by its inverse
             from its output, on the example (None without one): the drift the reversible backward
@@ -77,20 +77,30 @@ def _refuse_wrapped(model: nn.Module) -> None:
                             f"flattened or sharded. Fix: convert the unsharded model, then shard it.")
 
 
-def _find_stacks(model: nn.Module) -> tuple[list[tuple[str, nn.ModuleList]], list[str]]:
-    """The block lists ``convert`` can convert, and a description of the lists it could not."""
-    found, unknown = [], []
+def _convertible(block: nn.Module) -> bool:
+    adapter = adapter_for(block)
+    return adapter is not None and (adapter.check is None or adapter.check(block) is None)
+
+
+def _find_stacks(model: nn.Module) -> tuple[list[tuple[str, Sequence[nn.Module], int]], list[str]]:
+    """The block lists ``convert`` can convert (path, blocks, how many leading blocks stay as they
+    are), and a description of the lists it could not. A list is an ``nn.ModuleList`` or a plain
+    ``nn.Sequential`` whose blocks after the leading ones (a stage's downsampling unit) all have the
+    same adapter."""
+    found: list[tuple[str, Sequence[nn.Module], int]] = []
+    unknown = []
     for name, m in model.named_modules():
-        if not isinstance(m, nn.ModuleList) or len(m) == 0:
+        if not (isinstance(m, nn.ModuleList) or type(m) is nn.Sequential) or len(m) == 0:
             continue
-        kinds = {type(b) for b in m}
-        adapters = {id(adapter_for(b)) for b in m}
-        if len(kinds) == 1 and adapter_for(m[0]) is not None and len(adapters) == 1:
-            if any(name.startswith(f"{f}.") for f, _ in found):
-                continue  # inside a stack already found
-            found.append((name, m))
-        else:
-            classes = ", ".join(sorted(k.__name__ for k in kinds))
+        if any(name.startswith(f"{f}.") for f, _, _ in found):
+            continue  # inside a stack already found
+        blocks = list(m)
+        prefix = max((i + 1 for i, b in enumerate(blocks) if not _convertible(b)), default=0)
+        rest = blocks[prefix:]
+        if rest and len({id(adapter_for(b)) for b in rest}) == 1:
+            found.append((name, blocks, prefix))
+        elif isinstance(m, nn.ModuleList) or any(adapter_for(b) is not None for b in blocks):
+            classes = ", ".join(sorted({type(b).__name__ for b in blocks}))
             unknown.append(f"{name or '<model>'} ({len(m)} x {classes})")
     return found, unknown
 
@@ -243,20 +253,20 @@ def convert(model: nn.Module, *, method: str | None = None, gamma: float | None 
             reference = _call(model, example).detach().clone()
         model.train(was_training)
     report = ConversionReport(method, gamma)
-    for path, blocks in found:
-        branches = [_branches(f"{path}.{i}", b) for i, b in enumerate(blocks)]
+    for path, blocks, prefix in found:
+        branches = [_branches(f"{path}.{i}", b) for i, b in enumerate(blocks) if i >= prefix]
         if not path:
             raise ValueError(f"revnet.convert: {owner} is itself a list of blocks; convert the model that "
                              f"holds it (its forward runs the loop).")
-        stack = ConvertedStack(list(blocks), branches, gamma=gamma, owner=path)
-        stack.train(blocks.training)
+        stack = ConvertedStack(blocks, branches, gamma=gamma, owner=path, prefix=prefix)
+        stack.train(model.get_submodule(path).training)
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, attr, stack)
-        adapter = adapter_for(blocks[0])
+        adapter = adapter_for(blocks[prefix])
         if adapter is not None and adapter.parent is not None:
             adapter.parent(parent)
-        report.stacks.append((path, type(blocks[0]).__name__, len(blocks), len(stack.sequence)))
+        report.stacks.append((path, type(blocks[prefix]).__name__, len(blocks) - prefix, len(stack.sequence)))
     if reference is not None:
         was_training = model.training
         model.eval()

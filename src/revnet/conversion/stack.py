@@ -50,12 +50,14 @@ class ConvertedStack(nn.Module):
     """A list of residual blocks run as one reversible momentum sequence (see the module's docstring).
 
     Args:
-        blocks: the residual blocks, as the model's ``nn.ModuleList`` held them.
-        branches: the residual branches of each block, ``f(x, **context) -> f(x)``, built from the
-            block's own sub-modules (an adapter's ``branches(block)``).
+        blocks: the residual blocks, as the model's ``nn.ModuleList`` (or ``nn.Sequential``) held them.
+        branches: the residual branches of each converted block, ``f(x, **context) -> f(x)``, built from
+            the block's own sub-modules (an adapter's ``branches(block)``).
         gamma: the momentum, in ``(0, 1)`` to train reversibly (0: the original network, plain
             autograd only).
         owner: the stack's path in its model, for messages.
+        prefix: how many leading blocks run as they are (not residual in shape: a ResNet stage's
+            downsampling unit), before the converted ones.
 
     Attributes:
         sequence: the :class:`~revnet.engine.ReversibleSequence` of
@@ -65,21 +67,24 @@ class ConvertedStack(nn.Module):
     """
 
     def __init__(self, blocks: Sequence[nn.Module], branches: Sequence[Sequence[nn.Module]], *, gamma: float,
-                 owner: str = "") -> None:
+                 owner: str = "", prefix: int = 0) -> None:
         super().__init__()
-        if not blocks:
-            raise ValueError(f"revnet.convert: the stack {owner!r} holds no blocks.")
+        if len(blocks) <= prefix:
+            raise ValueError(f"revnet.convert: the stack {owner!r} holds no block to convert.")
+        if len(branches) != len(blocks) - prefix:
+            raise ValueError(f"revnet.convert: {len(branches)} blocks' branches for {len(blocks) - prefix} "
+                             f"converted blocks of {owner!r}.")
         for i, block in enumerate(blocks):
             self.add_module(str(i), block)
-        self.blocks, self.owner, self.gamma = len(blocks), owner, float(gamma)
+        self.blocks, self.prefix, self.owner, self.gamma = len(blocks), prefix, owner, float(gamma)
         couplings = [MomentumCoupling(f, gamma=gamma, dim=-1) for fs in branches for f in fs]
         self.sequence = ReversibleSequence(couplings)  # registered after the blocks: their names come first
-        self._signature = inspect.signature(blocks[0].forward)
+        self._signature = inspect.signature(blocks[prefix].forward)
         first = next(iter(self._signature.parameters.values()), None)
         if first is None or first.kind not in (inspect.Parameter.POSITIONAL_ONLY,
                                                 inspect.Parameter.POSITIONAL_OR_KEYWORD):
-            raise TypeError(f"revnet.convert: {type(blocks[0]).__name__}.forward takes no positional hidden "
-                            f"states first ({self._signature}); the stack cannot be driven.")
+            raise TypeError(f"revnet.convert: {type(blocks[prefix]).__name__}.forward takes no positional "
+                            f"hidden states first ({self._signature}); the stack cannot be driven.")
         self._hidden = first.name
         self._cache_warned = False
         self._record: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] | None = None
@@ -111,9 +116,16 @@ class ConvertedStack(nn.Module):
             return list(self)
         return self._modules[str(range(self.blocks)[index])]
 
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The whole stack, for a model that calls its block list as one module (an ``nn.Sequential``)."""
+        return self.run(hidden, *args, **kwargs)
+
     def run(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The whole stack on ``hidden``, called as its first block would be (its other arguments
-        reach every branch as context)."""
+        """The whole stack on ``hidden``, called as its first block would be: the unconverted blocks
+        first (a stage's downsampling unit), then the reversible sequence, whose branches get the
+        other arguments as context."""
+        for i in range(self.prefix):
+            hidden = self._modules[str(i)](hidden, *args, **kwargs)
         bound = self._signature.bind(hidden, *args, **kwargs)
         context: dict[str, Any] = {}
         for name, value in bound.arguments.items():
@@ -153,7 +165,8 @@ class ConvertedStack(nn.Module):
             return float((rebuilt - stream).norm() / stream.norm().clamp_min(1e-30))
 
     def extra_repr(self) -> str:
-        return f"blocks={self.blocks}, gamma={self.gamma:g}"
+        kept = f", unconverted={self.prefix}" if self.prefix else ""
+        return f"blocks={self.blocks}{kept}, gamma={self.gamma:g}"
 
 
 def _drop_sequence_keys(module: ConvertedStack, state_dict: dict[str, Any], prefix: str,
