@@ -245,7 +245,7 @@ def finetune(task, base: nn.Module, arm: str, seed: int, steps: int, eval_every:
 # --------------------------------------------------------------------------------------
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per (task, arm): final metric mean/spread, start, memory, steps to the plain final."""
+    """One row per (task, arm, gamma): final metric mean/spread, start, memory, steps to the plain final."""
     rows = []
     for task in TASKS:
         plain = [r for r in runs if r["task"] == task and r["arm"] == "plain"]
@@ -253,10 +253,9 @@ def summarize(runs: list[dict]) -> list[dict]:
             continue
         higher = task == "vision"
         target = statistics.mean(r["final"] for r in plain)
-        for arm in ARMS:
-            got = [r for r in runs if r["task"] == task and r["arm"] == arm]
-            if not got:
-                continue
+        gammas = sorted({r["gamma"] for r in runs if r["task"] == task and r["arm"] == "converted"})
+        for arm, gamma in [("plain", None), *(("converted", g) for g in gammas)]:
+            got = [r for r in runs if r["task"] == task and r["arm"] == arm and r["gamma"] == gamma]
             finals = [r["final"] for r in got]
 
             def reached(r: dict, target: float = target, higher: bool = higher) -> int | None:
@@ -272,7 +271,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "steps_to_plain_final": None if None in steps else statistics.mean(steps),
                 "saved_mib": statistics.mean(r["saved_mib"] for r in got),
                 "seconds": statistics.mean(r["seconds"] for r in got),
-                "gamma": got[0]["gamma"]})
+                "gamma": gamma})
     return rows
 
 
@@ -302,11 +301,15 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    gammas = sorted({r["gamma"] for r in runs if r["arm"] == "converted"})
     for ax, task in zip(axes, TASKS, strict=True):
+        labelled = set()
         for r in (r for r in runs if r["task"] == task):
+            key = "plain" if r["arm"] == "plain" else f"converted, gamma {r['gamma']:g}"
+            color = "C0" if r["arm"] == "plain" else f"C{1 + gammas.index(r['gamma'])}"
             steps, values = zip(*r["curve"], strict=True)
-            ax.plot(steps, values, color="C0" if r["arm"] == "plain" else "C1", alpha=0.8,
-                    label=r["arm"] if r["seed"] == min(x["seed"] for x in runs) else None)
+            ax.plot(steps, values, color=color, alpha=0.8, label=None if key in labelled else key)
+            labelled.add(key)
         ax.set_title({"vision": "vit_mini: Fashion-MNIST 0-4 -> 5-9",
                       "text": "GPT-2 config: stdlib -> C headers"}[task])
         ax.set_xlabel("fine-tuning step")
