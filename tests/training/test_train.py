@@ -504,9 +504,12 @@ def test_fine_tuning_a_converted_model_from_a_checkpoint(tmp_path):
     fit(tiny(tmp_path, "pre", **base))
     pre = tmp_path / "pre" / "last.pt"
     kw = dict(base, init=str(pre), convert="momentum", convert_gamma=0.8, steps=8,
-              synthetic={**TINY, "num_classes": 4})
+              synthetic={**TINY, "num_classes": 4}, drift_guard_every=4)
     summary = fit(tiny(tmp_path, "fine", **kw))
     assert summary["reversible"] is True and summary["step"] == 8
+    rows = [json.loads(line) for line in (tmp_path / "fine" / "metrics.jsonl").read_text().splitlines()]
+    drift = [r["drift"]["transformer.blocks.sequence"] for r in rows if "drift" in r]
+    assert len(drift) == 2 and max(drift) < 1e-4  # the guard watches the converted stack's rebuild
     fine = torch.load(tmp_path / "fine" / "last.pt", weights_only=False)
     start = torch.load(pre, weights_only=False)["model"]
     assert set(fine["model"]) == set(start)  # the unconverted model's keys
