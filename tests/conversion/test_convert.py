@@ -244,5 +244,5 @@ def test_a_resnets_stages_convert_after_their_downsampling_units():
     # BatchNorm's running statistics move once per step, as under plain autograd (engine rule 2)
     bn = [b for b in model.modules() if isinstance(b, nn.BatchNorm2d)]
     bn_plain = [b for b in plain.modules() if isinstance(b, nn.BatchNorm2d)]
-    assert all(torch.allclose(a.running_mean, b.running_mean) and a.num_batches_tracked == b.num_batches_tracked
-               for a, b in zip(bn, bn_plain, strict=True))
+    assert all(torch.allclose(a.running_mean, b.running_mean)
+               and a.num_batches_tracked == b.num_batches_tracked for a, b in zip(bn, bn_plain, strict=True))

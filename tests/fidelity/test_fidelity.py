@@ -253,6 +253,16 @@ def test_drift_guard_acts_past_the_threshold(action, caplog):
         assert len(again) == len(rows)
 
 
+def test_drift_guard_stores_a_sequence_whose_couplings_have_no_exact_mode():
+    torch.manual_seed(0)
+    seq = revnet.ReversibleSequence([revnet.MomentumCoupling(torch.nn.Linear(8, 8), gamma=0.5, dim=-1)
+                                     for _ in range(6)])
+    model = torch.nn.Sequential(seq)
+    x = torch.randn(4, 16)
+    rows = fidelity.DriftGuard(threshold=1e-12, action="exact").check(model, lambda m: m(x), step=1)
+    assert rows[1]["action"] == "store (its couplings have no exact mode)" and not seq.reversible
+
+
 def test_drift_guard_reduces_errors_over_processes():
     import torch.distributed as dist
 

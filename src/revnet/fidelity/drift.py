@@ -180,15 +180,18 @@ class DriftGuard:
             if not e["rel_error"] > self.threshold:
                 continue
             seq = seqs[name]
-            if self.action == "exact":
-                set_exact(seq, True, prefix=name)
-            elif self.action == "store":
+            action = self.action
+            if action == "exact" and set_exact(seq, True, prefix=name) == 0:
+                # No coupling of this sequence has an exact mode (a converted model's momentum
+                # couplings): its activations are stored instead, which cannot drift.
+                action = "store (its couplings have no exact mode)"
+            if action.startswith("store"):
                 seq.reversible = False
             log.warning("step %d: drift guard: %s rebuilds its input with relative error %.3g (max abs "
                         "%.3g) > %.3g; action: %s", step, name, e["rel_error"], e["max_abs_error"],
-                        self.threshold, self.action)
+                        self.threshold, action)
             rows.append({"step": step, "event": "drift", "sequence": name, **e,
-                         "threshold": self.threshold, "action": self.action})
+                         "threshold": self.threshold, "action": action})
         return rows
 
 
