@@ -17,7 +17,7 @@ metric (mean and spread over seeds), the converted arm's difference, the steps i
 plain arm's final mean, and the memory ratio; ``--doc`` writes it into docs/CONVERT.md between its
 ``convert-study`` markers, with docs/convert/results.json and docs/convert/curves.png.
 
-    python studies/convert_study.py --seeds 0 1 2 --out runs/convert --doc docs
+    python studies/convert_study.py --seeds 0 1 2 --gamma 0.9 0.5 0.25 --out runs/convert --doc docs
 
 A pretrained model and every finished run are kept under ``--out`` and reused, so an interrupted
 study continues. bf16 autocast when the CPU has it fast (``--amp``).
@@ -218,7 +218,7 @@ def pretrained(task, out: Path, steps: int, amp: torch.dtype | None) -> nn.Modul
     return model
 
 
-def finetune(task, base: nn.Module, arm: str, seed: int, steps: int, eval_every: int, gamma: float,
+def finetune(task, base: nn.Module, arm: str, seed: int, steps: int, eval_every: int, gamma: float | None,
              amp: torch.dtype | None) -> dict:
     model = copy.deepcopy(base)
     task.new_head(model, seed)
@@ -235,7 +235,7 @@ def finetune(task, base: nn.Module, arm: str, seed: int, steps: int, eval_every:
     start = time.perf_counter()
     curve = train(task, model, batches, steps, task.finetune_lr, amp, lambda: task.evaluate(model),
                   eval_every)
-    return {"task": task.name, "arm": arm, "seed": seed, "gamma": gamma if arm == "converted" else None,
+    return {"task": task.name, "arm": arm, "seed": seed, "gamma": gamma,
             "steps": steps, "curve": curve, "final": curve[-1][1], "start": curve[0][1],
             "saved_mib": round(memory / 2**20, 2), "seconds": round(time.perf_counter() - start, 1)}
 
@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--gamma", type=float, default=0.9)
+    parser.add_argument("--gamma", type=float, nargs="+", default=[0.9],
+                        help="the converted arm's momentum; several: one converted arm each")
     parser.add_argument("--pretrain-steps", type=int, nargs=2, default=[800, 800],
                         metavar=("VISION", "TEXT"))
     parser.add_argument("--finetune-steps", type=int, nargs=2, default=[400, 400],
@@ -351,24 +352,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/convert"))
     parser.add_argument("--doc", type=Path,
                         help="write docs/CONVERT.md's table, results.json and the plot here")
+    parser.add_argument("--doc-only", action="store_true",
+                        help="train nothing: report every finished run under --out (all gammas)")
     args = parser.parse_args(argv)
     amp = torch.bfloat16 if args.amp == "bf16" else None
     runs = []
-    for name in args.tasks:
+    if args.doc_only:
+        runs = [json.loads(p.read_text()) for p in sorted(args.out.glob("*-s*-n*.json"))]
+        runs = [r for r in runs if r["task"] in args.tasks]
+    for name in [] if args.doc_only else args.tasks:
         task = Vision() if name == "vision" else Text()
         i = TASKS.index(name)
         base = pretrained(task, args.out, args.pretrain_steps[i], amp)
         for seed in args.seeds:
-            for arm in ARMS:
+            for arm, gamma in [("plain", None), *(("converted", g) for g in args.gamma)]:
                 n = args.finetune_steps[i]
-                tag = (f"{name}-{arm}-g{args.gamma:g}-s{seed}-n{n}" if arm == "converted"
+                tag = (f"{name}-{arm}-g{gamma:g}-s{seed}-n{n}" if arm == "converted"
                        else f"{name}-{arm}-s{seed}-n{n}")
                 path = args.out / f"{tag}.json"
                 if path.exists():
                     runs.append(json.loads(path.read_text()))
                     continue
                 print(f"{tag}", flush=True)
-                run = finetune(task, base, arm, seed, n, args.eval_every, args.gamma, amp)
+                run = finetune(task, base, arm, seed, n, args.eval_every, gamma, amp)
                 path.write_text(json.dumps(run) + "\n")
                 runs.append(run)
     for row in summarize(runs):
