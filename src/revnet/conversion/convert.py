@@ -243,7 +243,7 @@ def convert(model: nn.Module, *, method: str | None = None, gamma: float | None 
         raise ValueError(
             f"revnet.convert: found no residual block stack it knows in {owner}.{seen} Fix: register your "
             f"block class: revnet.register_adapter(BlockClass, lambda block: [branch_1, branch_2]) with its "
-            f"residual branches (docs/CONVERT.md, 'Your own block').")
+            f"residual branches (docs/guide/convert.md, 'Your own block').")
 
     reference = None
     if example is not None:
