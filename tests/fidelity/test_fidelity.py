@@ -253,12 +253,28 @@ def test_drift_guard_acts_past_the_threshold(action, caplog):
         assert len(again) == len(rows)
 
 
-def test_drift_guard_stores_a_sequence_whose_couplings_have_no_exact_mode():
+def test_drift_guard_switches_momentum_couplings_to_exact_mode():
+    """A converted model's momentum couplings have an exact mode: the guard's 'exact' turns it on,
+    and the next check rebuilds bit for bit (the remainders of gamma * v kept on the tape)."""
     torch.manual_seed(0)
     seq = revnet.ReversibleSequence([revnet.MomentumCoupling(torch.nn.Linear(8, 8), gamma=0.5, dim=-1)
                                      for _ in range(6)])
     model = torch.nn.Sequential(seq)
     x = torch.randn(4, 16)
+    guard = fidelity.DriftGuard(threshold=1e-12, action="exact")
+    rows = guard.check(model, lambda m: m(x), step=1)
+    assert rows[1]["action"] == "exact" and all(c.exact for c in seq) and seq.reversible
+    assert guard.check(model, lambda m: m(x), step=2) == [
+        {"step": 2, "drift": {"0": 0.0}, "drift_max_abs": {"0": 0.0},
+         "drift_input_max": {"0": pytest.approx(x.abs().max().item(), abs=2.0 ** -12)}}]
+
+
+def test_drift_guard_stores_a_sequence_whose_couplings_have_no_exact_mode():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear
+    seq = revnet.ReversibleSequence([revnet.AffineCoupling(lin(4, 8), lin(4, 8), dim=-1) for _ in range(6)])
+    model = torch.nn.Sequential(seq)
+    x = torch.randn(4, 8)
     rows = fidelity.DriftGuard(threshold=1e-12, action="exact").check(model, lambda m: m(x), step=1)
     assert rows[1]["action"] == "store (its couplings have no exact mode)" and not seq.reversible
 

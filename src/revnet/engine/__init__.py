@@ -1,7 +1,8 @@
 """The engine: reversible blocks whose backward rebuilds their inputs instead of storing them.
 
-- :mod:`.coupling`: the math of a block (additive and affine couplings), plain autograd;
-- :mod:`.exact`: exact mode's arithmetic on a fixed-point lattice (bit-exact inverses);
+- :mod:`.coupling`: the math of a block (additive, affine, momentum, two-stream couplings), plain autograd;
+- :mod:`.exact`: exact mode's arithmetic on a fixed-point lattice (bit-exact inverses), and the
+  tape that keeps what a scaling by gamma loses;
 - :mod:`.reversible`: :class:`ReversibleSequence` and its per-block autograd Functions
   (the paper's Algorithm 1);
 - :mod:`.recompute`: units that cannot be inverted keep only their input (:class:`Recomputed`);
@@ -16,7 +17,7 @@ wants the algorithm reads this folder. The tools around it live beside it
 """
 
 from .compiler import compile
-from .coupling import AdditiveCoupling, AffineCoupling, Coupling, MomentumCoupling
+from .coupling import AdditiveCoupling, AffineCoupling, Coupling, MomentumCoupling, TwoStreamCoupling
 from .modes import has_reversible_units, set_exact, set_reversible
 from .recompute import Recomputed
 from .reversible import ReversibleSequence
@@ -28,6 +29,7 @@ __all__ = [
     "Coupling",
     "Recomputed",
     "ReversibleSequence",
+    "TwoStreamCoupling",
     "compile",
     "has_reversible_units",
     "set_exact",

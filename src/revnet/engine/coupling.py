@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from .context import NO_CONTEXT, Context
-from .exact import EXACT_BITS, FLOAT, Arithmetic, Lattice, check_bits
+from .exact import EXACT_BITS, FLOAT, Arithmetic, Lattice, Ratio, Tape, check_bits
 
-__all__ = ["AdditiveCoupling", "AffineCoupling", "Coupling", "MomentumCoupling", "Position", "halves",
-           "merge", "split"]
+__all__ = ["AdditiveCoupling", "AffineCoupling", "Coupling", "ExactMode", "MomentumCoupling", "Position",
+           "ScaledExact", "TwoStreamCoupling", "Zero", "halves", "merge", "split"]
 
 
 def split(x: torch.Tensor, dim: int, owner: str = "coupling") -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,24 +126,46 @@ class Coupling(nn.Module):
         return dx, dh
 
     # The F step (y1 from x1 and F(x2)) and the G step (y2 from x2 and G(y1)) combine alike
-    # unless a subclass says otherwise (MomentumCoupling's velocity and position do not).
-    def couple_f(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    # unless a subclass says otherwise (MomentumCoupling's velocity and position do not). ``tape``
+    # is where a coupling whose inverse needs more than its output (exact mode's remainders of a
+    # scaling) records it in forward and takes it back in the rebuild; None where nothing will be
+    # rebuilt (plain autograd, a stored block).
+    def couple_f(self, x: torch.Tensor, h: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
         """``y1`` from ``x1`` and ``F(x2)``: :meth:`couple` unless a subclass says otherwise."""
         return self.couple(x, h)
 
-    def decouple_f(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def decouple_f(self, y: torch.Tensor, h: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
         return self.decouple(y, h)
 
     def couple_f_backward(self, x: torch.Tensor, h: torch.Tensor,
                           dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.couple_backward(x, h, dy)
 
-    def couple_g(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def couple_g(self, x: torch.Tensor, h: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
         """``y2`` from ``x2`` and ``G(y1)``: :meth:`couple` unless a subclass says otherwise."""
         return self.couple(x, h)
 
-    def decouple_g(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def decouple_g(self, y: torch.Tensor, h: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
         return self.decouple(y, h)
+
+    @property
+    def needs_tape(self) -> bool:
+        """Whether the inverse needs what the forward records on a tape (exact mode's scalings)."""
+        return False
+
+    # What the engine calls: the step's couple/decouple, with the tape for a coupling that takes one
+    # (a subclass written before tapes, whose couple_f takes (x, h), keeps working).
+    def apply_couple(self, step: str, x: torch.Tensor, h: torch.Tensor,
+                     tape: Tape | None = None) -> torch.Tensor:
+        """``couple_f`` (``step="f"``) or ``couple_g`` of ``x`` and the branch output ``h``."""
+        fn = self.couple_f if step == "f" else self.couple_g
+        return fn(x, h, tape) if self.needs_tape else fn(x, h)
+
+    def apply_decouple(self, step: str, y: torch.Tensor, h: torch.Tensor,
+                       tape: Tape | None = None) -> torch.Tensor:
+        """``decouple_f`` (``step="f"``) or ``decouple_g`` of ``y`` and the branch output ``h``."""
+        fn = self.decouple_f if step == "f" else self.decouple_g
+        return fn(y, h, tape) if self.needs_tape else fn(y, h)
 
     def couple_g_backward(self, x: torch.Tensor, h: torch.Tensor,
                           dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,19 +237,19 @@ class Coupling(nn.Module):
         return h
 
     # --- forward / inverse on halves (the engine calls these) and on whole tensors ------
-    def forward_halves(self, x1: torch.Tensor, x2: torch.Tensor,
-                       context: Context = NO_CONTEXT) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_halves(self, x1: torch.Tensor, x2: torch.Tensor, context: Context = NO_CONTEXT,
+                       tape: Tape | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # One cast per half into the stream's dtype (exact mode: bf16 -> float32), so plain
         # autograd sums x2's two gradients in that dtype, as the reversible engine does.
         x1, x2 = self.stream(x1), self.stream(x2)
-        y1 = self.couple_f(x1, self.run_f(x1, x2, context))
-        y2 = self.couple_g(x2, self.run_g(x2, y1, context))
+        y1 = self.apply_couple("f", x1, self.run_f(x1, x2, context), tape)
+        y2 = self.apply_couple("g", x2, self.run_g(x2, y1, context), tape)
         return y1, y2
 
-    def inverse_halves(self, y1: torch.Tensor, y2: torch.Tensor,
-                       context: Context = NO_CONTEXT) -> tuple[torch.Tensor, torch.Tensor]:
-        x2 = self.decouple_g(y2, self.run_g(y2, y1, context))
-        x1 = self.decouple_f(y1, self.run_f(y1, x2, context))
+    def inverse_halves(self, y1: torch.Tensor, y2: torch.Tensor, context: Context = NO_CONTEXT,
+                       tape: Tape | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x2 = self.apply_decouple("g", y2, self.run_g(y2, y1, context), tape)
+        x1 = self.apply_decouple("f", y1, self.run_f(y1, x2, context), tape)
         return x1, x2
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
@@ -236,7 +258,10 @@ class Coupling(nn.Module):
         return merge(*self.forward_halves(x1, x2, Context(args, kwargs)), self.dim)
 
     def inverse(self, y: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        """Rebuilds the input ``x`` from the output ``y = forward(x, *args, **kwargs)``."""
+        """Rebuilds the input ``x`` from the output ``y = forward(x, *args, **kwargs)``.
+
+        A coupling whose exact mode scales its halves (momentum, two-stream) needs the remainders
+        its forward recorded: rebuild it with :func:`revnet.fidelity.drift.roundtrip` instead."""
         y1, y2 = halves(y, self.dim, type(self).__name__)
         return merge(*self.inverse_halves(y1, y2, Context(args, kwargs)), self.dim)
 
@@ -244,7 +269,101 @@ class Coupling(nn.Module):
         return f"dim={self.dim}"
 
 
-class AdditiveCoupling(Coupling):
+class ExactMode:
+    """Exact mode's switch and arithmetic, for the couplings that have one (additive, momentum,
+    two-stream): ``exact``, ``exact_bits``, ``name`` and the :attr:`arithmetic` they add with.
+
+    Attributes:
+        exact: fixed-point mode on (see :class:`AdditiveCoupling`).
+        exact_bits: fraction bits ``k`` of the lattice ``2^-k``.
+        name: where the coupling sits in its model (set by :func:`revnet.set_exact`), for errors.
+    """
+
+    def _init_exact(self, exact: bool, exact_bits: int) -> None:
+        self.exact = bool(exact)
+        self.exact_bits = check_bits(f"{type(self).__name__}: exact_bits", exact_bits)
+        self.name = ""
+        self._lattice: Lattice | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{type(self).__name__} {self.name!r}" if self.name else type(self).__name__
+
+    @property
+    def arithmetic(self) -> Arithmetic:
+        """How this coupling adds: :data:`~revnet.engine.exact.FLOAT`, or in exact mode a
+        :class:`~revnet.engine.exact.Lattice` (the one place that tells the two apart)."""
+        if not self.exact:
+            return FLOAT
+        lattice = self._lattice
+        if lattice is None or (lattice.bits, lattice.owner) != (self.exact_bits, self.label):
+            self._lattice = Lattice(self.exact_bits, self.label)
+        return self._lattice
+
+    def stream(self, x: torch.Tensor) -> torch.Tensor:
+        return self.arithmetic.stream(x)
+
+    def entry(self, x: torch.Tensor) -> torch.Tensor:
+        return self.arithmetic.enter(x)
+
+    def _exact_repr(self) -> str:
+        return f", exact=True, exact_bits={self.exact_bits}" if self.exact else ""
+
+
+class ScaledExact(ExactMode):
+    """Exact mode for a coupling that scales a half by ``gamma`` before adding a branch term:
+    ``y = gamma x + h`` on the lattice, the remainder of ``gamma x`` kept on the sequence call's
+    tape for the rebuild (:class:`revnet.engine.exact.Ratio`). The float mode is
+    ``torch.add(h, x, alpha=gamma)``."""
+
+    gamma: float
+
+    @property
+    def needs_tape(self) -> bool:
+        return self.exact
+
+    @property
+    def factor(self) -> float:
+        """The gamma the arithmetic uses: ``gamma``, or in exact mode the fraction ``n / d`` nearest it."""
+        return self._ratio().value if self.exact else self.gamma
+
+    def _ratio(self) -> Ratio:
+        cached = getattr(self, "_ratio_cache", None)
+        if cached is None or cached[0] != self.gamma:
+            cached = (self.gamma, Ratio(self.gamma, self.label))
+            self._ratio_cache = cached
+        return cached[1]
+
+    def _scaled_couple(self, x: torch.Tensor, h: torch.Tensor, tape: Tape | None, step: str) -> torch.Tensor:
+        if not self.exact:
+            return torch.add(h, x, alpha=self.gamma)
+        lattice = self.arithmetic
+        assert isinstance(lattice, Lattice)
+        scaled, remainder = self._ratio().scale(lattice.enter(x), lattice.bits)
+        if tape is not None:
+            tape.record((id(self), step), remainder)
+        return lattice.add(scaled, lattice.branch_out(h, scaled))
+
+    def _scaled_decouple(self, y: torch.Tensor, h: torch.Tensor, tape: Tape | None,
+                         step: str) -> torch.Tensor:
+        if self.gamma == 0.0:
+            raise RuntimeError(f"{self.label}: gamma = 0 is the residual step, whose input cannot be "
+                               f"rebuilt. Fix: gamma > 0, or plain autograd (revnet.set_reversible(model, "
+                               f"False)).")
+        if not self.exact:
+            return (y - h) / self.gamma
+        if tape is None:
+            raise RuntimeError(f"{self.label}: exact mode rebuilds with the remainders its forward "
+                               f"recorded on a tape, and none was given. Fix: rebuild through "
+                               f"revnet.fidelity.drift.roundtrip (or the reversible backward), which keep "
+                               f"it.")
+        lattice = self.arithmetic
+        assert isinstance(lattice, Lattice)
+        remainder = tape.take((id(self), step), self.label)
+        return self._ratio().unscale(y - lattice.branch_out(h, y), remainder, lattice.bits)
+
+
+class AdditiveCoupling(ExactMode, Coupling):
     """``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``: the RevNet block (paper eq. 5).
 
     Example:
@@ -276,21 +395,7 @@ class AdditiveCoupling(Coupling):
     def __init__(self, f: nn.Module, g: nn.Module, dim: int = 1, *, exact: bool = False,
                  exact_bits: int = EXACT_BITS) -> None:
         super().__init__(f, g, dim)
-        self.exact = bool(exact)
-        self.exact_bits = check_bits("AdditiveCoupling: exact_bits", exact_bits)
-        self.name = ""
-        self._lattice: Lattice | None = None
-
-    @property
-    def arithmetic(self) -> Arithmetic:
-        """How this coupling adds: :data:`~revnet.engine.exact.FLOAT`, or in exact mode a
-        :class:`~revnet.engine.exact.Lattice` (the one place that tells the two apart)."""
-        if not self.exact:
-            return FLOAT
-        label = f"AdditiveCoupling {self.name!r}" if self.name else "AdditiveCoupling"
-        if self._lattice is None or (self._lattice.bits, self._lattice.owner) != (self.exact_bits, label):
-            self._lattice = Lattice(self.exact_bits, label)
-        return self._lattice
+        self._init_exact(exact, exact_bits)
 
     def couple(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return self.arithmetic.add(x, h)
@@ -303,12 +408,6 @@ class AdditiveCoupling(Coupling):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return dy, dy  # d(x + h)/dx = d(x + h)/dh = identity (rounding: straight-through)
 
-    def stream(self, x: torch.Tensor) -> torch.Tensor:
-        return self.arithmetic.stream(x)
-
-    def entry(self, x: torch.Tensor) -> torch.Tensor:
-        return self.arithmetic.enter(x)
-
     def run_f(self, x1: torch.Tensor, x2: torch.Tensor, context: Context = NO_CONTEXT) -> torch.Tensor:
         arith = self.arithmetic
         x2 = arith.enter(x2)
@@ -320,7 +419,7 @@ class AdditiveCoupling(Coupling):
         return arith.branch_out(super().run_g(x2, y1, context), y1)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}" + (f", exact=True, exact_bits={self.exact_bits}" if self.exact else "")
+        return f"dim={self.dim}" + self._exact_repr()
 
 
 class AffineCoupling(Coupling):
@@ -371,7 +470,7 @@ class Position(nn.Module):
         return x
 
 
-class MomentumCoupling(Coupling):
+class MomentumCoupling(ScaledExact, Coupling):
     """A momentum residual step (Sander et al., ICML 2021, "Momentum Residual Neural Networks"):
     ``v' = gamma * v + (1 - gamma) * F(x)``, ``x' = x + G(v')`` on the halves ``(v, x)``.
 
@@ -382,7 +481,7 @@ class MomentumCoupling(Coupling):
     velocity is the **first** half: start it at zero, ``torch.cat([torch.zeros_like(x), x], dim)``,
     and read the position from the second half. The division by ``gamma`` amplifies rounding
     in the rebuild by ``1 / gamma`` a step: keep ``gamma`` away from 0 for deep chains (the drift
-    guard measures it).
+    guard measures it), or use exact mode.
 
     Example:
         >>> import torch, revnet
@@ -397,39 +496,119 @@ class MomentumCoupling(Coupling):
         g: applied to the new velocity before it is added to the position (default identity).
         gamma: momentum in ``[0, 1)``; 0 is the residual network (not invertible: plain mode only).
         dim: split dimension.
+        exact: fixed-point mode, as :class:`AdditiveCoupling`'s, which makes the rebuild bit-exact at
+            any ``gamma`` and depth: the stream on the ``2^-exact_bits`` lattice, ``gamma`` the nearest
+            fraction ``n / d`` (``d <= 256``), and ``gamma v`` rounded with its remainder (one byte per
+            element of the velocity) kept for the rebuild (:class:`revnet.engine.exact.Ratio`).
+        exact_bits: fraction bits of the lattice (exact mode only).
     """
 
-    def __init__(self, f: nn.Module, g: nn.Module | None = None, gamma: float = 0.9, dim: int = 1) -> None:
+    def __init__(self, f: nn.Module, g: nn.Module | None = None, gamma: float = 0.9, dim: int = 1, *,
+                 exact: bool = False, exact_bits: int = EXACT_BITS) -> None:
         if not 0.0 <= gamma < 1.0:
             raise ValueError(f"MomentumCoupling: gamma must be in [0, 1), got {gamma}.")
         super().__init__(f, Position() if g is None else g, dim)
         self.gamma = float(gamma)
+        self._init_exact(exact, exact_bits)
 
     # The G step (position) is additive: Coupling's couple/decouple serve it.
     def couple(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return x + h
+        return self.arithmetic.add(x, self.arithmetic.branch_out(h, x))
 
     def decouple(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return y - h
+        return y - self.arithmetic.branch_out(h, y)
 
     def couple_backward(self, x: torch.Tensor, h: torch.Tensor,
                         dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return dy, dy
 
-    # The F step (velocity): v' = gamma v + (1 - gamma) F(x).
-    def couple_f(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return torch.lerp(h, x, self.gamma) if x.dtype == h.dtype else self.gamma * x + (1 - self.gamma) * h
+    def run_f(self, x1: torch.Tensor, x2: torch.Tensor, context: Context = NO_CONTEXT) -> torch.Tensor:
+        return super().run_f(x1, self.arithmetic.enter(x2), context)
 
-    def decouple_f(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        if self.gamma == 0.0:
-            raise RuntimeError("MomentumCoupling: gamma = 0 is the residual step, whose velocity cannot be "
-                               "rebuilt. Fix: gamma > 0, or plain autograd (revnet.set_reversible(model, "
-                               "False)).")
-        return (y - (1 - self.gamma) * h) / self.gamma
+    def run_g(self, x2: torch.Tensor, y1: torch.Tensor, context: Context = NO_CONTEXT) -> torch.Tensor:
+        return super().run_g(x2, self.arithmetic.enter(y1), context)
+
+    # The F step (velocity): v' = gamma v + (1 - gamma) F(x).
+    def couple_f(self, x: torch.Tensor, h: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
+        if not self.exact and x.dtype == h.dtype:
+            return torch.lerp(h, x, self.gamma)
+        return self._scaled_couple(x, self._weighted(h, x), tape, "f")
+
+    def decouple_f(self, y: torch.Tensor, h: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
+        return self._scaled_decouple(y, self._weighted(h, y), tape, "f")
+
+    def _weighted(self, h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return h.to(like.dtype) * (1 - self.factor)
 
     def couple_f_backward(self, x: torch.Tensor, h: torch.Tensor,
                           dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.gamma * dy, (1 - self.gamma) * dy
+        gamma = self.factor
+        return gamma * dy, (1 - gamma) * dy
 
     def extra_repr(self) -> str:
-        return f"gamma={self.gamma:g}, dim={self.dim}"
+        return f"gamma={self.gamma:g}, dim={self.dim}" + self._exact_repr()
+
+
+class TwoStreamCoupling(ScaledExact, Coupling):
+    """Two residual layers on two streams, each new state a blend of the last two plus a branch:
+    ``y1 = gamma x1 + (1 - gamma) x2 + F(x2)``, ``y2 = gamma x2 + (1 - gamma) y1 + G(y1)``.
+
+    The reversible form of a residual stack that RevViT and MEFT (Liao et al., NeurIPS 2023) use,
+    with the scaling chosen so that ``gamma = 0`` is the original network exactly: the halves
+    carry the last two states of ``x -> x + F(x) -> ... + G(...)``, and start both at the input,
+    ``torch.cat([x, x], dim)``; the second half is the current state. For ``gamma > 0`` it inverts
+    (``x1 = (y1 - (1 - gamma) x2 - F(x2)) / gamma``), the rounding growing by ``1 / gamma`` a step,
+    as a momentum step's; exact mode removes that (as :class:`MomentumCoupling`'s, with a remainder
+    per half). The identity parts of each new state sum to 1, so the stream does not grow with
+    depth as MEFT's ``lambda x1 + F(x2)`` with a full layer ``F`` does.
+
+    Args:
+        f: the first residual branch, a function of ``x2`` shaped like it.
+        g: the second, a function of ``y1``; None for none (``y2 = gamma x2 + (1 - gamma) y1``).
+        gamma: in ``[0, 1)``; 0 is the residual network (plain mode only).
+        dim: split dimension.
+        exact: fixed-point mode (see :class:`MomentumCoupling`).
+        exact_bits: fraction bits of the lattice (exact mode only).
+    """
+
+    def __init__(self, f: nn.Module, g: nn.Module | None = None, gamma: float = 0.5, dim: int = 1, *,
+                 exact: bool = False, exact_bits: int = EXACT_BITS) -> None:
+        if not 0.0 <= gamma < 1.0:
+            raise ValueError(f"TwoStreamCoupling: gamma must be in [0, 1), got {gamma}.")
+        super().__init__(f, Zero() if g is None else g, dim)
+        self.gamma = float(gamma)
+        self._init_exact(exact, exact_bits)
+
+    def run_f(self, x1: torch.Tensor, x2: torch.Tensor, context: Context = NO_CONTEXT) -> torch.Tensor:
+        x2 = self.arithmetic.enter(x2)
+        return super().run_f(x1, x2, context) + (1 - self.factor) * x2
+
+    def run_g(self, x2: torch.Tensor, y1: torch.Tensor, context: Context = NO_CONTEXT) -> torch.Tensor:
+        y1 = self.arithmetic.enter(y1)
+        return super().run_g(x2, y1, context) + (1 - self.factor) * y1
+
+    def couple_f(self, x: torch.Tensor, h: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
+        return self._scaled_couple(x, h, tape, "f")
+
+    def decouple_f(self, y: torch.Tensor, h: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
+        return self._scaled_decouple(y, h, tape, "f")
+
+    def couple_g(self, x: torch.Tensor, h: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
+        return self._scaled_couple(x, h, tape, "g")
+
+    def decouple_g(self, y: torch.Tensor, h: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
+        return self._scaled_decouple(y, h, tape, "g")
+
+    def couple_backward(self, x: torch.Tensor, h: torch.Tensor,
+                        dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.factor * dy, dy
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma:g}, dim={self.dim}" + self._exact_repr()
+
+
+class Zero(nn.Module):
+    """No branch: zeros shaped like the half, whatever the context (a two-stream step without G)."""
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return torch.zeros_like(x)

@@ -10,12 +10,14 @@ stream and branch outputs stay on the lattice therefore inverts bit for bit
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
+from fractions import Fraction
 from typing import Any
 
 import torch
 
-__all__ = ["EXACT_BITS", "FLOAT", "MANTISSA_BITS", "Arithmetic", "Lattice", "check_bits", "exact_range",
-           "to_lattice"]
+__all__ = ["EXACT_BITS", "FLOAT", "MANTISSA_BITS", "Arithmetic", "Lattice", "Ratio", "Tape", "check_bits",
+           "exact_range", "to_lattice"]
 
 # Default fraction bits of exact mode: lattice 2^-12 (2.4e-4), float32 range +-2^12 = 4096.
 # Training streams measured up to ~40 (RevNet-38 on Fashion-MNIST at peak learning rate) and
@@ -156,3 +158,112 @@ class Lattice(Arithmetic):
             f"exact reconstruction. Fix: {hint}, a float64 stream (range 2^{53 - self.bits}), or "
             f"smaller activations (lower learning rate, weight decay)."
         )
+
+
+# --------------------------------------------------------------------------------------
+# Scaling by gamma exactly: the remainder the inverse needs
+# --------------------------------------------------------------------------------------
+
+class Ratio:
+    """``gamma`` as a fraction ``n / d`` with ``d <= 256``, and exact multiplication of a lattice
+    stream by it.
+
+    A contraction (``x -> gamma x`` with ``gamma < 1``) cannot be a bijection of the lattice: some
+    bits of ``x`` are lost, and a rebuild that divides by ``gamma`` amplifies the rounding by
+    ``1 / gamma`` a step. Maclaurin et al. (ICML 2015, "Gradient-based hyperparameter optimization
+    through reversible learning") keep those bits; here each step keeps its own: on the integer
+    lattice ``xi = x * 2^bits``, ``yi = round(n xi / d)`` and the remainder ``r = n xi - d yi``
+    (``|r| <= d / 2``, one byte) give back ``xi = (d yi + r) / n`` exactly. The remainder is a
+    function of ``x`` alone, so the forward's value does not depend on what ran before it.
+
+    Args:
+        gamma: the factor, in ``(0, 1)``; the nearest fraction with denominator at most 256 is used.
+        owner: names the coupling in errors.
+    """
+
+    MAX_DENOMINATOR = 256
+
+    def __init__(self, gamma: float, owner: str = "coupling") -> None:
+        frac = Fraction(gamma).limit_denominator(self.MAX_DENOMINATOR)
+        if not 0 < frac < 1:
+            raise ValueError(f"{owner}: exact mode scales by gamma in (0, 1), got {gamma} ({frac}).")
+        self.n, self.d = frac.numerator, frac.denominator
+        self.value = self.n / self.d
+        self.owner = owner
+
+    def __repr__(self) -> str:
+        return f"{self.n}/{self.d}"
+
+    def scale(self, x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gamma x, remainder)``: ``x`` on the ``2^-bits`` lattice, ``gamma x`` rounded to the
+        nearest lattice point (a straight-through gradient ``gamma``), the remainder as int8."""
+        with torch.no_grad():
+            num = torch.mul(x, 2.0 ** bits).round_().to(torch.int64).mul_(self.n)
+            yi = torch.div(num * 2 + self.d, 2 * self.d, rounding_mode="floor")
+            remainder = (num - yi * self.d).to(torch.int8)
+            y = yi.to(x.dtype).mul_(2.0 ** -bits)
+        if x.requires_grad and torch.is_grad_enabled():
+            scaled = x * self.value
+            y = y + (scaled - scaled.detach())
+        return y, remainder
+
+    def unscale(self, y: torch.Tensor, remainder: torch.Tensor, bits: int) -> torch.Tensor:
+        """The ``x`` that :meth:`scale` took to ``y`` with ``remainder``, bit for bit."""
+        if remainder.shape != y.shape:
+            raise RuntimeError(f"{self.owner}: the remainder recorded in forward has shape "
+                               f"{tuple(remainder.shape)}, the half to rebuild {tuple(y.shape)}.")
+        with torch.no_grad():
+            yi = torch.mul(y, 2.0 ** bits).round_().to(torch.int64)
+            xi = torch.div(yi * self.d + remainder.to(torch.int64), self.n, rounding_mode="floor")
+            return xi.to(y.dtype).mul_(2.0 ** -bits)
+
+
+class Tape:
+    """What couplings' inverses need and their outputs do not carry (exact mode's remainders), kept
+    from the forward to the rebuild.
+
+    The reversible engine keeps one per block, as that block's saved tensors;
+    :func:`revnet.fidelity.drift.roundtrip` one for its whole pass. Each coupling step records under
+    its own key; the rebuild takes them back in reverse order, and what it took is freed.
+    """
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: dict[Hashable, list[torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._entries.values())
+
+    def nbytes(self) -> int:
+        """Bytes held now."""
+        return sum(t.numel() * t.element_size() for v in self._entries.values() for t in v)
+
+    def keys(self) -> tuple[Hashable, ...]:
+        """One key per entry, in the order of :meth:`values` (for :meth:`of`)."""
+        return tuple(k for k, v in self._entries.items() for _ in v)
+
+    def values(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for v in self._entries.values() for t in v)
+
+    @classmethod
+    def of(cls, keys: tuple[Hashable, ...], values: tuple[torch.Tensor, ...]) -> Tape:
+        """The tape whose :meth:`keys` and :meth:`values` these are (a reversible block keeps its
+        entries as saved tensors and rebuilds the tape in backward)."""
+        tape = cls()
+        for k, v in zip(keys, values, strict=True):
+            tape.record(k, v)
+        return tape
+
+    def record(self, key: Hashable, value: torch.Tensor) -> None:
+        self._entries.setdefault(key, []).append(value)
+
+    def take(self, key: Hashable, owner: str) -> torch.Tensor:
+        stack = self._entries.get(key)
+        if not stack:
+            raise RuntimeError(
+                f"{owner}: exact mode rebuilds its input from its output and the remainder its forward "
+                f"recorded, and no remainder is left for it (a second backward through the same graph, "
+                f"or an inverse without the forward's tape). Fix: run forward again before each "
+                f"backward; for an inverse, use revnet.fidelity.drift.roundtrip, which keeps the tape.")
+        return stack.pop()

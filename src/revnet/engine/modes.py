@@ -7,7 +7,8 @@ training steps (never between a forward and its backward):
   (True) or run under ordinary autograd, storing activations (False);
 - ``stored`` on a coupling inside a reversible sequence: this block keeps its activations
   (a memory-budget plan sets it), the blocks before it rebuild from its input;
-- ``exact`` (and ``exact_bits``) on an :class:`AdditiveCoupling`: fixed-point arithmetic;
+- ``exact`` (and ``exact_bits``) on a coupling with an exact mode (additive, momentum, two-stream):
+  fixed-point arithmetic;
 - ``preserve_rng_state`` on a sequence and a recomputed unit: record and replay RNG state.
 
 Everything else in revnet asks these functions instead of walking modules itself:
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .coupling import AdditiveCoupling, Coupling
+from .coupling import Coupling, ExactMode
 from .exact import check_bits
 from .recompute import Recomputed
 from .reversible import ReversibleSequence
@@ -99,7 +100,8 @@ class ReversibleSwitch:
 
 
 def set_exact(module: nn.Module, enabled: bool, *, bits: int | None = None, prefix: str = "") -> int:
-    """Turns exact mode on or off for every :class:`AdditiveCoupling` inside ``module``.
+    """Turns exact mode on or off for every coupling inside ``module`` that has one
+    (:class:`AdditiveCoupling`, :class:`MomentumCoupling`, :class:`TwoStreamCoupling`).
 
     Also names each coupling by its path in ``module`` (after ``prefix``), so that a range
     error says which one left the range. Call it between training steps, never between a
@@ -122,7 +124,7 @@ def set_exact(module: nn.Module, enabled: bool, *, bits: int | None = None, pref
     """
     count = 0
     for path, m in module.named_modules():
-        if isinstance(m, AdditiveCoupling):
+        if isinstance(m, ExactMode):
             if bits is not None:
                 m.exact_bits = check_bits("set_exact: bits", bits)
             m.exact = bool(enabled)
@@ -158,7 +160,7 @@ def get_modes(model: nn.Module) -> dict[str, dict[str, Any]]:
             out["reversible"][name] = bool(m.reversible)
         if isinstance(m, Coupling):
             out["stored"][name] = bool(m.stored)
-        if isinstance(m, AdditiveCoupling):
+        if isinstance(m, ExactMode):
             out["exact"][name] = bool(m.exact)
             out["exact_bits"][name] = m.exact_bits
     return out

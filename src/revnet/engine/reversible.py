@@ -34,6 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from .context import Context
 from .coupling import Coupling, halves, merge, split
+from .exact import Tape
 from .replay import ParamGrads, Replay, add_into, grad_edge
 
 __all__ = ["ReversibleSequence"]
@@ -127,6 +128,14 @@ class ReversibleSequence(nn.Module):
     def inverse(self, y: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Rebuilds the sequence's input from its output ``y = seq(x, *args, **kwargs)``."""
         context = Context(args, kwargs)
+        taped = [i for i, c in enumerate(self.couplings) if c.needs_tape]
+        if taped:
+            raise RuntimeError(
+                f"ReversibleSequence.inverse: coupling {taped[0]} "
+                f"({type(self.couplings[taped[0]]).__name__}) "
+                f"is in exact mode, whose rebuild needs the remainders its forward recorded, which an "
+                f"output alone does not carry. Fix: revnet.fidelity.drift.roundtrip(seq.couplings, x, dim) "
+                f"runs the forward and the rebuild together.")
         y1, y2 = halves(y, self.dim, "ReversibleSequence")
         for c in reversed(self.couplings):
             y1, y2 = c.inverse_halves(y1, y2, context)
@@ -287,13 +296,17 @@ class _ReversibleBlock(torch.autograd.Function):
         # grad mode is off inside Function.forward: no graph is built
         chain.size += 1
         n = len(context.tensors)
-        ctx.save_for_backward(*tensors[:n])  # autograd then reports a write into them before backward
         ctx.chain, ctx.c, ctx.context, ctx.params = chain, c, context, tensors[n:]
         ctx.replay = Replay(x1, keep_rng)
+        tape = Tape() if c.needs_tape else None  # what exact mode's scalings lose, for the rebuild
         ctx.replay.mark()  # 0: before F
-        y1 = c.couple_f(x1, c.run_f(x1, x2, context))
+        y1 = c.apply_couple("f", x1, c.run_f(x1, x2, context), tape)
         ctx.replay.mark()  # 1: before G
-        y2 = c.couple_g(x2, c.run_g(x2, y1, context))
+        y2 = c.apply_couple("g", x2, c.run_g(x2, y1, context), tape)
+        ctx.tape_keys, kept = (tape.keys(), tape.values()) if tape is not None else ((), ())
+        # The context's tensors: autograd then reports a write into them before backward; the tape's,
+        # so that they count where saved tensors are counted (and leave with this block's backward).
+        ctx.save_for_backward(*tensors[:n], *kept)
         return y1, y2
 
     @staticmethod
@@ -303,6 +316,9 @@ class _ReversibleBlock(torch.autograd.Function):
         replay: Replay = ctx.replay
         y1, y2 = ctx.chain.take()
         saved = ctx.saved_tensors
+        n = len(saved) - len(ctx.tape_keys)
+        tape = Tape.of(ctx.tape_keys, saved[n:]) if ctx.tape_keys else None
+        saved = saved[:n]
         grads = ParamGrads(ctx.params, saved, ctx.needs_input_grad[6:6 + len(saved)])
         context = ctx.context.replaced(grads.context)
         # Memory: every half (B, C/2, ...) is dropped as soon as it is dead, before the next
@@ -313,7 +329,7 @@ class _ReversibleBlock(torch.autograd.Function):
             with grads.swapped(c.g), torch.enable_grad():
                 z1 = y1.detach().requires_grad_()
                 h = c.run_g(y2, z1, context)
-            x2 = c.decouple_g(y2, h.detach())
+            x2 = c.apply_decouple("g", y2, h.detach(), tape)
             dx2, dh = c.couple_g_backward(x2, h.detach(), dy2)
             y2 = dy2 = None
             dz1 = grads.backprop(grad_edge(h), z1, dh)
@@ -324,7 +340,7 @@ class _ReversibleBlock(torch.autograd.Function):
             with grads.swapped(c.f), torch.enable_grad():
                 x2.requires_grad_()
                 h = c.run_f(y1, x2, context)
-            x1 = c.decouple_f(y1, h.detach())
+            x1 = c.apply_decouple("f", y1, h.detach(), tape)
             dx1, dh = c.couple_f_backward(x1, h.detach(), dz1)
             y1 = dz1 = None
             dx2_f = grads.backprop(grad_edge(h), x2, dh)

@@ -27,6 +27,7 @@ from torch import nn
 from ..engine import Coupling, ReversibleSequence
 from ..engine.context import NO_CONTEXT, Context
 from ..engine.coupling import halves, merge
+from ..engine.exact import Tape
 from ..engine.modes import kept_state, set_exact
 from ..engine.replay import Replay
 from .angle import unwrap
@@ -59,23 +60,24 @@ def roundtrip(
     """
     if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
         x = x.float()  # the engine's stream under autocast (ReversibleSequence.forward)
+    tape = Tape()  # what exact mode's scalings lose, for their rebuild
     with torch.no_grad():
         x1, x2 = halves(x, dim)
         replays = []
         for c in couplings:
             replay = Replay(x1, keep_rng=True)
             replay.mark()
-            y1 = c.couple_f(x1, c.run_f(x1, x2, context))
+            y1 = c.apply_couple("f", x1, c.run_f(x1, x2, context), tape)
             replay.mark()
-            x2 = c.couple_g(x2, c.run_g(x2, y1, context))
+            x2 = c.apply_couple("g", x2, c.run_g(x2, y1, context), tape)
             x1 = y1
             replays.append(replay)
         y = merge(x1, x2, dim)
         for c, replay in zip(reversed(couplings), reversed(replays), strict=True):
             replay.rewind(1)
-            x2 = c.decouple_g(x2, c.run_g(x2, x1, context))
+            x2 = c.apply_decouple("g", x2, c.run_g(x2, x1, context), tape)
             replay.rewind(0)
-            x1 = c.decouple_f(x1, c.run_f(x1, x2, context))
+            x1 = c.apply_decouple("f", x1, c.run_f(x1, x2, context), tape)
         return y, merge(x1, x2, dim)
 
 
@@ -182,8 +184,8 @@ class DriftGuard:
             seq = seqs[name]
             action = self.action
             if action == "exact" and set_exact(seq, True, prefix=name) == 0:
-                # No coupling of this sequence has an exact mode (a converted model's momentum
-                # couplings): its activations are stored instead, which cannot drift.
+                # No coupling of this sequence has an exact mode (affine couplings): its
+                # activations are stored instead, which cannot drift.
                 action = "store (its couplings have no exact mode)"
             if action.startswith("store"):
                 seq.reversible = False
