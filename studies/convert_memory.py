@@ -20,6 +20,13 @@ softmax: the same in both models, so it caps the ratio.
 
 ``--doc`` writes the table into docs/CONVERT.md between its ``convert-memory`` markers;
 ``--table-from JSON`` writes it from a finished measurement without measuring again.
+
+``--methods`` measures instead the saved bytes of each conversion method, in float and exact mode
+(exact mode keeps a one-byte remainder per element of each scaled half until backward), at the
+same depths, and writes them between the ``convert-methods`` markers:
+
+    python studies/convert_memory.py --methods --batch 2 --depths 4 24 48 \
+        --out docs/benchmarks/convert_methods.json --doc docs/CONVERT.md
 """
 
 from __future__ import annotations
@@ -99,7 +106,52 @@ def measure(depths: list[int], batch: int, context: int, peak_depths: list[int],
     return rows
 
 
+VARIANTS = (("momentum", False), ("momentum", True), ("two-stream", False), ("two-stream", True))
+
+
+def measure_methods(depths: list[int], batch: int, context: int, gamma: float) -> list[dict]:
+    """Saved bytes of a training step (fused loss) per conversion method and mode, at each depth."""
+    rows = []
+    ids = torch.randint(0, 50257, (batch, context), generator=torch.Generator().manual_seed(0))
+    for depth in depths:
+        plain = build(depth, context)
+        for method, exact in VARIANTS:
+            model = revnet.convert(copy.deepcopy(plain), method=method, gamma=gamma, exact=exact)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mib = saved_bytes(Step(model, "fused"), ids, loss_fn=lambda out: out) / MiB
+            row = {"depth": depth, "batch": batch, "context": context, "method": method, "exact": exact,
+                   "couplings": len(revnet.conversion.converted_stacks(model)[0][1].sequence),
+                   "saved_mib": round(mib, 1)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            del model
+            gc.collect()
+        del plain
+        gc.collect()
+    return rows
+
+
+def methods_table(result: dict) -> str:
+    rows = result["rows"]
+    depths = sorted({r["depth"] for r in rows})
+    cell = {(r["depth"], r["method"], r["exact"]): r for r in rows}
+    lines = ["| blocks | " + " | ".join(f"{m}{', exact' if e else ''}" for m, e in VARIANTS) + " |",
+             "|---|" + "---|" * len(VARIANTS)]
+    for d in depths:
+        cells = [f"{cell[d, m, e]['saved_mib']:.1f} MiB ({cell[d, m, e]['couplings']} couplings)"
+                 if (d, m, e) in cell else "-" for m, e in VARIANTS]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    env = result["environment"]
+    lines.append("")
+    lines.append(f"Measured by `{result['command']}` on {env.get('cpu', '?')} ({env.get('date', '?')}, "
+                 f"commit {env.get('git_commit', '?')}); the numbers in "
+                 f"docs/benchmarks/convert_methods.json.")
+    return "\n".join(lines)
+
+
 MARK = ("<!-- convert-memory:start -->", "<!-- convert-memory:end -->")
+METHODS_MARK = ("<!-- convert-methods:start -->", "<!-- convert-methods:end -->")
 
 
 def table(result: dict) -> str:
@@ -126,12 +178,14 @@ def table(result: dict) -> str:
 
 
 def write_doc(doc: Path, result: dict) -> None:
+    methods = result.get("kind") == "methods"
+    mark = METHODS_MARK if methods else MARK
     text = doc.read_text()
-    head, found, rest = text.partition(MARK[0])
+    head, found, rest = text.partition(mark[0])
     if not found:
-        raise SystemExit(f"{doc} has no {MARK[0]} marker")
-    _, _, tail = rest.partition(MARK[1])
-    doc.write_text(f"{head}{MARK[0]}\n{table(result)}\n{MARK[1]}{tail}")
+        raise SystemExit(f"{doc} has no {mark[0]} marker")
+    _, _, tail = rest.partition(mark[1])
+    doc.write_text(f"{head}{mark[0]}\n{methods_table(result) if methods else table(result)}\n{mark[1]}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,14 +199,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--doc", type=Path, help="write the table into this page (docs/CONVERT.md)")
     parser.add_argument("--table-from", type=Path, help="a finished measurement's JSON: write its table only")
+    parser.add_argument("--methods", action="store_true",
+                        help="saved bytes of each method, float and exact (its own table)")
     args = parser.parse_args(argv)
     if args.table_from:
         write_doc(args.doc or Path("docs/CONVERT.md"), json.loads(args.table_from.read_text()))
         return 0
     torch.set_grad_enabled(True)
-    rows = measure(args.depths, args.batch, args.context, args.peak, args.gamma)
+    if args.methods:
+        rows = measure_methods(args.depths, args.batch, args.context, args.gamma)
+    else:
+        rows = measure(args.depths, args.batch, args.context, args.peak, args.gamma)
     result = {"environment": environment(), "command": " ".join(["python", *sys.argv]), "gamma": args.gamma,
-              "rows": rows}
+              "kind": "methods" if args.methods else "step", "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -18,6 +18,7 @@ plain arm's final mean, and the memory ratio; ``--doc`` writes it into docs/CONV
 ``convert-study`` markers, with docs/convert/results.json and docs/convert/curves.png.
 
     python studies/convert_study.py --seeds 0 1 2 --gamma 0.9 0.5 0.25 --out runs/convert --doc docs
+    python studies/convert_study.py --tasks text --method two-stream --gamma 0.5 --exact --out runs/convert
 
 A pretrained model and every finished run are kept under ``--out`` and reused, so an interrupted
 study continues. bf16 autocast when the CPU has it fast (``--amp``).
@@ -219,11 +220,11 @@ def pretrained(task, out: Path, steps: int, amp: torch.dtype | None) -> nn.Modul
 
 
 def finetune(task, base: nn.Module, arm: str, seed: int, steps: int, eval_every: int, gamma: float | None,
-             amp: torch.dtype | None) -> dict:
+             amp: torch.dtype | None, method: str = "momentum", exact: bool = False) -> dict:
     model = copy.deepcopy(base)
     task.new_head(model, seed)
     if arm == "converted":
-        revnet.convert(model, gamma=gamma)
+        revnet.convert(model, method=method, gamma=gamma, exact=exact)
     batches = task.batches("fine", seed)
     x, y = next(task.batches("fine", seed))
     with warnings.catch_warnings():
@@ -235,7 +236,8 @@ def finetune(task, base: nn.Module, arm: str, seed: int, steps: int, eval_every:
     start = time.perf_counter()
     curve = train(task, model, batches, steps, task.finetune_lr, amp, lambda: task.evaluate(model),
                   eval_every)
-    return {"task": task.name, "arm": arm, "seed": seed, "gamma": gamma,
+    converted = {"method": method, "exact": exact} if arm == "converted" else {}
+    return {"task": task.name, "arm": arm, "seed": seed, "gamma": gamma, **converted,
             "steps": steps, "curve": curve, "final": curve[-1][1], "start": curve[0][1],
             "saved_mib": round(memory / 2**20, 2), "seconds": round(time.perf_counter() - start, 1)}
 
@@ -244,8 +246,23 @@ def finetune(task, base: nn.Module, arm: str, seed: int, steps: int, eval_every:
 # The report
 # --------------------------------------------------------------------------------------
 
+def variant(run: dict) -> tuple[str, bool, float] | None:
+    """A converted run's (method, exact, gamma); None for a plain run (older runs: momentum, float)."""
+    if run["arm"] != "converted":
+        return None
+    return run.get("method", "momentum"), bool(run.get("exact", False)), run["gamma"]
+
+
+def label(v: tuple[str, bool, float] | None) -> str:
+    if v is None:
+        return "plain fine-tuning"
+    method, exact, gamma = v
+    return f"converted, {method}{' exact' if exact else ''}, gamma {gamma:g}"
+
+
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per (task, arm, gamma): final metric mean/spread, start, memory, steps to the plain final."""
+    """One row per (task, arm, method, exact, gamma): final metric mean/spread, start, memory, steps to
+    the plain final."""
     rows = []
     for task in TASKS:
         plain = [r for r in runs if r["task"] == task and r["arm"] == "plain"]
@@ -253,9 +270,9 @@ def summarize(runs: list[dict]) -> list[dict]:
             continue
         higher = task == "vision"
         target = statistics.mean(r["final"] for r in plain)
-        gammas = sorted({r["gamma"] for r in runs if r["task"] == task and r["arm"] == "converted"})
-        for arm, gamma in [("plain", None), *(("converted", g) for g in gammas)]:
-            got = [r for r in runs if r["task"] == task and r["arm"] == arm and r["gamma"] == gamma]
+        variants = sorted({variant(r) for r in runs if r["task"] == task and r["arm"] == "converted"})
+        for v in [None, *variants]:
+            got = [r for r in runs if r["task"] == task and variant(r) == v]
             finals = [r["final"] for r in got]
 
             def reached(r: dict, target: float = target, higher: bool = higher) -> int | None:
@@ -264,14 +281,16 @@ def summarize(runs: list[dict]) -> list[dict]:
             steps = [reached(r) for r in got]
             mean = statistics.mean(finals)
             rows.append({
-                "task": task, "arm": arm, "seeds": len(got), "final_mean": mean,
+                "task": task, "arm": "plain" if v is None else "converted", "seeds": len(got),
+                "final_mean": mean,
                 "final_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                 "start_mean": statistics.mean(r["start"] for r in got),
                 "vs_plain": (mean - target) * 100 if higher else (mean - target) / target * 100,
                 "steps_to_plain_final": None if None in steps else statistics.mean(steps),
                 "saved_mib": statistics.mean(r["saved_mib"] for r in got),
                 "seconds": statistics.mean(r["seconds"] for r in got),
-                "gamma": gamma})
+                "gamma": None if v is None else v[2], "method": None if v is None else v[0],
+                "exact": None if v is None else v[1], "label": label(v)})
     return rows
 
 
@@ -282,7 +301,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         vision = r["task"] == "vision"
         fmt = (lambda v: f"{100 * v:.2f}%") if vision else (lambda v: f"{v:.4f}")
-        arm = "plain fine-tuning" if r["arm"] == "plain" else f"converted, gamma {r['gamma']:g}"
+        arm = r["label"]
         diff = "" if r["arm"] == "plain" else (
             f"{r['vs_plain']:+.2f} points" if vision else f"{r['vs_plain']:+.2f}%")
         steps = "" if r["arm"] == "plain" else (
@@ -301,12 +320,12 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    gammas = sorted({r["gamma"] for r in runs if r["arm"] == "converted"})
+    variants = sorted({variant(r) for r in runs if r["arm"] == "converted"})
     for ax, task in zip(axes, TASKS, strict=True):
         labelled = set()
         for r in (r for r in runs if r["task"] == task):
-            key = "plain" if r["arm"] == "plain" else f"converted, gamma {r['gamma']:g}"
-            color = "C0" if r["arm"] == "plain" else f"C{1 + gammas.index(r['gamma'])}"
+            key = label(variant(r))
+            color = "C0" if r["arm"] == "plain" else f"C{(1 + variants.index(variant(r))) % 10}"
             steps, values = zip(*r["curve"], strict=True)
             ax.plot(steps, values, color=color, alpha=0.8, label=None if key in labelled else key)
             labelled.add(key)
@@ -342,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--gamma", type=float, nargs="+", default=[0.9],
-                        help="the converted arm's momentum; several: one converted arm each")
+                        help="the converted arm's gamma; several: one converted arm each")
+    parser.add_argument("--method", nargs="+", choices=["momentum", "two-stream"], default=["momentum"],
+                        help="the conversion method; several: one converted arm each")
+    parser.add_argument("--exact", action="store_true", help="the converted arms in exact mode")
     parser.add_argument("--pretrain-steps", type=int, nargs=2, default=[800, 800],
                         metavar=("VISION", "TEXT"))
     parser.add_argument("--finetune-steps", type=int, nargs=2, default=[400, 400],
@@ -365,16 +387,21 @@ def main(argv: list[str] | None = None) -> int:
         i = TASKS.index(name)
         base = pretrained(task, args.out, args.pretrain_steps[i], amp)
         for seed in args.seeds:
-            for arm, gamma in [("plain", None), *(("converted", g) for g in args.gamma)]:
+            arms = [("plain", None, "momentum"),
+                    *(("converted", g, m) for m in args.method for g in args.gamma)]
+            for arm, gamma, method in arms:
                 n = args.finetune_steps[i]
-                tag = (f"{name}-{arm}-g{gamma:g}-s{seed}-n{n}" if arm == "converted"
+                # a float momentum run keeps the tag of the runs before methods were an option
+                kind = "" if (method, args.exact) == ("momentum", False) else \
+                    f"{method}{'-exact' if args.exact else ''}-"
+                tag = (f"{name}-{arm}-{kind}g{gamma:g}-s{seed}-n{n}" if arm == "converted"
                        else f"{name}-{arm}-s{seed}-n{n}")
                 path = args.out / f"{tag}.json"
                 if path.exists():
                     runs.append(json.loads(path.read_text()))
                     continue
                 print(f"{tag}", flush=True)
-                run = finetune(task, base, arm, seed, n, args.eval_every, gamma, amp)
+                run = finetune(task, base, arm, seed, n, args.eval_every, gamma, amp, method, args.exact)
                 path.write_text(json.dumps(run) + "\n")
                 runs.append(run)
     for row in summarize(runs):

@@ -23,7 +23,7 @@ MAY_IMPORT = {
     "memory": {"memory", "engine"},
     "fidelity": {"fidelity", "engine"},
     "models": {"models", "engine"},
-    "conversion": {"conversion", "models", "engine"},
+    "conversion": {"conversion", "models", "fidelity", "engine"},
     "training": {"training", "conversion", "models", "memory", "fidelity", "engine"},
     "bench": {"bench", "training", "conversion", "models", "memory", "fidelity", "engine"},
     "cli": {"cli", "bench", "training", "conversion", "models", "memory", "fidelity", "engine"},

@@ -368,6 +368,32 @@ def test_convert_memory_table_and_doc(tmp_path):
     assert "| 4 | 400.0 MiB | 10.0 MiB | 40x | - | - | - | 400.0 / 10.0 MiB (40.0x) |" in text
 
 
+def test_convert_memory_methods_table(tmp_path):
+    cm = load("convert_memory")
+    rows = [{"depth": d, "batch": 2, "context": 64, "method": m, "exact": e,
+             "couplings": 2 * d if m == "momentum" else d, "saved_mib": 1.0 + e * d}
+            for d in (4, 24) for m, e in cm.VARIANTS]
+    result = {"kind": "methods", "rows": rows, "command": "python studies/convert_memory.py --methods",
+              "environment": {"cpu": "X", "date": "d"}}
+    doc = tmp_path / "CONVERT.md"
+    doc.write_text("<!-- convert-methods:start -->\nold\n<!-- convert-methods:end -->\n"
+                   "<!-- convert-memory:start -->\nkept\n<!-- convert-memory:end -->\n")
+    cm.write_doc(doc, result)
+    text = doc.read_text()
+    assert "old" not in text and "kept" in text
+    assert "| 24 | 1.0 MiB (48 couplings) | 25.0 MiB (48 couplings) | 1.0 MiB (24 couplings) |" in text
+    cm.build = lambda depth, context: _tiny_gpt2(depth)  # measure_methods on a tiny GPT-2: all convert
+    got = cm.measure_methods([2], 1, 8, 0.5)
+    assert [(r["method"], r["exact"], r["couplings"]) for r in got] == [
+        ("momentum", False, 4), ("momentum", True, 4), ("two-stream", False, 2), ("two-stream", True, 2)]
+
+
+def _tiny_gpt2(depth):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_head=4, n_layer=depth, vocab_size=50257, n_positions=16)
+    return transformers.GPT2LMHeadModel(config).train()
+
+
 def test_convert_study_summary_table_and_doc(tmp_path):
     cs = load("convert_study")
     runs = []
@@ -383,7 +409,16 @@ def test_convert_study_summary_table_and_doc(tmp_path):
             runs.append({"task": "text", "arm": arm, "seed": seed, "gamma": gamma,
                          "curve": [[0, 3.0], [50, 2.5], [100, final]], "final": final, "start": 3.0,
                          "saved_mib": 50.0 if arm == "plain" else 5.0, "seconds": 1.0})
-    rows = {(r["task"], r["arm"]): r for r in cs.summarize(runs)}
+    # a run of another method and mode: a row of its own
+    runs.append({"task": "text", "arm": "converted", "seed": 0, "gamma": 0.25, "method": "two-stream",
+                 "exact": True, "curve": [[0, 3.0], [100, 1.9]], "final": 1.9, "start": 3.0, "saved_mib": 6.0,
+                 "seconds": 1.0})
+    summary = cs.summarize(runs)
+    assert [r["label"] for r in summary if r["task"] == "text"] == [
+        "plain fine-tuning", "converted, momentum, gamma 0.9", "converted, two-stream exact, gamma 0.25"]
+    summary.pop()
+    runs.pop()
+    rows = {(r["task"], r["arm"]): r for r in summary}
     assert rows[("vision", "converted")]["vs_plain"] == pytest.approx(1.0)  # points
     assert rows[("vision", "converted")]["steps_to_plain_final"] == 75  # 50 and 100: mean over seeds
     assert rows[("text", "converted")]["vs_plain"] == pytest.approx(5.0)  # percent, lower is better

@@ -49,10 +49,18 @@ def test_gamma_zero_is_the_original_model_and_the_report_says_what_moved():
     moved = revnet.convert(copy.deepcopy(model), gamma=0.9, example=x).revnet_conversion
     assert moved.output_difference > 1e-3 and moved.reconstruction_error <= 1e-12
     assert "momentum (gamma=0.9)" in str(moved)
+    # two-stream: one coupling per two branches; gamma 0 the original too; exact mode rebuilds exactly
+    zero = revnet.convert(copy.deepcopy(model), method="two-stream", gamma=0.0, example=x).revnet_conversion
+    assert zero.stacks == [("transformer.blocks", "TransformerBlock", 3, 3)]
+    assert zero.output_difference <= 1e-12
+    exact = revnet.convert(copy.deepcopy(model), method="two-stream", gamma=0.25, exact=True,
+                           example=x).revnet_conversion
+    assert exact.reconstruction_error == 0.0 and "two-stream (gamma=0.25, exact)" in str(exact)
 
 
+@pytest.mark.parametrize("method,exact", [("momentum", False), ("two-stream", False), ("two-stream", True)])
 @pytest.mark.parametrize("kind", ["gpt_mini", "vit_mini"])
-def test_reversible_gradients_equal_plain_autograd_float64(kind):
+def test_reversible_gradients_equal_plain_autograd_float64(kind, method, exact):
     if kind == "gpt_mini":
         model, x = lm(), tokens()
         loss_fn = lambda m: m(x, targets=x)  # noqa: E731
@@ -64,11 +72,11 @@ def test_reversible_gradients_equal_plain_autograd_float64(kind):
         model = revnet.create_model("vit_mini", num_classes=5, embed_dim=32, depth=2, num_heads=4).double()
         img = torch.randn(2, 3, 28, 28, dtype=torch.float64)
         loss_fns = [lambda m: m(img).square().sum()]
-    revnet.convert(model, gamma=0.9)
+    revnet.convert(model, method=method, gamma=0.9, exact=exact)
     plain = copy.deepcopy(model)
     assert revnet.set_reversible(plain, False) == 1
     for loss_fn in loss_fns:
-        assert grad_error(grads_of(model, loss_fn), grads_of(plain, loss_fn)) <= 1e-10
+        assert grad_error(grads_of(model, loss_fn), grads_of(plain, loss_fn)) <= (0.0 if exact else 1e-10)
 
 
 def test_the_state_dict_keeps_the_original_keys_both_ways():
@@ -94,7 +102,10 @@ def test_set_gamma_and_reconstruction_error():
     revnet.convert(model, gamma=0.9)
     assert set_gamma(model, 0.5) == 6
     assert all(c.gamma == 0.5 for c in model.transformer.blocks.sequence)
+    assert model.transformer.blocks.gamma == 0.5 and "gamma=0.5" in repr(model.transformer.blocks)
     assert reconstruction_error(model, x) <= 1e-12
+    with pytest.raises(ValueError, match="exact mode cannot rebuild at gamma = 0"):
+        revnet.set_exact(model, True) and set_gamma(model, 0.0)
 
 
 class ScaledBlock(nn.Module):
@@ -161,6 +172,8 @@ def test_converting_twice_a_compiled_model_or_nothing_is_a_clear_error():
         revnet.convert(lm(), gamma=1.0)
     with pytest.raises(ValueError, match="unknown method"):
         revnet.convert(lm(), method="magic")
+    with pytest.raises(ValueError, match="exact mode rebuilds, and gamma = 0 cannot"):
+        revnet.convert(lm(), gamma=0.0, exact=True)
     stack = model.transformer.blocks
     with pytest.raises(IndexError, match="runs its 3 blocks as a whole"):
         stack[:2]

@@ -1,8 +1,8 @@
 """revnet.convert on Hugging Face transformers (models from configs, random weights, no hub): GPT-2,
 Llama (rotary, grouped-query attention), Mistral, Qwen2, BERT and RoBERTa (post-norm), ViT. Float64:
 the converted model's reversible gradients equal its own plain-autograd run on the same weights,
-with attention masks; at gamma = 0 it is the original model; generate() and save_pretrained /
-from_pretrained still work."""
+with attention masks, by both methods and in exact mode; at gamma = 0 it is the original model;
+generate() and save_pretrained / from_pretrained still work."""
 
 import copy
 import warnings
@@ -68,22 +68,25 @@ KINDS = ["gpt2", "llama", "mistral", "qwen2", "bert", "roberta", "vit"]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method,exact", [("momentum", False), ("two-stream", False), ("momentum", True),
+                                          ("two-stream", True)])
 @pytest.mark.parametrize("kind", KINDS)
-def test_reversible_gradients_equal_plain_autograd_and_gamma_zero_is_the_original(kind):
+def test_reversible_gradients_equal_plain_autograd_and_gamma_zero_is_the_original(kind, method, exact):
     model, inputs = build(kind), batch(kind)
     model.eval()
     with torch.no_grad():
         ref = model(**inputs).logits
-    zero = revnet.convert(copy.deepcopy(model), gamma=0.0, example=inputs)
+    zero = revnet.convert(copy.deepcopy(model), method=method, gamma=0.0, example=inputs)
     assert zero.revnet_conversion.output_difference <= 1e-6
     with torch.no_grad():
         assert (zero(**inputs).logits - ref).abs().max() <= 1e-6 * ref.abs().max()
     model.train()
-    revnet.convert(model, gamma=0.9)
+    revnet.convert(model, method=method, gamma=0.5 if exact else 0.9, exact=exact)
     plain = copy.deepcopy(model)
     revnet.set_reversible(plain, False)
     f = loss_fn(kind, inputs)
-    assert grad_error(grads_of(model, f), grads_of(plain, f)) <= 1e-10
+    # exact mode: the plain run computes the same lattice arithmetic, so the gradients agree bit for bit
+    assert grad_error(grads_of(model, f), grads_of(plain, f)) <= (0.0 if exact else 1e-10)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -99,7 +102,7 @@ def test_generate_and_save_pretrained_round_trip(tmp_path):
     converted.save_pretrained(tmp_path)
     # unconverted: the checkpoint has the original keys
     loaded = T.GPT2LMHeadModel.from_pretrained(tmp_path).double()
-    assert loaded.config.revnet_conversion == {"method": "momentum", "gamma": 0.7}
+    assert loaded.config.revnet_conversion == {"method": "momentum", "gamma": 0.7, "exact": False}
     revnet.convert(loaded)  # the config's method and gamma
     assert loaded.transformer.h.gamma == 0.7
     inputs = batch("gpt2")

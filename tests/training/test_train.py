@@ -519,5 +519,13 @@ def test_fine_tuning_a_converted_model_from_a_checkpoint(tmp_path):
     assert fit(tiny(tmp_path, "fine", **kw), resume=True)["step"] == 8
     with pytest.raises(ValueError, match="reversible already"):
         tiny(tmp_path, "x", model="revvit_mini", convert="momentum")
+    # two-stream at a small gamma in exact mode: the guard sees a rebuild without error, and the
+    # checkpoint carries the switch (a resumed run keeps exact mode)
+    exact = dict(kw, init=str(tmp_path / "moved.pt"), convert="two-stream", convert_gamma=0.25, exact=True)
+    fit(tiny(tmp_path, "exact", **exact))
+    rows = [json.loads(line) for line in (tmp_path / "exact" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["drift"]["transformer.blocks.sequence"] for r in rows if "drift" in r] == [0.0, 0.0]
+    modes = torch.load(tmp_path / "exact" / "last.pt", weights_only=False)["engine_modes"]["exact"]
+    assert modes and all(modes.values())
     with pytest.raises(FileNotFoundError, match="--init: no file"):
         fit(tiny(tmp_path, "y", **{**kw, "init": str(tmp_path / "gone.pt")}))

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..training.config import RECIPES, TrainConfig, headline, is_reversible_model
+from ..training.config import CONVERT_METHODS, RECIPES, TrainConfig, headline, is_reversible_model
 from ..training.distributed import DistributedError, launch_command
 from ..training.footprint import memory_line, saved_bytes_of_run
 from ..training.loop import TrainingDivergedError, fit
@@ -83,10 +83,11 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--init", "init", {"metavar": "CHECKPOINT", "help": "start from these weights (a last.pt/best.pt, or a "
                                                          "saved state dict); a classifier head of another "
                                                          "shape starts fresh (fine-tuning)"}),
-    ("--convert", "convert", {"choices": ["momentum"], "help": "make the (residual) model reversible with "
+    ("--convert", "convert", {"choices": list(CONVERT_METHODS),
+                              "help": "make the (residual) model reversible with "
                                                                "revnet.convert before training "
                                                                "(docs/guide/convert.md)"}),
-    ("--gamma", "convert_gamma", {"type": float, "help": "the momentum of --convert (default 0.9)"}),
+    ("--gamma", "convert_gamma", {"type": float, "help": "the gamma of --convert (default 0.9)"}),
     ("--drift-guard-action", "drift_guard_action", {
         "choices": ["warn", "exact", "store"], "help": "past the threshold: warn (default), switch the "
                                                        "sequence to exact mode, or store its activations"}),
@@ -107,7 +108,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-reversible", dest="reversible", action="store_false", default=None,
                    help="plain backprop on the same model (the baseline)")
     p.add_argument("--exact", dest="exact", action="store_true", default=None,
-                   help="exact (fixed-point) couplings: bit-exact reconstruction at any depth")
+                   help="exact (fixed-point) couplings: bit-exact reconstruction at any depth (also "
+                        "of --convert's)")
     p.add_argument("--no-flip", dest="flip", action="store_false", default=None)
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
     p.add_argument("--compile", dest="compile", nargs="?", const="inductor", default=None, metavar="BACKEND",

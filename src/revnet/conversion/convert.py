@@ -19,7 +19,7 @@ __all__ = ["METHODS", "ConversionReport", "convert", "converted_stacks", "recons
 
 log = logging.getLogger("revnet.convert")
 
-METHODS = ("momentum",)
+METHODS = ("momentum", "two-stream")
 DEFAULT_GAMMA = 0.9
 CONFIG_KEY = "revnet_conversion"  # where a Hugging Face model's config records the conversion
 
@@ -29,8 +29,9 @@ class ConversionReport:
     """What :func:`convert` did, and (given an ``example``) how far the converted model moved.
 
     Attributes:
-        method: the conversion method (``"momentum"``).
-        gamma: the momentum.
+        method: the conversion method (``"momentum"`` or ``"two-stream"``).
+        gamma: the couplings' gamma.
+        exact: whether the couplings run in exact mode (bit-exact rebuilds).
         stacks: ``(path, block class, converted blocks, couplings)`` per converted stack.
         output_difference: ``|y_converted - y_original| / |y_original|`` on the example (None without one).
         reconstruction_error: the largest relative error of a stack's input rebuilt by its inverse
@@ -40,13 +41,15 @@ class ConversionReport:
 
     method: str
     gamma: float
+    exact: bool = False
     stacks: list[tuple[str, str, int, int]] = field(default_factory=list)
     output_difference: float | None = None
     reconstruction_error: float | None = None
 
     def __str__(self) -> str:
         where = ", ".join(f"{p or '<model>'} ({n} x {cls})" for p, cls, n, _ in self.stacks)
-        out = f"revnet.convert: {self.method} (gamma={self.gamma:g}) on {where}"
+        mode = ", exact" if self.exact else ""
+        out = f"revnet.convert: {self.method} (gamma={self.gamma:g}{mode}) on {where}"
         if self.output_difference is not None:
             out += f"; output moved by {self.output_difference:.3g} (relative)"
         if self.reconstruction_error is not None:
@@ -158,15 +161,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def reconstruction_error(model: nn.Module, example: Any) -> float:
-    """The largest relative error with which a converted stack's inverse rebuilds its input from its
-    output, for ``model`` called on ``example`` (a tensor, a tuple of arguments or a dict of keywords),
-    in evaluation mode and without gradients: how far the reversible backward's rebuild drifts."""
+    """The largest relative error (in norm) with which a converted stack rebuilds its input from its
+    output, block by block as the reversible backward does, for ``model`` called on ``example`` (a
+    tensor, a tuple of arguments or a dict of keywords), in evaluation mode and without gradients: how
+    far the reversible backward's rebuild drifts (0.0 in exact mode)."""
     stacks = [s for _, s in converted_stacks(model)]
     if not stacks:
         raise ValueError(f"reconstruction_error: {type(model).__name__} has no converted stack; "
                          f"revnet.convert(model) first.")
     was_training = model.training
-    records: list[tuple[ConvertedStack, list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]]] = []
+    records: list[tuple[ConvertedStack, list[tuple[torch.Tensor, dict[str, Any]]]]] = []
     for s in stacks:
         s._record = []
         records.append((s, s._record))
@@ -182,15 +186,16 @@ def reconstruction_error(model: nn.Module, example: Any) -> float:
 
 
 def convert(model: nn.Module, *, method: str | None = None, gamma: float | None = None,
-            example: Any = None) -> nn.Module:
+            exact: bool | None = None, example: Any = None) -> nn.Module:
     """Makes the residual block stacks of ``model`` reversible, in place, and returns ``model``.
 
     Every list of residual blocks that an adapter knows (revnet's transformers, Hugging Face GPT-2,
     Llama/Mistral/Qwen2, BERT/RoBERTa, ViT, and any class given to :func:`revnet.register_adapter`)
     becomes a :class:`~revnet.conversion.stack.ConvertedStack`: the blocks' own sub-modules and
-    weights, run as momentum steps (Sander et al., ICML 2021) in one reversible sequence, so that
-    training keeps no block activations. The state dict keeps its keys (a checkpoint loads before or
-    after conversion); ``revnet.set_reversible(model, False)`` runs the same modules under plain autograd.
+    weights, run as momentum steps (Sander et al., ICML 2021) or two-stream steps (RevViT/MEFT's
+    form) in one reversible sequence, so that training keeps no block activations. The state dict
+    keeps its keys (a checkpoint loads before or after conversion); ``revnet.set_reversible(model,
+    False)`` runs the same modules under plain autograd.
 
     Example:
         >>> import torch, revnet
@@ -202,11 +207,16 @@ def convert(model: nn.Module, *, method: str | None = None, gamma: float | None 
 
     Args:
         model: the model (not compiled, not wrapped in DDP or FSDP: convert first).
-        method: ``"momentum"`` (default). Each residual branch ``x = x + f(x)`` becomes
+        method: ``"momentum"`` (default): each residual branch ``x = x + f(x)`` becomes
             ``v = gamma v + (1 - gamma) f(x)``, ``x = x + v``, with ``v`` starting at zero.
-        gamma: the momentum, in ``[0, 1)`` (default 0.9). 0 is the original network exactly but cannot
-            rebuild (plain autograd only); larger values rebuild more accurately (rounding grows by
+            ``"two-stream"``: the stream keeps the last two states, each branch computing
+            ``x_next = gamma x_prev + (1 - gamma) x + f(x)`` (two branches per coupling).
+        gamma: in ``[0, 1)`` (default 0.9). 0 is the original network exactly but cannot rebuild
+            (plain autograd only); larger values rebuild more accurately (rounding grows by
             ``1 / gamma`` per step) and move the function further from the original's.
+        exact: the couplings' exact mode (default False): the rebuild is bit-exact at any gamma and
+            depth, for one byte per element of a stream half per scaling kept until backward, and
+            gamma becomes the nearest fraction with denominator <= 256 (docs/guide/convert.md).
         example: an input for ``model`` (a tensor, a tuple of arguments, or a dict of keywords): with it
             the report gives how far the outputs moved and the inverse's reconstruction error.
 
@@ -223,18 +233,21 @@ def convert(model: nn.Module, *, method: str | None = None, gamma: float | None 
     _refuse_wrapped(model)
     owner = type(model).__name__
     recorded = getattr(getattr(model, "config", None), CONFIG_KEY, None)
-    if isinstance(recorded, Mapping) and method is None and gamma is None:
-        method, gamma = recorded.get("method"), recorded.get("gamma")
+    if isinstance(recorded, Mapping) and method is None and gamma is None and exact is None:
+        method, gamma, exact = recorded.get("method"), recorded.get("gamma"), recorded.get("exact")
     method = "momentum" if method is None else method
     gamma = DEFAULT_GAMMA if gamma is None else float(gamma)
+    exact = bool(exact)
     if method not in METHODS:
         raise ValueError(f"revnet.convert: unknown method {method!r}; expected one of {METHODS}.")
     if not (math.isfinite(gamma) and 0.0 <= gamma < 1.0):
         raise ValueError(f"revnet.convert: gamma must be in [0, 1), got {gamma}.")
+    if exact and gamma == 0.0:
+        raise ValueError("revnet.convert: exact mode rebuilds, and gamma = 0 cannot: pass gamma > 0.")
     done = converted_stacks(model)
     if done:
         raise ValueError(f"revnet.convert: {owner} is converted already ({', '.join(p for p, _ in done)}); "
-                         f"converting twice would nest momentum streams. Fix: convert the original model "
+                         f"converting twice would nest reversible streams. Fix: convert the original model "
                          f"once (to change gamma, set it on the couplings: revnet.conversion.set_gamma).")
     found, unknown = _find_stacks(model)
     if not found:
@@ -252,13 +265,14 @@ def convert(model: nn.Module, *, method: str | None = None, gamma: float | None 
         with torch.no_grad():
             reference = _call(model, example).detach().clone()
         model.train(was_training)
-    report = ConversionReport(method, gamma)
+    report = ConversionReport(method, gamma, exact)
     for path, blocks, prefix in found:
         branches = [_branches(f"{path}.{i}", b) for i, b in enumerate(blocks) if i >= prefix]
         if not path:
             raise ValueError(f"revnet.convert: {owner} is itself a list of blocks; convert the model that "
                              f"holds it (its forward runs the loop).")
-        stack = ConvertedStack(blocks, branches, gamma=gamma, owner=path, prefix=prefix)
+        stack = ConvertedStack(blocks, branches, gamma=gamma, method=method, exact=exact, owner=path,
+                               prefix=prefix)
         stack.train(model.get_submodule(path).training)
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
@@ -276,7 +290,7 @@ def convert(model: nn.Module, *, method: str | None = None, gamma: float | None 
         report.reconstruction_error = reconstruction_error(model, example) if gamma > 0 else None
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):  # a Hugging Face config: saved with the model
-        setattr(config, CONFIG_KEY, {"method": method, "gamma": gamma})
+        setattr(config, CONFIG_KEY, {"method": method, "gamma": gamma, "exact": exact})
     model.revnet_conversion = report
     log.info("%s", report)
     return model
@@ -286,9 +300,12 @@ def set_gamma(model: nn.Module, gamma: float) -> int:
     """Sets the momentum of every converted stack's couplings (between steps); returns how many."""
     if not (math.isfinite(gamma) and 0.0 <= gamma < 1.0):
         raise ValueError(f"set_gamma: gamma must be in [0, 1), got {gamma}.")
+    stacks = converted_stacks(model)
+    if gamma == 0.0 and any(getattr(c, "exact", False) for _, s in stacks for c in s.sequence):
+        raise ValueError("set_gamma: the couplings are in exact mode, and exact mode cannot rebuild at "
+                         "gamma = 0; turn it off first (revnet.set_exact(model, False)).")
     count = 0
-    for _, stack in converted_stacks(model):
-        stack.gamma = float(gamma)
+    for _, stack in stacks:
         for c in stack.sequence:
             c.gamma = float(gamma)
             count += 1

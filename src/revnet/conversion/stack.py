@@ -1,15 +1,19 @@
-"""The converted stack: a model's list of residual blocks, run as one reversible momentum sequence.
+"""The converted stack: a model's list of residual blocks, run as one reversible sequence.
 
 A residual block stack ``for block in blocks: x = block(x, ...)`` in which every block is a
-chain of residual steps ``x = x + f_k(x)`` (attention, then MLP) becomes, branch by branch,
-the momentum steps of Sander et al. (ICML 2021, "Momentum Residual Neural Networks")
+chain of residual steps ``x = x + f_k(x)`` (attention, then MLP) becomes one
+:class:`~revnet.engine.ReversibleSequence` over the branches ``f_1, f_2, ...``, by one of two
+methods:
 
-    v = gamma * v + (1 - gamma) * f_k(x)        x = x + v
+- ``"momentum"``: the momentum steps of Sander et al. (ICML 2021, "Momentum Residual Neural
+  Networks"), ``v = gamma * v + (1 - gamma) * f_k(x)``, ``x = x + v``, on the stream ``(v, x)``
+  with ``v`` starting at zero: one :class:`~revnet.engine.MomentumCoupling` per branch;
+- ``"two-stream"``: the stream holds the last two states ``(x_{k-1}, x_k)``, both starting at the
+  input, and ``x_{k+1} = gamma x_{k-1} + (1 - gamma) x_k + f_{k+1}(x_k)``: one
+  :class:`~revnet.engine.TwoStreamCoupling` per two branches (RevViT/MEFT's form).
 
-on the stream ``(v, x)``, ``v`` starting at zero: one :class:`~revnet.engine.MomentumCoupling`
-per branch, all in one :class:`~revnet.engine.ReversibleSequence`. At ``gamma = 0`` it is the
-original stack exactly; for ``gamma > 0`` every step inverts, so training stores no block
-activations.
+At ``gamma = 0`` either is the original stack exactly; for ``gamma > 0`` every step inverts, so
+training stores no block activations; in exact mode the rebuild is bit-exact at any gamma.
 
 :class:`ConvertedStack` takes the list's place in the model **without changing how the model
 calls it or names its weights**:
@@ -34,7 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import MomentumCoupling, ReversibleSequence
+from ..engine import Coupling, MomentumCoupling, ReversibleSequence, TwoStreamCoupling
+from ..engine.context import Context
+from ..fidelity.drift import roundtrip
 
 __all__ = ["ConvertedStack"]
 
@@ -46,28 +52,40 @@ def _passthrough(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tenso
     return hidden
 
 
+def couplings_for(method: str, branches: Sequence[nn.Module], gamma: float,
+                  exact: bool = False) -> list[Coupling]:
+    """The couplings that run ``branches`` (the residual branches of a stack, in order) by ``method``."""
+    if method == "momentum":
+        return [MomentumCoupling(f, gamma=gamma, dim=-1, exact=exact) for f in branches]
+    if method == "two-stream":
+        return [TwoStreamCoupling(branches[i], branches[i + 1] if i + 1 < len(branches) else None,
+                                  gamma=gamma, dim=-1, exact=exact) for i in range(0, len(branches), 2)]
+    raise ValueError(f"revnet.convert: unknown method {method!r}; expected 'momentum' or 'two-stream'.")
+
+
 class ConvertedStack(nn.Module):
-    """A list of residual blocks run as one reversible momentum sequence (see the module's docstring).
+    """A list of residual blocks run as one reversible sequence (see the module's docstring).
 
     Args:
         blocks: the residual blocks, as the model's ``nn.ModuleList`` (or ``nn.Sequential``) held them.
         branches: the residual branches of each converted block, ``f(x, **context) -> f(x)``, built from
             the block's own sub-modules (an adapter's ``branches(block)``).
-        gamma: the momentum, in ``(0, 1)`` to train reversibly (0: the original network, plain
-            autograd only).
+        gamma: in ``(0, 1)`` to train reversibly (0: the original network, plain autograd only).
+        method: ``"momentum"`` or ``"two-stream"``.
+        exact: the couplings' exact mode (bit-exact rebuilds).
         owner: the stack's path in its model, for messages.
         prefix: how many leading blocks run as they are (not residual in shape: a ResNet stage's
             downsampling unit), before the converted ones.
 
     Attributes:
-        sequence: the :class:`~revnet.engine.ReversibleSequence` of
-            :class:`~revnet.engine.MomentumCoupling` s, two per block for a transformer (attention,
-            MLP); ``.reversible`` flips it as everywhere.
+        sequence: the :class:`~revnet.engine.ReversibleSequence` of the couplings (two per block for a
+            transformer by momentum, one by two-stream); ``.reversible`` flips it as everywhere.
         blocks: how many blocks the stack replaces.
+        method: the method.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], branches: Sequence[Sequence[nn.Module]], *, gamma: float,
-                 owner: str = "", prefix: int = 0) -> None:
+                 method: str = "momentum", exact: bool = False, owner: str = "", prefix: int = 0) -> None:
         super().__init__()
         if len(blocks) <= prefix:
             raise ValueError(f"revnet.convert: the stack {owner!r} holds no block to convert.")
@@ -76,8 +94,8 @@ class ConvertedStack(nn.Module):
                              f"converted blocks of {owner!r}.")
         for i, block in enumerate(blocks):
             self.add_module(str(i), block)
-        self.blocks, self.prefix, self.owner, self.gamma = len(blocks), prefix, owner, float(gamma)
-        couplings = [MomentumCoupling(f, gamma=gamma, dim=-1) for fs in branches for f in fs]
+        self.blocks, self.prefix, self.owner, self.method = len(blocks), prefix, owner, method
+        couplings = couplings_for(method, [f for fs in branches for f in fs], gamma, exact)
         self.sequence = ReversibleSequence(couplings)  # registered after the blocks: their names come first
         self._signature = inspect.signature(blocks[prefix].forward)
         first = next(iter(self._signature.parameters.values()), None)
@@ -87,7 +105,7 @@ class ConvertedStack(nn.Module):
                             f"hidden states first ({self._signature}); the stack cannot be driven.")
         self._hidden = first.name
         self._cache_warned = False
-        self._record: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] | None = None
+        self._record: list[tuple[torch.Tensor, dict[str, Any]]] | None = None
         # The sequence's state-dict keys name the blocks' tensors a second time: map them to the
         # blocks' own keys (by identity), drop them on saving and fill them on loading.
         own = {id(t): k for k, t in self._block_state(keep_vars=True).items()}
@@ -150,23 +168,31 @@ class ConvertedStack(nn.Module):
                               f"is off while gradients are on (use_cache=False).", stacklevel=2)
                 self._cache_warned = True
             context["use_cache"], context["cache"] = False, None
-        stream = torch.cat((torch.zeros_like(hidden), hidden), dim=-1)  # (v, x): velocity zero
+        # momentum: (v, x), the velocity zero; two-stream: (x_{k-1}, x_k), both the input
+        first = torch.zeros_like(hidden) if self.method == "momentum" else hidden
+        stream = torch.cat((first, hidden), dim=-1)
         out = self.sequence(stream, **context)
         if self._record is not None:
-            self._record.append((stream, out, context))
+            self._record.append((stream, context))
         return out[..., hidden.shape[-1]:]
 
-    def reconstruction_error(self, stream: torch.Tensor, out: torch.Tensor, context: dict[str, Any]) -> float:
-        """Relative error of the stream the sequence's inverse rebuilds from ``out`` (no grad)."""
+    def reconstruction_error(self, stream: torch.Tensor, context: dict[str, Any]) -> float:
+        """Relative error (in norm) of ``stream``, the sequence's input, run through it and rebuilt from
+        its output block by block as the reversible backward does (exact mode's tape included); no grad."""
         if "cache" in context or "use_cache" in context:  # the rebuild must not append to the cache again
             context = {**context, "cache": None, "use_cache": False}
-        with torch.no_grad():
-            rebuilt = self.sequence.inverse(out, **context)
-            return float((rebuilt - stream).norm() / stream.norm().clamp_min(1e-30))
+        _, rebuilt = roundtrip(list(self.sequence), stream, -1, Context((), context))
+        entered = self.sequence[0].entry(stream)
+        return float((rebuilt - entered).double().norm() / entered.double().norm().clamp_min(1e-30))
+
+    @property
+    def gamma(self) -> float:
+        """The couplings' gamma (:func:`revnet.conversion.set_gamma` sets it)."""
+        return self.sequence[0].gamma
 
     def extra_repr(self) -> str:
         kept = f", unconverted={self.prefix}" if self.prefix else ""
-        return f"blocks={self.blocks}{kept}, gamma={self.gamma:g}"
+        return f"blocks={self.blocks}{kept}, method={self.method}, gamma={self.gamma:g}"
 
 
 def _drop_sequence_keys(module: ConvertedStack, state_dict: dict[str, Any], prefix: str,

@@ -30,7 +30,7 @@ def _group_norm(channels: int, **factory: Any) -> nn.GroupNorm:
 NORMS: dict[str, Any] = {"batch": nn.BatchNorm2d, "group": _group_norm}  # TrainConfig.norm -> layer
 
 OPTIMIZERS = ("sgd", "adamw")
-CONVERT_METHODS = ("momentum",)  # revnet.convert's methods
+CONVERT_METHODS = ("momentum", "two-stream")  # revnet.convert's methods
 
 
 def is_reversible_model(model: str) -> bool:
@@ -98,14 +98,14 @@ class TrainConfig:
     lr_scaling: str = "none"  # "none": lr as given; "linear": peak lr x world size (Goyal et al. 2017)
     sync_bn: bool = False  # under DDP, BatchNorm -> SyncBatchNorm (global-batch statistics; CUDA only)
     dist_timeout: float = 600.0  # seconds a rendezvous or collective waits for the other processes
-    exact: bool = False  # RevNet couplings in exact (fixed-point) mode: bit-exact rebuilds (revnet.set_exact)
+    exact: bool = False  # couplings in exact (fixed-point) mode: bit-exact rebuilds (revnet.set_exact)
     grad_angle_every: int | None = None  # every N steps: angle of reversible vs plain-autograd gradient
     drift_guard_every: int | None = None  # every N steps: rebuild each sequence's input and compare
     drift_guard_threshold: float = 0.1  # guard: relative rebuild error (max abs / max |input|) tolerated
     drift_guard_action: str = "warn"  # guard, past the threshold: "warn", "exact" or "store" (activations)
     init: str | None = None  # weights to start from: a revnet train checkpoint or a state-dict file
-    convert: str | None = None  # revnet.convert the model (a residual one) with this method: "momentum"
-    convert_gamma: float = 0.9  # the momentum of --convert
+    convert: str | None = None  # revnet.convert the model (a residual one): "momentum" or "two-stream"
+    convert_gamma: float = 0.9  # the gamma of --convert
 
     def __post_init__(self) -> None:
         # Only asked when a check needs it (a model built on the meta device, once per name).
@@ -150,8 +150,8 @@ class TrainConfig:
              f"memory_budget plans a reversible model (RevNet, RevViT) in reversible mode, got model "
              f"{self.model!r}{'' if self.reversible else ' with reversible=False'}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
-            (not self.exact or reversible_model,
-             f"exact mode needs a reversible model (RevNet, RevViT), got model {self.model!r}"),
+            (not self.exact or reversible_model or self.convert,
+             f"exact mode needs a reversible model (RevNet, RevViT) or --convert, got model {self.model!r}"),
             (all(n is None or n > 0 for n in (self.grad_angle_every, self.drift_guard_every)),
              "grad_angle_every and drift_guard_every must be > 0 (or None: off)"),
             (self.drift_guard_threshold > 0,
