@@ -29,7 +29,7 @@ from .engine import (
     set_reversible,
 )
 from .engine import compile as compile  # public, but not in __all__: a star import would hide the builtin
-from .memory import Plan, plan
+from .memory import OptimizerInBackward, Plan, optimizer_in_backward, plan
 from .models import ResNet, RevNet, create_model, list_models, register_model
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "AffineCoupling",
     "Coupling",
     "MomentumCoupling",
+    "OptimizerInBackward",
     "Plan",
     "Recomputed",
     "ResNet",
@@ -48,6 +49,7 @@ __all__ = [
     "create_model",
     "has_reversible_units",
     "list_models",
+    "optimizer_in_backward",
     "plan",
     "register_adapter",
     "register_model",

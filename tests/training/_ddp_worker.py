@@ -147,7 +147,8 @@ def scenarios(out: Path) -> None:
                      "bn_plain": {"norm": "batch", "exact": True, "reversible": False},
                      "linear": {"lr_scaling": "linear", "steps": 2, "log_every": 1},
                      "compiled": {"compile": "aot_eager"},
-                     "vit_rev": VIT, "vit_plain": {**VIT, "reversible": False}}.items():
+                     "vit_rev": VIT, "vit_plain": {**VIT, "reversible": False},
+                     "in_backward": {"optimizer_in_backward": True}}.items():
         t = time.perf_counter()
         results[name] = fit(config(out, name, **kw))
         timings[name] = time.perf_counter() - t

@@ -112,6 +112,17 @@ def test_ddp_trains_a_language_model_on_text_as_one_process(ddp, tmp_path):
     assert _max_rel_diff(_weights(out / "lm_rev"), _weights(tmp_path / "lm_one")) < 1e-4
 
 
+def test_the_optimizer_in_backward_under_ddp_steps_after_the_all_reduce(ddp, tmp_path):
+    """--optimizer-in-backward under DDP: each parameter steps from DDP's communication hook, on the
+    averaged gradient, so the run ends where the usual optimizer's does (and where one process at
+    the global batch does)."""
+    out, r0, _, _ = ddp
+    assert r0["in_backward"]["config"]["optimizer_in_backward"] is True
+    assert _max_rel_diff(_weights(out / "in_backward"), _weights(out / "rev")) <= 1e-6
+    fit(_config(tmp_path, "one_in_backward", optimizer_in_backward=True))
+    assert _max_rel_diff(_weights(out / "in_backward"), _weights(tmp_path / "one_in_backward")) < 1e-4
+
+
 def test_accumulation_with_no_sync_equals_the_full_batch_under_ddp(ddp):
     out, _, _, _ = ddp
     assert _max_rel_diff(_weights(out / "accum"), _weights(out / "rev")) < 1e-4

@@ -496,6 +496,25 @@ def test_training_keeps_freed_host_memory_for_the_next_step(tmp_path, monkeypatc
     assert calls
 
 
+def test_the_optimizer_in_backward_trains_as_the_usual_optimizer(tmp_path):
+    """--optimizer-in-backward: the same weights as the usual step (AdamW with its no-decay group, the
+    schedule), checkpoints that resume it; what it cannot take is refused."""
+    kw = dict(model="revvit_mini", optimizer="adamw", lr=3e-3, weight_decay=0.05, steps=6, ckpt_every=2)
+    fit(tiny(tmp_path, "usual", **kw))
+    summary = fit(tiny(tmp_path, "in_backward", optimizer_in_backward=True, **kw))
+    assert summary["config"]["optimizer_in_backward"] is True
+    usual = torch.load(tmp_path / "usual" / "last.pt", weights_only=False)["model"]
+    inb = torch.load(tmp_path / "in_backward" / "last.pt", weights_only=False)
+    assert max(((inb["model"][k] - v).abs().max() / v.abs().max().clamp_min(1e-12)).item()
+               for k, v in usual.items() if v.is_floating_point()) <= 1e-6
+    assert len(inb["optimizer"]["optimizers"]) == sum(1 for k in usual if "running" not in k
+                                                        and "num_batches" not in k)
+    with pytest.raises(ValueError, match="cannot accumulate over micro-batches"):
+        tiny(tmp_path, "x", optimizer_in_backward=True, accum_steps=2)
+    with pytest.raises(ValueError, match="fp16's loss scaling"):
+        tiny(tmp_path, "x", optimizer_in_backward=True, amp="fp16")
+
+
 def test_fine_tuning_a_converted_model_from_a_checkpoint(tmp_path):
     """--init loads a residual model's weights (a head of another shape starts fresh), --convert makes
     it reversible; the run resumes and evaluates as the converted model, and its checkpoint loads

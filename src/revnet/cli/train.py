@@ -107,6 +107,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument(flag, dest=dest, default=None, **kw)
     p.add_argument("--no-reversible", dest="reversible", action="store_false", default=None,
                    help="plain backprop on the same model (the baseline)")
+    p.add_argument("--optimizer-in-backward", dest="optimizer_in_backward", action="store_true", default=None,
+                   help="step each parameter inside backward, as soon as its gradient is complete, so the "
+                        "whole model's gradients never exist at once (revnet.optimizer_in_backward)")
     p.add_argument("--exact", dest="exact", action="store_true", default=None,
                    help="exact (fixed-point) couplings: bit-exact reconstruction at any depth (also "
                         "of --convert's)")
@@ -134,7 +137,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _train_config(args: argparse.Namespace) -> Any:
     given = {dest: getattr(args, dest) for _, dest, _ in _TRAIN_FLAGS}
     given.update(reversible=args.reversible, flip=args.flip, channels_last=args.channels_last,
-                 sync_bn=args.sync_bn, exact=args.exact, compile=args.compile)
+                 sync_bn=args.sync_bn, exact=args.exact, compile=args.compile,
+                 optimizer_in_backward=args.optimizer_in_backward)
     given = {k: v for k, v in given.items() if v is not None}
     if given.get("compile") == "":  # --no-compile
         given["compile"] = None

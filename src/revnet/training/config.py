@@ -68,6 +68,7 @@ class TrainConfig:
     lr: float = 0.2  # peak learning rate
     optimizer: str = "sgd"  # "sgd" (momentum, the paper) or "adamw" (no decay on norms, biases, embeddings)
     momentum: float = 0.9  # SGD momentum; AdamW's beta1
+    optimizer_in_backward: bool = False  # step each parameter in backward (revnet.optimizer_in_backward)
     nesterov: bool = True  # Nesterov momentum
     weight_decay: float = 5e-4  # L2 on every parameter (as the paper's code)
     schedule: str = "onecycle"  # "onecycle" (linear warm-up, cosine to 0) or "step" (x0.1 at milestones)
@@ -150,6 +151,13 @@ class TrainConfig:
              f"memory_budget plans a reversible model (RevNet, RevViT) in reversible mode, got model "
              f"{self.model!r}{'' if self.reversible else ' with reversible=False'}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+            (not self.optimizer_in_backward or self.accum_steps == 1,
+             f"optimizer_in_backward steps each parameter as soon as its gradient is complete, so gradients "
+             f"cannot accumulate over micro-batches (accum_steps={self.accum_steps}): drop --accum-steps, or "
+             f"--optimizer-in-backward"),
+            (not self.optimizer_in_backward or self.amp != "fp16",
+             "optimizer_in_backward cannot take fp16's loss scaling (the scaler unscales and checks every "
+             "gradient before one step): use --amp bf16 or none, or drop --optimizer-in-backward"),
             (not self.exact or reversible_model or self.convert,
              f"exact mode needs a reversible model (RevNet, RevViT) or --convert, got model {self.model!r}"),
             (all(n is None or n > 0 for n in (self.grad_angle_every, self.drift_guard_every)),

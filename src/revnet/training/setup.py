@@ -19,7 +19,7 @@ from torch import nn
 from ..conversion import convert
 from ..engine import compile as revnet_compile
 from ..engine import has_reversible_units, set_exact, set_reversible
-from ..memory import Plan, plan
+from ..memory import Plan, optimizer_in_backward, plan
 from ..memory.measure import keep_freed_memory
 from ..models import create_model, model_accepts
 from .config import NORMS, TrainConfig
@@ -172,21 +172,36 @@ def plan_memory(model: nn.Module, config: TrainConfig, device: torch.device, sha
         return plan(model, x, budget=budget, loss_fn=lambda out: prediction_loss(out, y))
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: TrainConfig,
+                   net: nn.Module | None = None) -> torch.optim.Optimizer:
     """SGD with (Nesterov) momentum on every parameter, or AdamW.
 
     AdamW leaves norms, biases and embeddings out of weight decay (``p.dim() < 2`` and
     position embeddings), as ViT/DeiT training does: decay there only shrinks what sets scales.
+    With ``config.optimizer_in_backward`` each parameter gets its own optimizer of the same kind,
+    stepped inside backward (:func:`revnet.optimizer_in_backward`; ``net``, the DDP wrapper where
+    there is one, steps each after its all-reduce).
     """
+    no_decay = {id(p) for name, p in model.named_parameters()
+                if config.optimizer == "adamw" and (p.dim() < 2 or name.endswith(("pos_embed", "cls_token")))}
+
+    def build(params: list[nn.Parameter], weight_decay: float) -> torch.optim.Optimizer:
+        if config.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                                   weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=config.lr, betas=(config.momentum, 0.999),
+                                 weight_decay=weight_decay)
+
+    if config.optimizer_in_backward:
+        return optimizer_in_backward(
+            net if net is not None else model,
+            lambda ps: build(ps, 0.0 if id(ps[0]) in no_decay else config.weight_decay))
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                               nesterov=config.nesterov, weight_decay=config.weight_decay)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
-    return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr,
-                             betas=(config.momentum, 0.999), weight_decay=config.weight_decay)
+        return build(list(model.parameters()), config.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if id(p) not in no_decay]},
+                              {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}],
+                             lr=config.lr, betas=(config.momentum, 0.999), weight_decay=config.weight_decay)
 
 
 def build_model(config: TrainConfig, **shape: int) -> nn.Module:
@@ -283,7 +298,7 @@ def build_run(config: TrainConfig, info: DistInfo | None = None, *, init_weights
         else:
             revnet_compile(model, backend=config.compile)
     net = wrap_ddp(model, info, device, sync_bn=config.sync_bn)
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config, net)
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
     total = config.steps or max(1, round(config.epochs * len(train)))
     lr_scale = float(info.world_size) if config.lr_scaling == "linear" else 1.0
