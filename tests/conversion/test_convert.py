@@ -108,6 +108,22 @@ def test_set_gamma_and_reconstruction_error():
         revnet.set_exact(model, True) and set_gamma(model, 0.0)
 
 
+def test_gamma_auto_follows_the_depth():
+    """'auto': the smallest gamma whose float rebuild stays near 1e-4 over the stack's branches
+    (1000^(-1/N), not below 0.5); 0.25 in exact mode, whose rebuild is exact at any gamma."""
+    from revnet.conversion import auto_gamma
+
+    assert [auto_gamma(n) for n in (8, 12, 24, 48)] == [0.5, 0.57, 0.75, 0.87]
+    assert auto_gamma(48, exact=True) == 0.25
+    model, x = lm(), tokens()
+    report = revnet.convert(model, gamma="auto", example=x).revnet_conversion
+    assert report.gamma == 0.5 and report.auto and "gamma=auto: 0.5" in str(report)
+    assert report.reconstruction_error <= 1e-12  # float64: 6 branches at 0.5
+    assert revnet.convert(lm(), gamma="auto", exact=True).transformer.blocks.gamma == 0.25
+    with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\) or 'auto', got 'fast'"):
+        revnet.convert(lm(), gamma="fast")
+
+
 class ScaledBlock(nn.Module):
     """A block with a layer scale on the residual: x + s * f(x)."""
 

@@ -26,6 +26,15 @@ __all__ = ["add_parser"]
 
 # flag -> TrainConfig field; every flag defaults to None so that only what the user
 # typed overrides the recipe (or, with --resume, the saved configuration).
+def _gamma(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) or auto, got {text!r}") from None
+
+
 _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--model", "model", {"help": "model name (see `revnet models`); default revnet38"}),
     ("--dataset", "dataset", {"help": "fashion-mnist (default), cifar10, cifar100, synthetic, or text "
@@ -87,7 +96,8 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                               "help": "make the (residual) model reversible with "
                                                                "revnet.convert before training "
                                                                "(docs/guide/convert.md)"}),
-    ("--gamma", "convert_gamma", {"type": float, "help": "the gamma of --convert (default 0.9)"}),
+    ("--gamma", "convert_gamma", {"type": _gamma, "help": "the gamma of --convert, or auto (the smallest "
+                                                          "the rebuild allows for the depth); default 0.9"}),
     ("--drift-guard-action", "drift_guard_action", {
         "choices": ["warn", "exact", "store"], "help": "past the threshold: warn (default), switch the "
                                                        "sequence to exact mode, or store its activations"}),

@@ -15,12 +15,29 @@ from torch import nn
 from .adapters import adapter_for
 from .stack import ConvertedStack
 
-__all__ = ["METHODS", "ConversionReport", "convert", "converted_stacks", "reconstruction_error", "set_gamma"]
+__all__ = ["METHODS", "ConversionReport", "auto_gamma", "convert", "converted_stacks", "reconstruction_error",
+           "set_gamma"]
 
 log = logging.getLogger("revnet.convert")
 
 METHODS = ("momentum", "two-stream")
-DEFAULT_GAMMA = 0.9
+AUTO = "auto"
+DEFAULT_GAMMA: float | str = 0.9
+EXACT_AUTO_GAMMA = 0.25  # exact mode rebuilds at any gamma: the text transfer's best (docs/CONVERT.md)
+AUTO_FLOOR = 0.5  # the float rule's floor: below it the function moves little more, the rebuild a lot
+
+
+def auto_gamma(branches: int, exact: bool = False) -> float:
+    """The gamma ``convert(..., gamma="auto")`` picks for a stack of ``branches`` residual branches.
+
+    In float the rebuild's rounding grows by ``1 / gamma`` per branch (each divides by gamma once),
+    so the smallest gamma whose rebuild stays near 1e-4 after ``branches`` of them (from 1e-7 per
+    step: ``gamma = 1000^(-1 / branches)``, rounded up to 0.01), and not below 0.5; in exact mode,
+    where the rebuild is exact at any gamma, 0.25. Measured in docs/CONVERT.md.
+    """
+    if exact:
+        return EXACT_AUTO_GAMMA
+    return max(AUTO_FLOOR, math.ceil(100 * 1000.0 ** (-1.0 / max(branches, 1)) - 1e-9) / 100)
 CONFIG_KEY = "revnet_conversion"  # where a Hugging Face model's config records the conversion
 
 
@@ -32,6 +49,7 @@ class ConversionReport:
         method: the conversion method (``"momentum"`` or ``"two-stream"``).
         gamma: the couplings' gamma.
         exact: whether the couplings run in exact mode (bit-exact rebuilds).
+        auto: whether gamma was chosen from the depth (``gamma="auto"``: :func:`auto_gamma`).
         stacks: ``(path, block class, converted blocks, couplings)`` per converted stack.
         output_difference: ``|y_converted - y_original| / |y_original|`` on the example (None without one).
         reconstruction_error: the largest relative error of a stack's input rebuilt by its inverse
@@ -42,6 +60,7 @@ class ConversionReport:
     method: str
     gamma: float
     exact: bool = False
+    auto: bool = False
     stacks: list[tuple[str, str, int, int]] = field(default_factory=list)
     output_difference: float | None = None
     reconstruction_error: float | None = None
@@ -49,7 +68,8 @@ class ConversionReport:
     def __str__(self) -> str:
         where = ", ".join(f"{p or '<model>'} ({n} x {cls})" for p, cls, n, _ in self.stacks)
         mode = ", exact" if self.exact else ""
-        out = f"revnet.convert: {self.method} (gamma={self.gamma:g}{mode}) on {where}"
+        chosen = f"auto: {self.gamma:g}" if self.auto else f"{self.gamma:g}"
+        out = f"revnet.convert: {self.method} (gamma={chosen}{mode}) on {where}"
         if self.output_difference is not None:
             out += f"; output moved by {self.output_difference:.3g} (relative)"
         if self.reconstruction_error is not None:
@@ -185,7 +205,7 @@ def reconstruction_error(model: nn.Module, example: Any) -> float:
         model.train(was_training)
 
 
-def convert(model: nn.Module, *, method: str | None = None, gamma: float | None = None,
+def convert(model: nn.Module, *, method: str | None = None, gamma: float | str | None = None,
             exact: bool | None = None, example: Any = None) -> nn.Module:
     """Makes the residual block stacks of ``model`` reversible, in place, and returns ``model``.
 
@@ -211,7 +231,8 @@ def convert(model: nn.Module, *, method: str | None = None, gamma: float | None 
             ``v = gamma v + (1 - gamma) f(x)``, ``x = x + v``, with ``v`` starting at zero.
             ``"two-stream"``: the stream keeps the last two states, each branch computing
             ``x_next = gamma x_prev + (1 - gamma) x + f(x)`` (two branches per coupling).
-        gamma: in ``[0, 1)`` (default 0.9). 0 is the original network exactly but cannot rebuild
+        gamma: in ``[0, 1)`` (default 0.9), or ``"auto"``: the smallest the rebuild allows for the
+            stack's depth (:func:`auto_gamma`). 0 is the original network exactly but cannot rebuild
             (plain autograd only); larger values rebuild more accurately (rounding grows by
             ``1 / gamma`` per step) and move the function further from the original's.
         exact: the couplings' exact mode (default False): the rebuild is bit-exact at any gamma and
@@ -236,14 +257,17 @@ def convert(model: nn.Module, *, method: str | None = None, gamma: float | None 
     if isinstance(recorded, Mapping) and method is None and gamma is None and exact is None:
         method, gamma, exact = recorded.get("method"), recorded.get("gamma"), recorded.get("exact")
     method = "momentum" if method is None else method
-    gamma = DEFAULT_GAMMA if gamma is None else float(gamma)
+    gamma = DEFAULT_GAMMA if gamma is None else gamma
+    auto = gamma == AUTO
     exact = bool(exact)
     if method not in METHODS:
         raise ValueError(f"revnet.convert: unknown method {method!r}; expected one of {METHODS}.")
-    if not (math.isfinite(gamma) and 0.0 <= gamma < 1.0):
-        raise ValueError(f"revnet.convert: gamma must be in [0, 1), got {gamma}.")
-    if exact and gamma == 0.0:
-        raise ValueError("revnet.convert: exact mode rebuilds, and gamma = 0 cannot: pass gamma > 0.")
+    if not auto:
+        if isinstance(gamma, str) or not (math.isfinite(float(gamma)) and 0.0 <= float(gamma) < 1.0):
+            raise ValueError(f"revnet.convert: gamma must be in [0, 1) or 'auto', got {gamma!r}.")
+        gamma = float(gamma)
+        if exact and gamma == 0.0:
+            raise ValueError("revnet.convert: exact mode rebuilds, and gamma = 0 cannot: pass gamma > 0.")
     done = converted_stacks(model)
     if done:
         raise ValueError(f"revnet.convert: {owner} is converted already ({', '.join(p for p, _ in done)}); "
@@ -265,12 +289,17 @@ def convert(model: nn.Module, *, method: str | None = None, gamma: float | None 
         with torch.no_grad():
             reference = _call(model, example).detach().clone()
         model.train(was_training)
-    report = ConversionReport(method, gamma, exact)
+    branches_of = {}
     for path, blocks, prefix in found:
-        branches = [_branches(f"{path}.{i}", b) for i, b in enumerate(blocks) if i >= prefix]
         if not path:
             raise ValueError(f"revnet.convert: {owner} is itself a list of blocks; convert the model that "
                              f"holds it (its forward runs the loop).")
+        branches_of[path] = [_branches(f"{path}.{i}", b) for i, b in enumerate(blocks) if i >= prefix]
+    if auto:
+        gamma = auto_gamma(max(sum(len(fs) for fs in bs) for bs in branches_of.values()), exact)
+    report = ConversionReport(method, gamma, exact, auto=auto)
+    for path, blocks, prefix in found:
+        branches = branches_of[path]
         stack = ConvertedStack(blocks, branches, gamma=gamma, method=method, exact=exact, owner=path,
                                prefix=prefix)
         stack.train(model.get_submodule(path).training)

@@ -106,7 +106,7 @@ class TrainConfig:
     drift_guard_action: str = "warn"  # guard, past the threshold: "warn", "exact" or "store" (activations)
     init: str | None = None  # weights to start from: a revnet train checkpoint or a state-dict file
     convert: str | None = None  # revnet.convert the model (a residual one): "momentum" or "two-stream"
-    convert_gamma: float = 0.9  # the gamma of --convert
+    convert_gamma: float | str = 0.9  # the gamma of --convert, or "auto" (from the depth: revnet.convert)
 
     def __post_init__(self) -> None:
         # Only asked when a check needs it (a model built on the meta device, once per name).
@@ -168,8 +168,9 @@ class TrainConfig:
              f"drift_guard_action must be one of {DRIFT_ACTIONS}, got {self.drift_guard_action!r}"),
             (self.convert in (None, *CONVERT_METHODS),
              f"convert must be one of {CONVERT_METHODS} (or None), got {self.convert!r}"),
-            (0 < self.convert_gamma < 1, f"convert_gamma must be in (0, 1) to train reversibly, got "
-                                         f"{self.convert_gamma}"),
+            (self.convert_gamma == "auto" or (isinstance(self.convert_gamma, int | float)
+                                               and 0 < self.convert_gamma < 1),
+             f"convert_gamma must be in (0, 1) to train reversibly, or 'auto', got {self.convert_gamma!r}"),
             (self.convert is None or not known or not is_reversible_model(self.model),
              f"convert makes a residual model reversible, and {self.model!r} is reversible already: drop "
              f"--convert, or convert its residual counterpart (e.g. vit_mini, gpt_mini)"),

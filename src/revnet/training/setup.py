@@ -220,7 +220,7 @@ def build_model(config: TrainConfig, **shape: int) -> nn.Module:
         model = create_model(config.model, num_classes=shape["num_classes"], in_chans=shape["in_chans"],
                              **extra_kw)
     if config.convert:
-        convert(model, method=config.convert, gamma=config.convert_gamma)
+        convert(model, method=config.convert, gamma=config.convert_gamma, exact=config.exact)
     set_reversible(model, config.reversible)
     set_exact(model, config.exact)
     return model
