@@ -1,6 +1,6 @@
 """Fine-tune a Hugging Face causal language model made reversible by ``revnet.convert``.
 
-    python examples/finetune_hf.py [--data /usr/include] [--model DIR] [--steps 200] [--gamma 0.9]
+    python examples/finetune_hf.py [--data /usr/include] [--model DIR] [--steps 200] [--gamma auto]
                                    [--out runs/finetune_hf]
 
 A plain PyTorch loop over byte windows of a folder of text files (default: the C headers at the
@@ -74,7 +74,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--gamma", type=float, default=0.9)
+    parser.add_argument("--gamma", type=lambda v: v if v == "auto" else float(v), default="auto",
+                        help="revnet.convert's gamma: auto (from the depth) or a number in (0, 1)")
     parser.add_argument("--out", type=Path, default=Path("runs/finetune_hf"))
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -96,8 +96,9 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                               "help": "make the (residual) model reversible with "
                                                                "revnet.convert before training "
                                                                "(docs/guide/convert.md)"}),
-    ("--gamma", "convert_gamma", {"type": _gamma, "help": "the gamma of --convert, or auto (the smallest "
-                                                          "the rebuild allows for the depth); default 0.9"}),
+    ("--gamma", "convert_gamma", {"type": _gamma, "help": "the gamma of --convert: auto (default; the "
+                                                          "smallest the rebuild allows for the depth) or a "
+                                                          "number in (0, 1)"}),
     ("--drift-guard-action", "drift_guard_action", {
         "choices": ["warn", "exact", "store"], "help": "past the threshold: warn (default), switch the "
                                                        "sequence to exact mode, or store its activations"}),

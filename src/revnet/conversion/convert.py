@@ -22,7 +22,7 @@ log = logging.getLogger("revnet.convert")
 
 METHODS = ("momentum", "two-stream")
 AUTO = "auto"
-DEFAULT_GAMMA: float | str = 0.9
+DEFAULT_GAMMA: float | str = "auto"  # measured on both transfers (docs/CONVERT.md)
 EXACT_AUTO_GAMMA = 0.25  # exact mode rebuilds at any gamma: the text transfer's best (docs/CONVERT.md)
 AUTO_FLOOR = 0.5  # the float rule's floor: below it the function moves little more, the rebuild a lot
 
@@ -221,7 +221,7 @@ def convert(model: nn.Module, *, method: str | None = None, gamma: float | str |
         >>> import torch, revnet
         >>> gpt = revnet.create_model("gpt_mini")
         >>> tokens = torch.randint(0, 256, (2, 16))
-        >>> gpt = revnet.convert(gpt, gamma=0.9, example=tokens)
+        >>> gpt = revnet.convert(gpt, example=tokens)  # gamma="auto": 0.5 for its 8 branches
         >>> gpt.revnet_conversion.stacks
         [('transformer.blocks', 'TransformerBlock', 4, 8)]
 
@@ -231,8 +231,9 @@ def convert(model: nn.Module, *, method: str | None = None, gamma: float | str |
             ``v = gamma v + (1 - gamma) f(x)``, ``x = x + v``, with ``v`` starting at zero.
             ``"two-stream"``: the stream keeps the last two states, each branch computing
             ``x_next = gamma x_prev + (1 - gamma) x + f(x)`` (two branches per coupling).
-        gamma: in ``[0, 1)`` (default 0.9), or ``"auto"``: the smallest the rebuild allows for the
-            stack's depth (:func:`auto_gamma`). 0 is the original network exactly but cannot rebuild
+        gamma: ``"auto"`` (default): the smallest the rebuild allows for the stack's depth
+            (:func:`auto_gamma`: 0.5 up to 10 branches, 0.75 for 24, 0.87 for 48; 0.25 in exact mode),
+            or a number in ``[0, 1)``. 0 is the original network exactly but cannot rebuild
             (plain autograd only); larger values rebuild more accurately (rounding grows by
             ``1 / gamma`` per step) and move the function further from the original's.
         exact: the couplings' exact mode (default False): the rebuild is bit-exact at any gamma and

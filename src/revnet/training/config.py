@@ -106,7 +106,7 @@ class TrainConfig:
     drift_guard_action: str = "warn"  # guard, past the threshold: "warn", "exact" or "store" (activations)
     init: str | None = None  # weights to start from: a revnet train checkpoint or a state-dict file
     convert: str | None = None  # revnet.convert the model (a residual one): "momentum" or "two-stream"
-    convert_gamma: float | str = 0.9  # the gamma of --convert, or "auto" (from the depth: revnet.convert)
+    convert_gamma: float | str = "auto"  # the gamma of --convert: "auto" (from the depth) or a number
 
     def __post_init__(self) -> None:
         # Only asked when a check needs it (a model built on the meta device, once per name).
