@@ -15,7 +15,8 @@ import torch
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 NAMES = ("convert_memory", "convert_study", "fidelity_study", "fsdp_probe", "memcnn_compare", "min_plan",
-         "page_faults", "parity_study", "planner_savings", "rebuild_floor", "window_savings")
+         "optimizer_in_backward", "page_faults", "parity_study", "planner_savings", "rebuild_floor",
+         "window_savings")
 
 
 def load(name: str):
@@ -428,3 +429,16 @@ def test_convert_study_summary_table_and_doc(tmp_path):
     text = (tmp_path / "CONVERT.md").read_text()
     assert "+1.00 points" in text and "+5.00%" in text and "not reached" in text and "25.0 MiB" in text
     assert (tmp_path / "convert" / "curves.png").exists() and (tmp_path / "convert" / "results.json").exists()
+
+
+def test_optimizer_in_backward_study_measures_and_tabulates(tmp_path):
+    ob = load("optimizer_in_backward")
+    nn = torch.nn
+    ob.build = lambda name: nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+    out = str(tmp_path / "r.json")
+    assert ob.main(["--models", "mlp", "--batch", "4", "--rounds", "2", "--out", out]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    row = result["rows"][0]
+    assert row["model"] == "mlp" and row["time_ratio"] > 0
+    assert row["peak_in_backward_mib"] <= row["peak_usual_mib"]
+    assert "| mlp | 4 |" in result["table"]
