@@ -79,6 +79,10 @@ class Context:
         new._template, new.tensors = self._template, list(tensors)
         return new
 
+    def arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's extra ``(args, kwargs)``, tensors in their places."""
+        return _put(self._template, self.tensors)
+
     def call(self, fn: Callable[..., torch.Tensor], half: torch.Tensor) -> torch.Tensor:
         """``fn(half, *args, **kwargs)``."""
         if not self:

@@ -122,7 +122,7 @@ class ReversibleSequence(nn.Module):
             _refuse_sharded_units(self)
             return _run_reversible(self, x1, x2, context)
         for c in self.couplings:
-            x1, x2 = c.forward_halves(x1, x2, context)
+            x1, x2 = _plain_block(c, x1, x2, context, self.dim)
         return merge(x1, x2, self.dim)
 
     def inverse(self, y: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -145,18 +145,67 @@ class ReversibleSequence(nn.Module):
         return f"reversible={self.reversible}"
 
 
+def _fsdp_module_type() -> type | None:
+    return getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+
+
 def _refuse_sharded_units(seq: ReversibleSequence) -> None:
-    """FSDP units inside a sequence lose gradients silently (docs/DISTRIBUTED.md): refuse them."""
-    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    """FSDP units below a coupling (F or G sharded alone) lose gradients silently: refuse them.
+
+    A coupling sharded as a whole (``fully_shard(block)`` for each block) is what the engine drives
+    itself (:func:`_fsdp_groups`); inside it, FSDP's hooks would see the recomputation's aliases
+    and reduce nothing."""
+    fsdp = _fsdp_module_type()
     if fsdp is None:  # FSDP never imported: nothing can be sharded
         return
-    for name, m in seq.couplings.named_modules():
-        if isinstance(m, fsdp):
-            raise RuntimeError(
-                f"ReversibleSequence: couplings.{name or '*'} is an FSDP unit (fully_shard). The "
-                f"reversible backward runs F and G itself, so FSDP inside a sequence would drop "
-                f"gradients. Fix: apply fully_shard to the whole ReversibleSequence (or the stage "
-                f"holding it), or set it .reversible = False.")
+    for i, c in enumerate(seq.couplings):
+        for name, m in c.named_modules():
+            if name and isinstance(m, fsdp):
+                raise RuntimeError(
+                    f"ReversibleSequence: couplings.{i}.{name} is an FSDP unit (fully_shard) below its "
+                    f"coupling. The reversible backward runs F and G itself, so FSDP inside a coupling would "
+                    f"drop gradients. Fix: shard each coupling as a whole (for block in seq: "
+                    f"fully_shard(block)), or the whole sequence, or set it .reversible = False.")
+
+
+def _fsdp_groups(c: Coupling) -> list[Any]:
+    """The FSDP2 parameter groups of a coupling sharded with ``fully_shard`` (none if it is not).
+
+    The engine never calls a coupling through ``nn.Module.__call__``, so FSDP's own hooks do not
+    run for it: the engine gathers the group's parameters for the block's forward and again for
+    its rebuild, hands the rebuilt block's gradients to the group (``post_backward``: the
+    reduce-scatter into the sharded parameters' ``.grad``) and reshards after each. Uses FSDP2's
+    parameter-group object (``FSDPState._fsdp_param_groups``), not a public API: written against
+    torch 2.13, checked by tests/engine/test_fsdp_blocks.py.
+    """
+    fsdp = _fsdp_module_type()
+    if fsdp is None or not isinstance(c, fsdp):
+        return []
+    groups = list(getattr(c._get_fsdp_state(), "_fsdp_param_groups", ()))
+    if any(getattr(g, "_training_state", None) is None or not hasattr(g, "fsdp_params") for g in groups):
+        raise RuntimeError(f"ReversibleSequence: the FSDP state of a sharded {type(c).__name__} has a layout "
+                           f"this revnet does not know (written against torch 2.13's FSDP2).")
+    return groups
+
+
+def _plain_block(c: Coupling, x1: torch.Tensor, x2: torch.Tensor, context: Context,
+                 dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block under ordinary autograd (plain mode, a stored block, no grad). A sharded one runs
+    through its own ``__call__``, so that FSDP's hooks gather its parameters, keep them for its
+    autograd backward and reduce-scatter its gradients."""
+    if not _fsdp_groups(c):
+        return c.forward_halves(x1, x2, context)
+    args, kwargs = context.arguments()
+    y1, y2 = split(c(merge(x1, x2, dim), *args, **kwargs), dim, "ReversibleSequence")
+    return y1, y2
+
+
+def _gathered(groups: list[Any]) -> list[torch.Tensor]:
+    """Unshards the groups' parameters (all-gather, waited for); returns the unsharded parameters."""
+    for g in groups:
+        g.unshard()
+        g.wait_for_unshard()
+    return [fp.unsharded_param for g in groups for fp in g.fsdp_params]
 
 
 # --------------------------------------------------------------------------------------
@@ -181,14 +230,15 @@ def _run_reversible(seq: ReversibleSequence, x1: torch.Tensor, x2: torch.Tensor,
     i = 0
     while True:
         if blocks[i].stored:
-            x1, x2 = blocks[i].forward_halves(x1, x2, context)  # its graph keeps what its backward needs
+            x1, x2 = _plain_block(blocks[i], x1, x2, context, seq.dim)  # its graph keeps what backward needs
             i += 1
             if i == len(blocks):
                 return merge(x1, x2, seq.dim)
             continue
         chain = _Chain()
         while i < len(blocks) and not blocks[i].stored:
-            params = [p for p in blocks[i].parameters() if p.requires_grad]
+            # A sharded block's gradients go to FSDP (the reduce-scatter), not out of the Function.
+            params = [] if _fsdp_groups(blocks[i]) else [p for p in blocks[i].parameters() if p.requires_grad]
             x1, x2 = _ReversibleBlock.apply(x1, x2, chain, blocks[i], seq.preserve_rng_state, context,
                                             *context.tensors, *params)
             i += 1
@@ -299,10 +349,14 @@ class _ReversibleBlock(torch.autograd.Function):
         ctx.chain, ctx.c, ctx.context, ctx.params = chain, c, context, tensors[n:]
         ctx.replay = Replay(x1, keep_rng)
         tape = Tape() if c.needs_tape else None  # what exact mode's scalings lose, for the rebuild
+        groups = _fsdp_groups(c)
+        _gathered(groups)
         ctx.replay.mark()  # 0: before F
         y1 = c.apply_couple("f", x1, c.run_f(x1, x2, context), tape)
         ctx.replay.mark()  # 1: before G
         y2 = c.apply_couple("g", x2, c.run_g(x2, y1, context), tape)
+        for g in groups:
+            g.reshard()
         ctx.tape_keys, kept = (tape.keys(), tape.values()) if tape is not None else ((), ())
         # The context's tensors: autograd then reports a write into them before backward; the tape's,
         # so that they count where saved tensors are counted (and leave with this block's backward).
@@ -319,7 +373,10 @@ class _ReversibleBlock(torch.autograd.Function):
         n = len(saved) - len(ctx.tape_keys)
         tape = Tape.of(ctx.tape_keys, saved[n:]) if ctx.tape_keys else None
         saved = saved[:n]
-        grads = ParamGrads(ctx.params, saved, ctx.needs_input_grad[6:6 + len(saved)])
+        groups = _fsdp_groups(c)
+        sharded = _gathered(groups) if groups else None
+        grads = ParamGrads(tuple(sharded) if groups else ctx.params, saved,
+                           ctx.needs_input_grad[6:6 + len(saved)])
         context = ctx.context.replaced(grads.context)
         # Memory: every half (B, C/2, ...) is dropped as soon as it is dead, before the next
         # backprop through a branch, and a branch's output is held only as its graph edge.
@@ -348,4 +405,13 @@ class _ReversibleBlock(torch.autograd.Function):
                 dx2 = add_into(dx2_f, dx2, dx1)
             h = dh = dx2_f = None
         ctx.chain.hand_back(x1, x2.detach())  # the previous block's output
+        if groups:
+            # FSDP reduce-scatters the unsharded gradients into the sharded parameters' .grad and
+            # reshards: this block's gradients leave now, as an unsharded block's do.
+            for p, grad in zip(sharded, grads.grads, strict=True):
+                if grad is not None:
+                    p.grad = grad if p.grad is None else p.grad + grad
+            for g in groups:
+                g.post_backward()
+            return (dx1, dx2, None, None, None, None, *grads.context_grads)
         return (dx1, dx2, None, None, None, None, *grads.context_grads, *grads.grads)
