@@ -56,5 +56,7 @@ def test_fsdp_below_a_coupling_is_refused():
         fully_shard(seq)
         with pytest.raises(RuntimeError, match=r"couplings.0.f is an FSDP unit .* below its coupling"):
             seq(torch.randn(2, 8, requires_grad=True))
+        with pytest.raises(TypeError, match="sharded with FSDP, which writes each sharded gradient itself"):
+            revnet.optimizer_in_backward(seq, lambda ps: torch.optim.SGD(ps, lr=0.1))
     finally:
         dist.destroy_process_group()

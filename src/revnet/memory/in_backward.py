@@ -27,6 +27,7 @@ micro-batches needs them kept between backward passes.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -228,6 +229,13 @@ def optimizer_in_backward(model: nn.Module | Iterable[nn.Parameter], make_optimi
         raise ValueError(f"optimizer_in_backward: clip_per_parameter must be a positive number, got "
                          f"{clip_per_parameter!r}.")
     ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    sharded = fsdp is not None and isinstance(model, nn.Module) and any(isinstance(m, fsdp) for m in model.modules())
+    if sharded:
+        raise TypeError("optimizer_in_backward: the model is sharded with FSDP, which writes each sharded "
+                        "gradient itself after its reduce-scatter, so the hooks that step a parameter never "
+                        "fire (not supported yet). Fix: train the sharded model with a usual optimizer (FSDP "
+                        "shards its state too), or use DDP.")
     found = model.parameters() if isinstance(model, nn.Module) else model
     params, seen = [], set()
     for p in found:
