@@ -230,7 +230,8 @@ def optimizer_in_backward(model: nn.Module | Iterable[nn.Parameter], make_optimi
                          f"{clip_per_parameter!r}.")
     ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
     fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
-    sharded = fsdp is not None and isinstance(model, nn.Module) and any(isinstance(m, fsdp) for m in model.modules())
+    modules = model.modules() if isinstance(model, nn.Module) else ()
+    sharded = fsdp is not None and any(isinstance(m, fsdp) for m in modules)
     if sharded:
         raise TypeError("optimizer_in_backward: the model is sharded with FSDP, which writes each sharded "
                         "gradient itself after its reduce-scatter, so the hooks that step a parameter never "
