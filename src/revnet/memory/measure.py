@@ -71,7 +71,9 @@ class SavedBytes:
     active: SavedBytes | None = None
 
     def __init__(self, net: nn.Module) -> None:
-        self.skip = {p.untyped_storage().data_ptr() for p in net.parameters()}
+        # A sharded (FSDP2) parameter is a DTensor: its own storage is the local shard's.
+        self.skip = {(p.to_local() if hasattr(p, "to_local") else p).untyped_storage().data_ptr()
+                     for p in net.parameters()}
         self.seen: dict[int, int] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
