@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import revnet
 from revnet.engine.modes import set_stored
@@ -27,14 +27,15 @@ def build(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     if kind.startswith("revnet38"):
         group = functools.partial(nn.GroupNorm, 4)  # no cross-sample statistics: ranks see half a batch
-        model = revnet.create_model("revnet38", num_classes=10, norm_layer=group, dtype=torch.float64)
+        dtype = torch.float32 if kind.endswith("bf16") else torch.float64
+        model = revnet.create_model("revnet38", num_classes=10, norm_layer=group, dtype=dtype)
         model = model.to(memory_format=torch.contiguous_format)  # FSDP2 needs contiguous parameters
         if kind == "revnet38_stored":
             seqs = [m for m in model.modules() if isinstance(m, revnet.ReversibleSequence)]
             set_stored(model, [])
             for s in seqs:
                 s[1].stored = True
-        x = torch.randn(5, 8, 3, 8, 8, dtype=torch.float64, generator=g)
+        x = torch.randn(5, 8, 3, 8, 8, dtype=dtype, generator=g)
         y = torch.randint(0, 10, (5, 8), generator=g)
     elif kind == "revvit_mini":
         model = revnet.create_model("revvit_mini", num_classes=10, in_chans=1, img_size=8, patch_size=4,
@@ -60,17 +61,22 @@ def train(kind: str, sharded: bool) -> dict[str, torch.Tensor]:
     model, xs, ys = build(kind)
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
     if sharded:
+        # Mixed precision on the blocks (bf16 parameters and branch compute, float32 reduction); the
+        # root (stem, head) in float32, so the residual stream stays float32.
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if kind.endswith("bf16") else MixedPrecisionPolicy())
         for seq in [m for m in model.modules() if isinstance(m, revnet.ReversibleSequence)]:
             for block in seq:
-                fully_shard(block)
+                fully_shard(block, mp_policy=policy)
         fully_shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     per = xs.shape[1] // world
-    for step in range(xs.shape[0]):
+    steps = 1 if kind.endswith("bf16") else xs.shape[0]  # bf16: one step's gradients, before weights drift
+    for step in range(steps):
         part = slice(rank * per, (rank + 1) * per)
         opt.zero_grad()
         loss_of(kind, model, xs[step, part], ys[step, part]).backward()
-        if step == xs.shape[0] - 1:
+        if step == steps - 1:
             grads = {f"grad.{n}": p.grad for n, p in model.named_parameters()}
         opt.step()
     out = {n: p.detach() for n, p in model.named_parameters()} | grads
@@ -81,7 +87,7 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
     results = {kind: train(kind, sharded=True)
-               for kind in ("revnet38", "revnet38_stored", "revvit_mini", "revgpt_mini")}
+               for kind in ("revnet38", "revnet38_stored", "revvit_mini", "revgpt_mini", "revnet38_bf16")}
     if dist.get_rank() == 0:
         torch.save(results, out / "fsdp.pt")
     dist.destroy_process_group()

@@ -45,6 +45,27 @@ def test_fsdp_per_block_equals_one_process_at_the_global_batch(sharded, kind):
     assert worst <= 1e-10
 
 
+def test_fsdp_mixed_precision_per_block_is_as_close_as_autocast(sharded):
+    """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=float32) on each block: F and G compute in
+    bf16 on the float32 stream; one step's gradients are as close to float32's as bf16 autocast's are
+    (in one process), so the gather, the rebuild and the reduction lose nothing beyond bf16 itself."""
+    sys.path.insert(0, str(WORKER.parent))
+    from _fsdp_worker import build, train
+
+    reference = train("revnet38_bf16", sharded=False)
+    keys = [k for k in reference if k.startswith("grad.")]
+    flat = lambda d: torch.cat([d[k].flatten().double() for k in keys])  # noqa: E731
+    got = sharded["revnet38_bf16"]
+    assert all(got[k].dtype == torch.float32 for k in keys)  # reduced in float32 into the shards
+    error = ((flat(got) - flat(reference)).norm() / flat(reference).norm()).item()
+    model, xs, ys = build("revnet38_bf16")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.nn.functional.cross_entropy(model(xs[0]), ys[0]).backward()
+    autocast = {f"grad.{n}": p.grad for n, p in model.named_parameters()}
+    autocast_error = ((flat(autocast) - flat(reference)).norm() / flat(reference).norm()).item()
+    assert error <= 2 * autocast_error, (error, autocast_error)
+
+
 def test_fsdp_below_a_coupling_is_refused():
     from torch.distributed.fsdp import fully_shard
 

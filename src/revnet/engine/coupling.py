@@ -100,6 +100,9 @@ class Coupling(nn.Module):
         self.g = g
         self.dim = dim
         self.stored = False
+        # The dtype F and G take their halves in, while the engine runs this block with parameters in
+        # another dtype (FSDP's mixed precision gathers bf16 parameters): the stream stays as it is.
+        self.branch_dtype: torch.dtype | None = None
 
     # --- the algebra a subclass defines -------------------------------------------------
     def couple(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -202,7 +205,10 @@ class Coupling(nn.Module):
         version = inp._version if checked else None
         versions = context.versions() if checked and context.tensors else None
         device = inp.device.type
-        if inp.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        branch_dtype = getattr(self, "branch_dtype", None)  # absent from couplings pickled before it
+        if branch_dtype is not None and inp.is_floating_point() and inp.dtype != branch_dtype:
+            h = context.call(fn, inp.to(branch_dtype))
+        elif inp.dtype == torch.float32 and torch.is_autocast_enabled(device):
             # Under autocast the stream is float32 (ReversibleSequence) but F and G take it in the
             # autocast dtype, as autocast's own layers would: their normalisations and activations
             # run at that precision and speed. A fixed function of the stream, so the backward's

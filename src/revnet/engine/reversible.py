@@ -200,11 +200,17 @@ def _plain_block(c: Coupling, x1: torch.Tensor, x2: torch.Tensor, context: Conte
     return y1, y2
 
 
-def _gathered(groups: list[Any]) -> list[torch.Tensor]:
-    """Unshards the groups' parameters (all-gather, waited for); returns the unsharded parameters."""
+def _gathered(groups: list[Any], c: Coupling) -> list[torch.Tensor]:
+    """Unshards the groups' parameters (all-gather, waited for); returns the unsharded parameters.
+
+    Under FSDP's mixed precision (``MixedPrecisionPolicy(param_dtype=...)``) they come in that dtype,
+    and F and G take their halves cast to it (``Coupling.branch_dtype``), as FSDP's forward hook
+    would cast a module's inputs; the residual stream keeps its own dtype, as under autocast."""
     for g in groups:
         g.unshard()
         g.wait_for_unshard()
+    if groups:
+        c.branch_dtype = getattr(getattr(groups[0], "mp_policy", None), "param_dtype", None)
     return [fp.unsharded_param for g in groups for fp in g.fsdp_params]
 
 
@@ -350,13 +356,14 @@ class _ReversibleBlock(torch.autograd.Function):
         ctx.replay = Replay(x1, keep_rng)
         tape = Tape() if c.needs_tape else None  # what exact mode's scalings lose, for the rebuild
         groups = _fsdp_groups(c)
-        _gathered(groups)
+        _gathered(groups, c)
         ctx.replay.mark()  # 0: before F
         y1 = c.apply_couple("f", x1, c.run_f(x1, x2, context), tape)
         ctx.replay.mark()  # 1: before G
         y2 = c.apply_couple("g", x2, c.run_g(x2, y1, context), tape)
         for g in groups:
             g.reshard()
+        c.branch_dtype = None
         ctx.tape_keys, kept = (tape.keys(), tape.values()) if tape is not None else ((), ())
         # The context's tensors: autograd then reports a write into them before backward; the tape's,
         # so that they count where saved tensors are counted (and leave with this block's backward).
@@ -374,7 +381,7 @@ class _ReversibleBlock(torch.autograd.Function):
         tape = Tape.of(ctx.tape_keys, saved[n:]) if ctx.tape_keys else None
         saved = saved[:n]
         groups = _fsdp_groups(c)
-        sharded = _gathered(groups) if groups else None
+        sharded = _gathered(groups, c) if groups else None
         grads = ParamGrads(tuple(sharded) if groups else ctx.params, saved,
                            ctx.needs_input_grad[6:6 + len(saved)])
         context = ctx.context.replaced(grads.context)
@@ -413,5 +420,6 @@ class _ReversibleBlock(torch.autograd.Function):
                     p.grad = grad if p.grad is None else p.grad + grad
             for g in groups:
                 g.post_backward()
+            c.branch_dtype = None
             return (dx1, dx2, None, None, None, None, *grads.context_grads)
         return (dx1, dx2, None, None, None, None, *grads.context_grads, *grads.grads)
