@@ -66,6 +66,40 @@ def test_fsdp_mixed_precision_per_block_is_as_close_as_autocast(sharded):
     assert error <= 2 * autocast_error, (error, autocast_error)
 
 
+def test_the_next_block_to_rebuild_is_gathered_ahead(monkeypatch):
+    """In backward each sharded block starts gathering the parameters of the block rebuilt after it
+    (FSDP's explicit backward prefetch): one asynchronous unshard per block but the first, and the
+    gradients are those of the unsharded sequence."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    calls = []
+    real = FSDPParamGroup.unshard
+    monkeypatch.setattr(FSDPParamGroup, "unshard",
+                        lambda self, async_op=False: calls.append(async_op) or real(self, async_op))
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        torch.manual_seed(0)
+        seq = revnet.ReversibleSequence([revnet.AdditiveCoupling(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4),
+                                                                 dim=-1) for _ in range(4)]).double()
+        reference = copy.deepcopy(seq)
+        for block in seq:
+            fully_shard(block)
+        x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+        with pytest.raises(RuntimeError, match=r"never initialised by FSDP.*fully_shard\(model\)"):
+            seq(x)  # no root unit
+        fully_shard(seq)
+        seq(x).square().sum().backward()
+        assert calls.count(True) == 3  # blocks 2, 1, 0 prefetched by the backward of 3, 2, 1
+        reference(x).square().sum().backward()
+        for p, q in zip(seq.parameters(), reference.parameters(), strict=True):
+            assert torch.allclose(p.grad.full_tensor(), q.grad, rtol=1e-12, atol=1e-14)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_fsdp_below_a_coupling_is_refused():
     from torch.distributed.fsdp import fully_shard
 

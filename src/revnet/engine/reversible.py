@@ -181,7 +181,13 @@ def _fsdp_groups(c: Coupling) -> list[Any]:
     fsdp = _fsdp_module_type()
     if fsdp is None or not isinstance(c, fsdp):
         return []
-    groups = list(getattr(c._get_fsdp_state(), "_fsdp_param_groups", ()))
+    state = c._get_fsdp_state()
+    if getattr(state, "_is_root", True) is None:
+        raise RuntimeError(
+            f"ReversibleSequence: a sharded {type(c).__name__} was never initialised by FSDP, which does so "
+            f"on the first forward of the root unit; the engine runs the block itself, so no unit above it "
+            f"is sharded. Fix: shard the model too, after its blocks (fully_shard(model)).")
+    groups = list(getattr(state, "_fsdp_param_groups", ()))
     if any(getattr(g, "_training_state", None) is None or not hasattr(g, "fsdp_params") for g in groups):
         raise RuntimeError(f"ReversibleSequence: the FSDP state of a sharded {type(c).__name__} has a layout "
                            f"this revnet does not know (written against torch 2.13's FSDP2).")
@@ -263,11 +269,12 @@ class _Chain:
     backward, and nothing after the first block's backward.
     """
 
-    __slots__ = ("halves", "left", "size")
+    __slots__ = ("blocks", "halves", "left", "size")
 
     def __init__(self) -> None:
         self.size = 0  # blocks in the chain (counted in forward)
         self.left = 0  # blocks whose backward has not taken their output yet
+        self.blocks: list[Coupling] = []  # in forward order: whom backward rebuilds next
         self.halves: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def start(self, y1: torch.Tensor, y2: torch.Tensor) -> None:
@@ -351,6 +358,7 @@ class _ReversibleBlock(torch.autograd.Function):
                 context: Context, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # grad mode is off inside Function.forward: no graph is built
         chain.size += 1
+        chain.blocks.append(c)
         n = len(context.tensors)
         ctx.chain, ctx.c, ctx.context, ctx.params = chain, c, context, tensors[n:]
         ctx.replay = Replay(x1, keep_rng)
@@ -376,6 +384,9 @@ class _ReversibleBlock(torch.autograd.Function):
         c: Coupling = ctx.c
         replay: Replay = ctx.replay
         y1, y2 = ctx.chain.take()
+        if ctx.chain.left:  # FSDP: the block rebuilt next starts gathering its parameters now
+            for g in _fsdp_groups(ctx.chain.blocks[ctx.chain.left - 1]):
+                g.unshard(async_op=True)
         saved = ctx.saved_tensors
         n = len(saved) - len(ctx.tape_keys)
         tape = Tape.of(ctx.tape_keys, saved[n:]) if ctx.tape_keys else None
