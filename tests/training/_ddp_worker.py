@@ -148,7 +148,8 @@ def scenarios(out: Path) -> None:
                      "linear": {"lr_scaling": "linear", "steps": 2, "log_every": 1},
                      "compiled": {"compile": "aot_eager"},
                      "vit_rev": VIT, "vit_plain": {**VIT, "reversible": False},
-                     "in_backward": {"optimizer_in_backward": True}}.items():
+                     "in_backward": {"optimizer_in_backward": True},
+                     "fsdp": {"fsdp": True}, "fsdp_vit": {**VIT, "fsdp": True}}.items():
         t = time.perf_counter()
         results[name] = fit(config(out, name, **kw))
         timings[name] = time.perf_counter() - t
@@ -169,6 +170,10 @@ def scenarios(out: Path) -> None:
     results["stop"] = fit(config(out, "stop"))
     loop_mod._train_step = real
     results["resumed"] = fit(config(out, "stop"), resume=True)
+    stop_on_rank1_at(2)  # a sharded run stopped and resumed: its checkpoint gathers and re-shards
+    results["fsdp_stop"] = fit(config(out, "fsdp_stop", fsdp=True))
+    loop_mod._train_step = real
+    results["fsdp_resumed"] = fit(config(out, "fsdp_stop", fsdp=True), resume=True)
     try:
         fit(config(out, "syncbn", norm="batch", sync_bn=True))
         results["syncbn_error"] = None

@@ -123,6 +123,22 @@ def test_the_optimizer_in_backward_under_ddp_steps_after_the_all_reduce(ddp, tmp
     assert _max_rel_diff(_weights(out / "in_backward"), _weights(tmp_path / "one_in_backward")) < 1e-4
 
 
+def test_fsdp_per_block_trains_as_ddp_and_resumes_exactly(ddp, tmp_path):
+    """--fsdp: every coupling and the root sharded with FSDP2; the run ends on DDP's weights (the same
+    gradients, reduce-scattered instead of all-reduced), its checkpoints hold the full model (gathered
+    through torch.distributed.checkpoint), which one process evaluates, and a run stopped and
+    resumed ends where the uninterrupted one does."""
+    out, r0, _, _ = ddp
+    assert r0["fsdp"]["config"]["fsdp"] is True and r0["fsdp"]["world_size"] == 2
+    assert _max_rel_diff(_weights(out / "fsdp"), _weights(out / "rev")) <= 1e-6
+    assert _max_rel_diff(_weights(out / "fsdp_vit"), _weights(out / "vit_rev")) <= 1e-6
+    assert r0["fsdp_resumed"]["step"] == 4
+    assert _max_rel_diff(_weights(out / "fsdp_stop"), _weights(out / "fsdp")) <= 1e-6
+    assert evaluate_checkpoint(out / "fsdp" / "last.pt")["test_accuracy"] == r0["fsdp"]["test_accuracy"]
+    with pytest.raises(ValueError, match="fsdp shards each block's parameters"):
+        _config(tmp_path, "x", fsdp=True, drift_guard_every=2)
+
+
 def test_accumulation_with_no_sync_equals_the_full_batch_under_ddp(ddp):
     out, _, _, _ = ddp
     assert _max_rel_diff(_weights(out / "accum"), _weights(out / "rev")) < 1e-4

@@ -118,6 +118,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument(flag, dest=dest, default=None, **kw)
     p.add_argument("--no-reversible", dest="reversible", action="store_false", default=None,
                    help="plain backprop on the same model (the baseline)")
+    p.add_argument("--fsdp", dest="fsdp", action="store_true", default=None,
+                   help="with several processes, shard parameters, gradients and optimizer state with "
+                        "FSDP2, per reversible block and the rest of the model, instead of DDP "
+                        "(docs/DISTRIBUTED.md)")
     p.add_argument("--optimizer-in-backward", dest="optimizer_in_backward", action="store_true", default=None,
                    help="step each parameter inside backward, as soon as its gradient is complete, so the "
                         "whole model's gradients never exist at once (revnet.optimizer_in_backward)")
@@ -149,7 +153,7 @@ def _train_config(args: argparse.Namespace) -> Any:
     given = {dest: getattr(args, dest) for _, dest, _ in _TRAIN_FLAGS}
     given.update(reversible=args.reversible, flip=args.flip, channels_last=args.channels_last,
                  sync_bn=args.sync_bn, exact=args.exact, compile=args.compile,
-                 optimizer_in_backward=args.optimizer_in_backward)
+                 optimizer_in_backward=args.optimizer_in_backward, fsdp=args.fsdp)
     given = {k: v for k, v in given.items() if v is not None}
     if given.get("compile") == "":  # --no-compile
         given["compile"] = None

@@ -98,6 +98,7 @@ class TrainConfig:
     accum_steps: int = 1  # micro-batches per optimiser step on each process (DDP syncs only the last)
     lr_scaling: str = "none"  # "none": lr as given; "linear": peak lr x world size (Goyal et al. 2017)
     sync_bn: bool = False  # under DDP, BatchNorm -> SyncBatchNorm (global-batch statistics; CUDA only)
+    fsdp: bool = False  # shard with FSDP2 per reversible block (and the root) instead of DDP
     dist_timeout: float = 600.0  # seconds a rendezvous or collective waits for the other processes
     exact: bool = False  # couplings in exact (fixed-point) mode: bit-exact rebuilds (revnet.set_exact)
     grad_angle_every: int | None = None  # every N steps: angle of reversible vs plain-autograd gradient
@@ -151,6 +152,12 @@ class TrainConfig:
              f"memory_budget plans a reversible model (RevNet, RevViT) in reversible mode, got model "
              f"{self.model!r}{'' if self.reversible else ' with reversible=False'}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+            (not self.fsdp or not (self.optimizer_in_backward or self.drift_guard_every
+                                   or self.grad_angle_every or self.compile or self.sync_bn
+                                   or self.memory_budget not in (None, "min")),
+             "fsdp shards each block's parameters, which the optimizer in backward, the drift guard, the "
+             "gradient angle, a memory budget, --compile and --sync-bn do not handle yet: drop them, or "
+             "--fsdp"),
             (not self.optimizer_in_backward or self.accum_steps == 1,
              f"optimizer_in_backward steps each parameter as soon as its gradient is complete, so gradients "
              f"cannot accumulate over micro-batches (accum_steps={self.accum_steps}): drop --accum-steps, or "

@@ -209,6 +209,34 @@ def launch_command(nproc: int, train_args: Sequence[str]) -> list[str]:
             "-m", "revnet", "train", *train_args]
 
 
+def shard_fsdp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """FSDP2 per reversible block (each coupling of each sequence), then the root (stem, openers,
+    head); ``model`` itself, sharded in place. One process: nothing to shard (``model`` as it is).
+
+    The engine drives each sharded block (gather, rebuild, reduce-scatter: docs/DISTRIBUTED.md).
+    FSDP2 takes contiguous parameters only, so convolution weights leave channels-last here
+    (activations keep their layout)."""
+    if not info.enabled:
+        log.info("--fsdp has no effect in a single process")
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    from ..engine import ReversibleSequence
+
+    model.to(memory_format=torch.contiguous_format)
+    for seq in [m for m in model.modules() if isinstance(m, ReversibleSequence)]:
+        for block in seq:
+            fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 shards ``model`` (its root is a ``fully_shard`` unit)."""
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    return fsdp is not None and isinstance(model, fsdp)
+
+
 def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device, *, sync_bn: bool = False) -> nn.Module:
     """DistributedDataParallel around ``model`` (with SyncBatchNorm if asked); ``model`` alone if one process.
 

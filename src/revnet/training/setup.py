@@ -24,7 +24,7 @@ from ..memory.measure import keep_freed_memory
 from ..models import create_model, model_accepts
 from .config import NORMS, TrainConfig
 from .datasets import load_dataset
-from .distributed import DistInfo, wrap_ddp
+from .distributed import DistInfo, shard_fsdp, wrap_ddp
 from .loader import Loader
 from .precision import AmpChoice, autocast, probe_step_time, resolve_amp
 from .text import TextLoader, load_text, random_tokens
@@ -297,7 +297,7 @@ def build_run(config: TrainConfig, info: DistInfo | None = None, *, init_weights
             config = dataclasses.replace(config, compile=None)
         else:
             revnet_compile(model, backend=config.compile)
-    net = wrap_ddp(model, info, device, sync_bn=config.sync_bn)
+    net = shard_fsdp(model, info) if config.fsdp else wrap_ddp(model, info, device, sync_bn=config.sync_bn)
     optimizer = make_optimizer(model, config, net)
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
     total = config.steps or max(1, round(config.epochs * len(train)))

@@ -18,6 +18,7 @@ import torch
 
 from ..engine.modes import get_modes, set_modes
 from .config import TrainConfig
+from .distributed import is_sharded
 from .setup import Run
 
 __all__ = ["checkpoint_state", "config_fields", "restore", "save_atomic", "write_json"]
@@ -50,11 +51,29 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _full_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def checkpoint_state(run: Run) -> dict[str, Any]:
-    """What ``last.pt``/``best.pt`` hold: weights, optimizer, scaler, step, RNG, engine switches, config."""
+    """What ``last.pt``/``best.pt`` hold: weights, optimizer, scaler, step, RNG, engine switches, config.
+
+    A model sharded with FSDP gives its full (unsharded) weights and optimizer state, gathered with
+    ``torch.distributed.checkpoint``'s state-dict functions onto rank 0: the same file an unsharded
+    run writes, so ``revnet eval`` and ``--init`` read it as any other. Collective: every rank calls
+    it (rank 0 writes)."""
+    if is_sharded(run.model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        model = get_model_state_dict(run.model, options=_full_options())
+        optimizer = get_optimizer_state_dict(run.model, run.optimizer, options=_full_options())
+    else:
+        model, optimizer = run.model.state_dict(), run.optimizer.state_dict()
     return {
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
+        "model": model,
+        "optimizer": optimizer,
         "scaler": run.scaler.state_dict() if run.scaler else None,
         "step": run.step,
         "best": run.best,
@@ -97,8 +116,19 @@ def restore(run: Run, path: Path) -> None:
             error = e
     run.dist.raise_together(error)
     state = run.dist.broadcast(state)
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    if is_sharded(run.model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True)  # each rank holds the whole state and takes its shard
+        set_model_state_dict(run.model, state["model"], options=full)
+        set_optimizer_state_dict(run.model, run.optimizer, state["optimizer"], options=full)
+    else:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
     if run.scaler is not None and state["scaler"] is not None:
         run.scaler.load_state_dict(state["scaler"])
     run.step, run.best = state["step"], state["best"]
