@@ -43,7 +43,7 @@ def build(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         model.eval()  # its convolutional stem's BatchNorm: running statistics, none across samples
         x = torch.randn(5, 8, 1, 8, 8, dtype=torch.float64, generator=g)
         y = torch.randint(0, 10, (5, 8), generator=g)
-    else:
+    else:  # revgpt_mini, revgpt_mini_in_backward
         model = revnet.create_model("revgpt_mini", vocab_size=32, context_length=8, embed_dim=32, depth=2,
                                     num_heads=4, dtype=torch.float64)
         x = torch.randint(0, 32, (5, 8, 8), generator=g)
@@ -52,7 +52,7 @@ def build(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 
 def loss_of(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if kind == "revgpt_mini":
+    if kind.startswith("revgpt_mini"):
         return model(x, targets=y)
     return nn.functional.cross_entropy(model(x), y)
 
@@ -69,15 +69,18 @@ def train(kind: str, sharded: bool) -> dict[str, torch.Tensor]:
             for block in seq:
                 fully_shard(block, mp_policy=policy)
         fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    make = lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.05)  # noqa: E731
+    in_backward = kind.endswith("in_backward") and sharded  # stepped in backward, after each reduce-scatter
+    opt = revnet.optimizer_in_backward(model, make) if in_backward else make(model.parameters())
     per = xs.shape[1] // world
     steps = 1 if kind.endswith("bf16") else xs.shape[0]  # bf16: one step's gradients, before weights drift
     for step in range(steps):
         part = slice(rank * per, (rank + 1) * per)
         opt.zero_grad()
         loss_of(kind, model, xs[step, part], ys[step, part]).backward()
-        if step == steps - 1:
-            grads = {f"grad.{n}": p.grad for n, p in model.named_parameters()}
+        if step == steps - 1:  # (stepped in backward: the gradients are gone already)
+            grads = {} if kind.endswith("in_backward") else {
+                f"grad.{n}": p.grad for n, p in model.named_parameters()}
         opt.step()
     out = {n: p.detach() for n, p in model.named_parameters()} | grads
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in out.items()}
@@ -87,7 +90,8 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
     results = {kind: train(kind, sharded=True)
-               for kind in ("revnet38", "revnet38_stored", "revvit_mini", "revgpt_mini", "revnet38_bf16")}
+               for kind in ("revnet38", "revnet38_stored", "revvit_mini", "revgpt_mini", "revnet38_bf16",
+                            "revgpt_mini_in_backward")}
     if dist.get_rank() == 0:
         torch.save(results, out / "fsdp.pt")
     dist.destroy_process_group()

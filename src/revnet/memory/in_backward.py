@@ -12,6 +12,9 @@ called with that one parameter) and a post-accumulate-grad hook that steps it; t
 optimizer: LR schedulers change its ``param_groups`` (the per-parameter optimizers' own), its
 ``state_dict`` checkpoints them, and its ``step()`` has nothing left to do.
 
+Under FSDP2 (``fully_shard``) each sharded parameter steps when its group's gradients have been
+reduce-scattered, from the end of the group's ``post_backward``.
+
 Under DistributedDataParallel the step must wait for the gradient's all-reduce: called on the DDP
 wrapper, it steps each parameter from DDP's communication hook, when the all-reduce of the bucket
 that holds it has finished, instead of from the parameter's own hook (which would step on a gradient
@@ -123,6 +126,37 @@ class OptimizerInBackward(torch.optim.Optimizer):
         ddp.register_comm_hook(None, reduce_then_step)
         self._ddp = True
 
+    def _bind_fsdp(self, units: list[nn.Module]) -> None:
+        """Steps each sharded parameter when FSDP has reduce-scattered its gradient: FSDP writes the
+        sharded ``.grad`` itself (no post-accumulate hook fires), at the end of each parameter
+        group's ``post_backward``, which the reversible engine calls when a block is done and FSDP's
+        own hooks call for the other units. Uses FSDP2's parameter-group object (torch 2.13)."""
+        by_param = {id(p): opt for p, opt in zip(self._params, self.optimizers, strict=True)}
+        for unit in units:
+            for group in unit._get_fsdp_state()._fsdp_param_groups:
+                group.post_backward = self._after_reduce(group, group.post_backward, by_param)
+
+    def _after_reduce(self, group: Any, post_backward: Callable[..., Any],
+                      by_param: dict[int, torch.optim.Optimizer]) -> Callable[..., Any]:
+        def reduce_then_step(*args: Any) -> Any:
+            out = post_backward(*args)
+            wait = getattr(group, "_wait_for_post_backward", None)
+            for fsdp_param in group.fsdp_params:
+                p = fsdp_param.sharded_param
+                opt = by_param.get(id(p))
+                if opt is None or p.grad is None:
+                    continue
+                if wait is not None:
+                    wait()  # the reduce-scatter has written the gradient (asynchronous on CUDA)
+                    wait = None
+                if self.clip is not None:
+                    torch.nn.utils.clip_grad_norm_([p], self.clip)
+                opt.step()
+                self.steps += 1
+                p.grad = None
+            return out
+        return reduce_then_step
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Nothing to do: every parameter was stepped in backward. A closure is refused (it would
@@ -230,13 +264,8 @@ def optimizer_in_backward(model: nn.Module | Iterable[nn.Parameter], make_optimi
                          f"{clip_per_parameter!r}.")
     ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
     fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
-    modules = model.modules() if isinstance(model, nn.Module) else ()
-    sharded = fsdp is not None and any(isinstance(m, fsdp) for m in modules)
-    if sharded:
-        raise TypeError("optimizer_in_backward: the model is sharded with FSDP, which writes each sharded "
-                        "gradient itself after its reduce-scatter, so the hooks that step a parameter never "
-                        "fire (not supported yet). Fix: train the sharded model with a usual optimizer (FSDP "
-                        "shards its state too), or use DDP.")
+    modules = list(model.modules()) if isinstance(model, nn.Module) else []
+    sharded = [m for m in modules if fsdp is not None and isinstance(m, fsdp)]
     found = model.parameters() if isinstance(model, nn.Module) else model
     params, seen = [], set()
     for p in found:
@@ -253,4 +282,6 @@ def optimizer_in_backward(model: nn.Module | Iterable[nn.Parameter], make_optimi
         p._revnet_in_backward = opt  # type: ignore[attr-defined]
     if ddp is not None:
         opt._bind_ddp(ddp)
+    if sharded:
+        opt._bind_fsdp(sharded)
     return opt
