@@ -149,7 +149,8 @@ def scenarios(out: Path) -> None:
                      "compiled": {"compile": "aot_eager"},
                      "vit_rev": VIT, "vit_plain": {**VIT, "reversible": False},
                      "in_backward": {"optimizer_in_backward": True},
-                     "fsdp": {"fsdp": True}, "fsdp_vit": {**VIT, "fsdp": True}}.items():
+                     "fsdp": {"fsdp": True}, "fsdp_vit": {**VIT, "fsdp": True},
+                     "fsdp_in_backward": {"fsdp": True, "optimizer_in_backward": True}}.items():
         t = time.perf_counter()
         results[name] = fit(config(out, name, **kw))
         timings[name] = time.perf_counter() - t
@@ -174,6 +175,11 @@ def scenarios(out: Path) -> None:
     results["fsdp_stop"] = fit(config(out, "fsdp_stop", fsdp=True))
     loop_mod._train_step = real
     results["fsdp_resumed"] = fit(config(out, "fsdp_stop", fsdp=True), resume=True)
+    stop_on_rank1_at(2)
+    fit(config(out, "fsdp_in_backward_stop", fsdp=True, optimizer_in_backward=True))
+    loop_mod._train_step = real
+    results["fsdp_in_backward_resumed"] = fit(config(out, "fsdp_in_backward_stop", fsdp=True,
+                                                     optimizer_in_backward=True), resume=True)
     try:
         fit(config(out, "syncbn", norm="batch", sync_bn=True))
         results["syncbn_error"] = None

@@ -135,6 +135,10 @@ def test_fsdp_per_block_trains_as_ddp_and_resumes_exactly(ddp, tmp_path):
     assert r0["fsdp_resumed"]["step"] == 4
     assert _max_rel_diff(_weights(out / "fsdp_stop"), _weights(out / "fsdp")) <= 1e-6
     assert evaluate_checkpoint(out / "fsdp" / "last.pt")["test_accuracy"] == r0["fsdp"]["test_accuracy"]
+    # with the optimizer in backward: each shard steps after its reduce-scatter, checkpoints resume it
+    assert _max_rel_diff(_weights(out / "fsdp_in_backward"), _weights(out / "fsdp")) <= 1e-6
+    assert r0["fsdp_in_backward_resumed"]["step"] == 4
+    assert _max_rel_diff(_weights(out / "fsdp_in_backward_stop"), _weights(out / "fsdp_in_backward")) <= 1e-6
     with pytest.raises(ValueError, match="fsdp shards each block's parameters"):
         _config(tmp_path, "x", fsdp=True, drift_guard_every=2)
 

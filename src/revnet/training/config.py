@@ -152,12 +152,10 @@ class TrainConfig:
              f"memory_budget plans a reversible model (RevNet, RevViT) in reversible mode, got model "
              f"{self.model!r}{'' if self.reversible else ' with reversible=False'}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
-            (not self.fsdp or not (self.optimizer_in_backward or self.drift_guard_every
-                                   or self.grad_angle_every or self.compile or self.sync_bn
-                                   or self.memory_budget not in (None, "min")),
-             "fsdp shards each block's parameters, which the optimizer in backward, the drift guard, the "
-             "gradient angle, a memory budget, --compile and --sync-bn do not handle yet: drop them, or "
-             "--fsdp"),
+            (not self.fsdp or not (self.drift_guard_every or self.grad_angle_every or self.compile
+                                   or self.sync_bn or self.memory_budget not in (None, "min")),
+             "fsdp shards each block's parameters, which the drift guard, the gradient angle, a memory "
+             "budget, --compile and --sync-bn do not handle yet: drop them, or --fsdp"),
             (not self.optimizer_in_backward or self.accum_steps == 1,
              f"optimizer_in_backward steps each parameter as soon as its gradient is complete, so gradients "
              f"cannot accumulate over micro-batches (accum_steps={self.accum_steps}): drop --accum-steps, or "

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..engine.modes import get_modes, set_modes
+from ..memory import OptimizerInBackward
 from .config import TrainConfig
 from .distributed import is_sharded
 from .setup import Run
@@ -68,7 +69,11 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         model = get_model_state_dict(run.model, options=_full_options())
-        optimizer = get_optimizer_state_dict(run.model, run.optimizer, options=_full_options())
+        if isinstance(run.optimizer, OptimizerInBackward):  # one optimizer per sharded parameter
+            optimizer = {"optimizers": [get_optimizer_state_dict(run.model, o, options=_full_options())
+                                        for o in run.optimizer.optimizers], "steps": run.optimizer.steps}
+        else:
+            optimizer = get_optimizer_state_dict(run.model, run.optimizer, options=_full_options())
     else:
         model, optimizer = run.model.state_dict(), run.optimizer.state_dict()
     return {
@@ -125,7 +130,15 @@ def restore(run: Run, path: Path) -> None:
 
         full = StateDictOptions(full_state_dict=True)  # each rank holds the whole state and takes its shard
         set_model_state_dict(run.model, state["model"], options=full)
-        set_optimizer_state_dict(run.model, run.optimizer, state["optimizer"], options=full)
+        if isinstance(run.optimizer, OptimizerInBackward):
+            for o, saved in zip(run.optimizer.optimizers, state["optimizer"]["optimizers"], strict=True):
+                set_optimizer_state_dict(run.model, o, saved, options=full)
+            run.optimizer.steps = state["optimizer"].get("steps", 0)
+            # loading replaced the optimizers' group dicts: the wrapper's must be theirs again, or the
+            # learning-rate schedule would set a copy
+            run.optimizer.param_groups = [g for o in run.optimizer.optimizers for g in o.param_groups]
+        else:
+            set_optimizer_state_dict(run.model, run.optimizer, state["optimizer"], options=full)
     else:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
