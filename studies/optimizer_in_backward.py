@@ -7,8 +7,8 @@ of each per round, the order flipped every round) and the medians are compared; 
 step above what was allocated before it comes from the CPU allocator
 (``revnet.memory.measure.peak_of``), after a first step that creates the optimizer state in both.
 
-    python studies/optimizer_in_backward.py [--models revnet38 revvit_mini] [--batch 64] [--rounds 15] \\
-        [--out docs/benchmarks/optimizer_in_backward.json]
+    python studies/optimizer_in_backward.py [--models revnet38 revvit_mini stack] [--batch 64] \\
+        [--rounds 15] [--out docs/benchmarks/optimizer_in_backward.json]
 
 Time it on a quiet machine: PyTorch's threads busy-wait, and anything else running moves the ratio.
 """
@@ -34,7 +34,14 @@ MiB = 2**20
 
 
 def build(name: str) -> torch.nn.Module:
+    """A zoo model for 28x28 single-channel images, or ``stack``: eight 512-wide additive couplings
+    between a linear stem and head, a model whose parameters outweigh its activations."""
     torch.manual_seed(0)
+    if name == "stack":
+        lin = torch.nn.Linear
+        couplings = [revnet.AdditiveCoupling(lin(512, 512), lin(512, 512), dim=-1) for _ in range(8)]
+        return torch.nn.Sequential(torch.nn.Flatten(), lin(784, 1024), revnet.ReversibleSequence(couplings),
+                                   lin(1024, 10))
     if name.startswith(("vit", "revvit")):
         return revnet.create_model(name, num_classes=10, in_chans=1, img_size=28)
     return revnet.create_model(name, num_classes=10, in_chans=1)

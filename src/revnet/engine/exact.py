@@ -232,13 +232,6 @@ class Tape:
     def __init__(self) -> None:
         self._entries: dict[Hashable, list[torch.Tensor]] = {}
 
-    def __len__(self) -> int:
-        return sum(len(v) for v in self._entries.values())
-
-    def nbytes(self) -> int:
-        """Bytes held now."""
-        return sum(t.numel() * t.element_size() for v in self._entries.values() for t in v)
-
     def keys(self) -> tuple[Hashable, ...]:
         """One key per entry, in the order of :meth:`values` (for :meth:`of`)."""
         return tuple(k for k, v in self._entries.items() for _ in v)

@@ -78,18 +78,22 @@ class OptimizerInBackward(torch.optim.Optimizer):
         self.clip = clip_per_parameter
         self.steps = 0
         self._params = params
+        self._by_param = {id(p): opt for p, opt in zip(params, self.optimizers, strict=True)}
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(p, opt))
                          for p, opt in zip(params, self.optimizers, strict=True)]
         self._ddp = False
 
     def _hook(self, p: nn.Parameter, opt: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
-        def step(param: torch.Tensor) -> None:
-            if self.clip is not None:
-                torch.nn.utils.clip_grad_norm_([param], self.clip)
-            opt.step()
-            self.steps += 1
-            param.grad = None  # freed now: the point of stepping here
-        return step
+        return lambda param: self._step_one(param, opt)
+
+    def _step_one(self, p: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        """Clips (per parameter, if asked), steps ``p``'s optimizer and frees the gradient: the one
+        step every route (hook, DDP's communication hook, FSDP's post-backward) takes."""
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_([p], self.clip)
+        opt.step()
+        self.steps += 1
+        p.grad = None  # freed now: the point of stepping here
 
     def _bind_ddp(self, ddp: nn.parallel.DistributedDataParallel) -> None:
         """Steps from DDP's communication hook, after each bucket's all-reduce, instead of the hooks."""
@@ -98,7 +102,7 @@ class OptimizerInBackward(torch.optim.Optimizer):
         for h in self._handles:
             h.remove()
         self._handles = []
-        by_param = {id(p): opt for p, opt in zip(self._params, self.optimizers, strict=True)}
+        by_param = self._by_param
         group = ddp.process_group
 
         # No annotations: DDP checks the bucket's annotation against dist.GradBucket itself, and this
@@ -114,11 +118,7 @@ class OptimizerInBackward(torch.optim.Optimizer):
                     if opt is None:
                         continue
                     p.grad = _in_layout_of(p, grad)
-                    if self.clip is not None:
-                        torch.nn.utils.clip_grad_norm_([p], self.clip)
-                    opt.step()
-                    self.steps += 1
-                    p.grad = None
+                    self._step_one(p, opt)
                 return buffer
 
             return fut.then(step)
@@ -131,29 +131,23 @@ class OptimizerInBackward(torch.optim.Optimizer):
         sharded ``.grad`` itself (no post-accumulate hook fires), at the end of each parameter
         group's ``post_backward``, which the reversible engine calls when a block is done and FSDP's
         own hooks call for the other units. Uses FSDP2's parameter-group object (torch 2.13)."""
-        by_param = {id(p): opt for p, opt in zip(self._params, self.optimizers, strict=True)}
         for unit in units:
             for group in unit._get_fsdp_state()._fsdp_param_groups:
-                group.post_backward = self._after_reduce(group, group.post_backward, by_param)
+                group.post_backward = self._after_reduce(group, group.post_backward)
 
-    def _after_reduce(self, group: Any, post_backward: Callable[..., Any],
-                      by_param: dict[int, torch.optim.Optimizer]) -> Callable[..., Any]:
+    def _after_reduce(self, group: Any, post_backward: Callable[..., Any]) -> Callable[..., Any]:
         def reduce_then_step(*args: Any) -> Any:
             out = post_backward(*args)
             wait = getattr(group, "_wait_for_post_backward", None)
             for fsdp_param in group.fsdp_params:
                 p = fsdp_param.sharded_param
-                opt = by_param.get(id(p))
+                opt = self._by_param.get(id(p))
                 if opt is None or p.grad is None:
                     continue
                 if wait is not None:
                     wait()  # the reduce-scatter has written the gradient (asynchronous on CUDA)
                     wait = None
-                if self.clip is not None:
-                    torch.nn.utils.clip_grad_norm_([p], self.clip)
-                opt.step()
-                self.steps += 1
-                p.grad = None
+                self._step_one(p, opt)
             return out
         return reduce_then_step
 
