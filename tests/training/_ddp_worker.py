@@ -175,11 +175,15 @@ def scenarios(out: Path) -> None:
     results["fsdp_stop"] = fit(config(out, "fsdp_stop", fsdp=True))
     loop_mod._train_step = real
     results["fsdp_resumed"] = fit(config(out, "fsdp_stop", fsdp=True), resume=True)
-    stop_on_rank1_at(2)
-    fit(config(out, "fsdp_in_backward_stop", fsdp=True, optimizer_in_backward=True))
-    loop_mod._train_step = real
-    results["fsdp_in_backward_resumed"] = fit(config(out, "fsdp_in_backward_stop", fsdp=True,
-                                                     optimizer_in_backward=True), resume=True)
+    for checkpoint in ("sharded", "full"):  # the per-parameter optimizers' state, both ways
+        name = f"fsdp_in_backward_stop_{checkpoint}"
+        stop_on_rank1_at(2)
+        fit(config(out, name, fsdp=True, optimizer_in_backward=True, checkpoint=checkpoint))
+        loop_mod._train_step = real
+        results[f"{name}_resumed"] = fit(config(out, name, fsdp=True, optimizer_in_backward=True,
+                                                checkpoint=checkpoint), resume=True)
+    # --memory-budget under FSDP: rank 0 plans on the whole model, then every block is sharded
+    results["fsdp_planned"] = fit(config(out, "fsdp_planned", memory_budget="min", norm="batch", fsdp=True))
     try:
         fit(config(out, "syncbn", norm="batch", sync_bn=True))
         results["syncbn_error"] = None

@@ -25,7 +25,8 @@ from revnet import create_model
 from revnet.cli import build_parser, main
 from revnet.training import TrainConfig, evaluate_checkpoint, fit, lr_at
 from revnet.training.distributed import DistributedError, init_from_env, launch_command
-from revnet.training.setup import per_process_batch
+from revnet.training.setup import build_model, load_init, per_process_batch
+from revnet.training.shards import load_checkpoint
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -49,7 +50,7 @@ def _torchrun(out: Path) -> subprocess.CompletedProcess:
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "last.pt", weights_only=False)["model"]
+    return load_checkpoint(run_dir / "last.pt")["model"]  # full or sharded (read whole here)
 
 
 def _max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -125,9 +126,10 @@ def test_the_optimizer_in_backward_under_ddp_steps_after_the_all_reduce(ddp, tmp
 
 def test_fsdp_per_block_trains_as_ddp_and_resumes_exactly(ddp, tmp_path):
     """--fsdp: every coupling and the root sharded with FSDP2; the run ends on DDP's weights (the same
-    gradients, reduce-scattered instead of all-reduced), its checkpoints hold the full model (gathered
-    through torch.distributed.checkpoint), which one process evaluates, and a run stopped and
-    resumed ends where the uninterrupted one does."""
+    gradients, reduce-scattered instead of all-reduced); its checkpoints are sharded (each rank wrote
+    its part with torch.distributed.checkpoint), or with --checkpoint full gathered into one file; one
+    process evaluates either and starts from it (--init); a run stopped and resumed ends where the
+    uninterrupted one does."""
     out, r0, _, _ = ddp
     assert r0["fsdp"]["config"]["fsdp"] is True and r0["fsdp"]["world_size"] == 2
     assert _max_rel_diff(_weights(out / "fsdp"), _weights(out / "rev")) <= 1e-6
@@ -135,12 +137,29 @@ def test_fsdp_per_block_trains_as_ddp_and_resumes_exactly(ddp, tmp_path):
     assert r0["fsdp_resumed"]["step"] == 4
     assert _max_rel_diff(_weights(out / "fsdp_stop"), _weights(out / "fsdp")) <= 1e-6
     assert evaluate_checkpoint(out / "fsdp" / "last.pt")["test_accuracy"] == r0["fsdp"]["test_accuracy"]
+    # sharded: the files name a folder each, one per rank inside; superseded folders are gone
+    meta = torch.load(out / "fsdp" / "last.pt", weights_only=False)
+    assert meta["model"] is None and meta["shards"] == "last-step0000004.dcp"
+    assert sorted(p.name for p in (out / "fsdp").glob("*.dcp")) == ["best-step0000004.dcp",
+                                                                     "last-step0000004.dcp"]
+    assert len(list((out / "fsdp" / meta["shards"]).glob("*.distcp"))) == 2
+    model = build_model(_config(tmp_path, "init"), in_chans=3, num_classes=10, image_size=8)
+    assert load_init(model, out / "fsdp" / "best.pt") == []
+    assert _max_rel_diff(model.state_dict(), _weights(out / "fsdp")) == 0  # best.pt: the last step's
     # with the optimizer in backward: each shard steps after its reduce-scatter, checkpoints resume it
     assert _max_rel_diff(_weights(out / "fsdp_in_backward"), _weights(out / "fsdp")) <= 1e-6
-    assert r0["fsdp_in_backward_resumed"]["step"] == 4
-    assert _max_rel_diff(_weights(out / "fsdp_in_backward_stop"), _weights(out / "fsdp_in_backward")) <= 1e-6
+    for checkpoint in ("sharded", "full"):
+        name = f"fsdp_in_backward_stop_{checkpoint}"
+        assert r0[f"{name}_resumed"]["step"] == 4
+        assert _max_rel_diff(_weights(out / name), _weights(out / "fsdp_in_backward")) <= 1e-6
+    assert torch.load(out / "fsdp_in_backward_stop_full" / "last.pt", weights_only=False)["model"]
+    # a memory budget: planned on the whole model by rank 0, then sharded; the same stored units as DDP's
+    assert r0["fsdp_planned"]["stored"] == r0["planned"]["stored"]
+    assert _max_rel_diff(_weights(out / "fsdp_planned"), _weights(out / "planned")) <= 1e-6
     with pytest.raises(ValueError, match="fsdp shards each block's parameters"):
         _config(tmp_path, "x", fsdp=True, drift_guard_every=2)
+    with pytest.raises(ValueError, match="checkpoint 'sharded' writes each rank's shards"):
+        _config(tmp_path, "x", checkpoint="sharded")
 
 
 def test_accumulation_with_no_sync_equals_the_full_batch_under_ddp(ddp):

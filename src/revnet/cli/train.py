@@ -122,6 +122,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="with several processes, shard parameters, gradients and optimizer state with "
                         "FSDP2, per reversible block and the rest of the model, instead of DDP "
                         "(docs/DISTRIBUTED.md)")
+    p.add_argument("--checkpoint", dest="checkpoint", choices=("auto", "full", "sharded"), default=None,
+                   help="checkpoint files: full (one torch file), sharded (each --fsdp rank writes its "
+                        "own part with torch.distributed.checkpoint; no rank holds the whole model); "
+                        "auto (default): sharded under --fsdp")
     p.add_argument("--optimizer-in-backward", dest="optimizer_in_backward", action="store_true", default=None,
                    help="step each parameter inside backward, as soon as its gradient is complete, so the "
                         "whole model's gradients never exist at once (revnet.optimizer_in_backward)")
@@ -153,7 +157,8 @@ def _train_config(args: argparse.Namespace) -> Any:
     given = {dest: getattr(args, dest) for _, dest, _ in _TRAIN_FLAGS}
     given.update(reversible=args.reversible, flip=args.flip, channels_last=args.channels_last,
                  sync_bn=args.sync_bn, exact=args.exact, compile=args.compile,
-                 optimizer_in_backward=args.optimizer_in_backward, fsdp=args.fsdp)
+                 optimizer_in_backward=args.optimizer_in_backward, fsdp=args.fsdp,
+                 checkpoint=args.checkpoint)
     given = {k: v for k, v in given.items() if v is not None}
     if given.get("compile") == "":  # --no-compile
         given["compile"] = None

@@ -99,6 +99,9 @@ class TrainConfig:
     lr_scaling: str = "none"  # "none": lr as given; "linear": peak lr x world size (Goyal et al. 2017)
     sync_bn: bool = False  # under DDP, BatchNorm -> SyncBatchNorm (global-batch statistics; CUDA only)
     fsdp: bool = False  # shard with FSDP2 per reversible block (and the root) instead of DDP
+    # checkpoint files: "full" (one torch file), "sharded" (each FSDP rank writes its own part with
+    # torch.distributed.checkpoint; training.shards), "auto": sharded under fsdp, else full
+    checkpoint: str = "auto"
     dist_timeout: float = 600.0  # seconds a rendezvous or collective waits for the other processes
     exact: bool = False  # couplings in exact (fixed-point) mode: bit-exact rebuilds (revnet.set_exact)
     grad_angle_every: int | None = None  # every N steps: angle of reversible vs plain-autograd gradient
@@ -153,9 +156,14 @@ class TrainConfig:
              f"{self.model!r}{'' if self.reversible else ' with reversible=False'}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
             (not self.fsdp or not (self.drift_guard_every or self.grad_angle_every or self.compile
-                                   or self.sync_bn or self.memory_budget not in (None, "min")),
-             "fsdp shards each block's parameters, which the drift guard, the gradient angle, a memory "
-             "budget, --compile and --sync-bn do not handle yet: drop them, or --fsdp"),
+                                   or self.sync_bn),
+             "fsdp shards each block's parameters, which the drift guard, the gradient angle, --compile "
+             "and --sync-bn do not handle yet: drop them, or --fsdp"),
+            (self.checkpoint in ("auto", "full", "sharded"),
+             f"checkpoint must be 'auto', 'full' or 'sharded', got {self.checkpoint!r}"),
+            (self.checkpoint != "sharded" or self.fsdp,
+             "checkpoint 'sharded' writes each rank's shards of an FSDP model, and without --fsdp every "
+             "rank holds the whole model: add --fsdp, or use --checkpoint full"),
             (not self.optimizer_in_backward or self.accum_steps == 1,
              f"optimizer_in_backward steps each parameter as soon as its gradient is complete, so gradients "
              f"cannot accumulate over micro-batches (accum_steps={self.accum_steps}): drop --accum-steps, or "
@@ -183,6 +191,11 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"TrainConfig: {msg}.")
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether checkpoints are written sharded (each FSDP rank its own part)."""
+        return self.checkpoint == "sharded" or (self.checkpoint == "auto" and self.fsdp)
 
 
 def headline(config: TrainConfig) -> tuple[str, bool]:

@@ -17,6 +17,7 @@ from .distributed import DistInfo
 from .loader import Loader
 from .precision import autocast
 from .setup import build_run, prediction_loss, to_layout
+from .shards import load_checkpoint
 from .state import config_fields
 from .text import TextLoader, bits_per_byte
 
@@ -73,7 +74,7 @@ def read_checkpoint(path: str | os.PathLike, command: str) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{command}: no checkpoint at {path}.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(path)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise ValueError(f"{command}: {path} is not a readable torch checkpoint ({type(e).__name__}: {e}); "
                          f"pass a last.pt or best.pt written by `revnet train`.") from e

@@ -28,7 +28,6 @@ from .distributed import (
     DistributedError,
     init_from_env,
     is_group_failure,
-    is_sharded,
     lost_contact,
     shutdown,
 )
@@ -37,7 +36,7 @@ from .plots import plot_run
 from .precision import AMP_DTYPES, autocast
 from .setup import Run, build_run, peak_memory_bytes, prediction_loss, to_layout
 from .signals import stop_on_signals
-from .state import checkpoint_state, restore, save_atomic, write_json
+from .state import restore, save_checkpoint, write_json
 
 __all__ = ["TrainingDivergedError", "fit"]
 
@@ -303,7 +302,7 @@ def _loop(run: Run, metrics: Any, stop: dict[str, int], progress: bool) -> bool:
                     _evaluate_and_keep_best(run, metrics)
                 if eval_due or done or run.step % cfg.ckpt_every == 0 or stopping:
                     window.check(run)
-                    _save(run, "last.pt")
+                    save_checkpoint(run, "last.pt")
                 window.start += time.perf_counter() - paused  # images/s counts training alone
                 if done:  # a signal during the last step: the run is complete all the same
                     break
@@ -323,14 +322,6 @@ def _emit(metrics: Any, row: dict[str, Any], run: Run) -> None:
         metrics.flush()
 
 
-def _save(run: Run, name: str) -> None:
-    """Rank 0 writes the checkpoint; a sharded model's state is gathered by every rank first."""
-    if run.dist.is_main or is_sharded(run.model):
-        state = checkpoint_state(run)
-        if run.dist.is_main:
-            save_atomic(state, run.out / name)
-
-
 def _evaluate_and_keep_best(run: Run, metrics: Any) -> None:
     # BatchNorm running statistics: every rank takes rank 0's, those that DDP broadcasts
     # before each forward and that the checkpoint holds.
@@ -344,7 +335,7 @@ def _evaluate_and_keep_best(run: Run, metrics: Any) -> None:
     # run.best < 0: nothing evaluated yet (neither accuracy nor bits per byte is ever negative)
     if run.best < 0 or (result[key] < run.best if lower else result[key] > run.best):
         run.best = result[key]
-        _save(run, "best.pt")
+        save_checkpoint(run, "best.pt")
 
 
 def _summarize(run: Run, wall: float, interrupted: bool) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from .datasets import load_dataset
 from .distributed import DistInfo, shard_fsdp, wrap_ddp
 from .loader import Loader
 from .precision import AmpChoice, autocast, probe_step_time, resolve_amp
+from .shards import load_checkpoint
 from .text import TextLoader, load_text, random_tokens
 
 __all__ = ["Run", "build_model", "build_run", "peak_memory_bytes", "per_process_batch", "prediction_loss",
@@ -155,14 +156,18 @@ def plan_memory(model: nn.Module, config: TrainConfig, device: torch.device, sha
     """``--memory-budget``: the plan on a batch of the run's shape, in its precision (not applied).
 
     ``auto`` (CUDA): 90% of the device memory free now, less the optimizer's share (one
-    gradient and up to two moments per parameter) that the step's activations must leave.
+    gradient and up to two moments per parameter; this rank's shard of them under FSDP) that the
+    step's activations must leave. Planned before any sharding, on the whole model.
     """
     if config.memory_budget == "auto":
         if device.type != "cuda":
             raise ValueError("--memory-budget auto sizes the budget from the GPU's free memory; on CPU give "
                              "a size (e.g. --memory-budget 2GiB).")
         free, _ = torch.cuda.mem_get_info(device)
-        state = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+        # under FSDP each rank keeps its shard of them (the gathered block is the plan's to measure)
+        dist = torch.distributed
+        shards = dist.get_world_size() if config.fsdp and dist.is_initialized() else 1
+        state = 3 * sum(p.numel() * p.element_size() for p in model.parameters()) // shards
         budget: int | str = max(1, int(0.9 * free) - state)
     else:
         budget = str(config.memory_budget)
@@ -236,7 +241,7 @@ def load_init(model: nn.Module, path: str | os.PathLike[str]) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"--init: no file at {path}; pass a last.pt/best.pt of `revnet train` or a "
                                 f"state dict saved with torch.save(model.state_dict(), path).")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

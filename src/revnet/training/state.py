@@ -2,7 +2,8 @@
 
 The learning rate is a pure function of the step, the data order and augmentation are
 pure functions of ``(seed, epoch, step)``, and the RNG states and engine switches are
-saved, so a resumed run ends with the same weights as an uninterrupted one.
+saved, so a resumed run ends with the same weights as an uninterrupted one. An FSDP run writes
+sharded checkpoints by default (:mod:`.shards`): each rank its own part, no rank the whole model.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,9 @@ from ..memory import OptimizerInBackward
 from .config import TrainConfig
 from .distributed import is_sharded
 from .setup import Run
+from .shards import SHARDS, remove_unnamed, shards_dir
 
-__all__ = ["checkpoint_state", "config_fields", "restore", "save_atomic", "write_json"]
+__all__ = ["checkpoint_state", "config_fields", "restore", "save_atomic", "save_checkpoint", "write_json"]
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -63,22 +66,17 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
 
     A model sharded with FSDP gives its full (unsharded) weights and optimizer state, gathered with
     ``torch.distributed.checkpoint``'s state-dict functions onto rank 0: the same file an unsharded
-    run writes, so ``revnet eval`` and ``--init`` read it as any other. Collective: every rank calls
-    it (rank 0 writes)."""
+    run writes (``--checkpoint full``). Collective: every rank calls it (rank 0 writes)."""
     if is_sharded(run.model):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-        model = get_model_state_dict(run.model, options=_full_options())
-        if isinstance(run.optimizer, OptimizerInBackward):  # one optimizer per sharded parameter
-            optimizer = {"optimizers": [get_optimizer_state_dict(run.model, o, options=_full_options())
-                                        for o in run.optimizer.optimizers], "steps": run.optimizer.steps}
-        else:
-            optimizer = get_optimizer_state_dict(run.model, run.optimizer, options=_full_options())
+        model, optimizer = _sharded_tensors(run, full=True)
     else:
         model, optimizer = run.model.state_dict(), run.optimizer.state_dict()
+    return {"model": model, "optimizer": optimizer, **_rest(run)}
+
+
+def _rest(run: Run) -> dict[str, Any]:
+    """A checkpoint's contents but the weights and the optimizer's state."""
     return {
-        "model": model,
-        "optimizer": optimizer,
         "scaler": run.scaler.state_dict() if run.scaler else None,
         "step": run.step,
         "best": run.best,
@@ -87,11 +85,75 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "config": asdict(run.config),
         "world_size": run.dist.world_size,
         "torch": torch.__version__,
+        **({"in_backward_steps": run.optimizer.steps}
+           if isinstance(run.optimizer, OptimizerInBackward) else {}),
     }
 
 
+def _sharded_tensors(run: Run, *, full: bool = False) -> tuple[dict[str, Any], Any]:
+    """An FSDP model's weights and optimizer state through ``torch.distributed.checkpoint``'s
+    state-dict functions: this rank's shards, or (``full``) the whole state gathered on rank 0."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    options = _full_options() if full else None
+    model = get_model_state_dict(run.model, options=options)
+    if isinstance(run.optimizer, OptimizerInBackward):  # one optimizer per sharded parameter
+        optimizer = {str(i): get_optimizer_state_dict(run.model, o, options=options)
+                     for i, o in enumerate(run.optimizer.optimizers)}
+    else:
+        optimizer = get_optimizer_state_dict(run.model, run.optimizer, options=options)
+    return model, optimizer
+
+
+def _set_sharded_tensors(run: Run, model: dict[str, Any], optimizer: Any, *, full: bool) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    # full: each rank holds the whole state and takes its shard
+    options = StateDictOptions(full_state_dict=True) if full else None
+    set_model_state_dict(run.model, model, options=options)
+    if isinstance(run.optimizer, OptimizerInBackward):
+        saved = optimizer["optimizers"] if "optimizers" in optimizer else list(optimizer.values())
+        for o, s in zip(run.optimizer.optimizers, saved, strict=True):
+            set_optimizer_state_dict(run.model, o, s, options=options)
+        # loading replaced the optimizers' group dicts: the wrapper's must be theirs again, or the
+        # learning-rate schedule would set a copy
+        run.optimizer.param_groups = [g for o in run.optimizer.optimizers for g in o.param_groups]
+    else:
+        set_optimizer_state_dict(run.model, run.optimizer, optimizer, options=options)
+
+
+def save_checkpoint(run: Run, name: str) -> None:
+    """Writes checkpoint ``name`` (``last.pt``, ``best.pt``) into the run directory. Collective
+    under FSDP (every rank calls it): a sharded checkpoint is written by every rank into its own
+    folder, then rank 0 writes the file that names it (:mod:`.shards`); a full one is gathered to
+    rank 0, which writes it. Otherwise rank 0 alone writes."""
+    if not (run.dist.is_main or is_sharded(run.model)):
+        return
+    if not run.config.sharded_checkpoints:
+        state = checkpoint_state(run)
+        if run.dist.is_main:
+            save_atomic(state, run.out / name)
+        return
+    import torch.distributed.checkpoint as dcp
+
+    folder = shards_dir(run.out, name, run.step)
+    if run.dist.is_main and folder.exists():  # half-written by an interrupted run that reached this step
+        shutil.rmtree(folder)
+    run.dist.barrier()
+    model, optimizer = _sharded_tensors(run)
+    dcp.save({"model": model, "optimizer": optimizer}, checkpoint_id=str(folder))
+    if run.dist.is_main:
+        save_atomic({"model": None, "optimizer": None, SHARDS: folder.name, **_rest(run)}, run.out / name)
+        remove_unnamed(run.out, name, keep=folder.name)
+
+
 # How a run executes, not what it computes (compiled kernels round like eager ones, not bit for bit).
-_RESUME_MAY_DIFFER = {"out", "device", "data_dir", "dist_timeout", "amp_reason", "compile", "memory_budget"}
+_RESUME_MAY_DIFFER = {"out", "device", "data_dir", "dist_timeout", "amp_reason", "compile", "memory_budget",
+                      "checkpoint"}
 
 
 def _check_resumable(state: dict[str, Any], run: Run, path: Path) -> None:
@@ -121,27 +183,20 @@ def restore(run: Run, path: Path) -> None:
             error = e
     run.dist.raise_together(error)
     state = run.dist.broadcast(state)
-    if is_sharded(run.model):
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+    if state.get(SHARDS):
+        import torch.distributed.checkpoint as dcp
 
-        full = StateDictOptions(full_state_dict=True)  # each rank holds the whole state and takes its shard
-        set_model_state_dict(run.model, state["model"], options=full)
-        if isinstance(run.optimizer, OptimizerInBackward):
-            for o, saved in zip(run.optimizer.optimizers, state["optimizer"]["optimizers"], strict=True):
-                set_optimizer_state_dict(run.model, o, saved, options=full)
-            run.optimizer.steps = state["optimizer"].get("steps", 0)
-            # loading replaced the optimizers' group dicts: the wrapper's must be theirs again, or the
-            # learning-rate schedule would set a copy
-            run.optimizer.param_groups = [g for o in run.optimizer.optimizers for g in o.param_groups]
-        else:
-            set_optimizer_state_dict(run.model, run.optimizer, state["optimizer"], options=full)
+        model, optimizer = _sharded_tensors(run)  # this rank's parts, filled from the folder
+        target = {"model": model, "optimizer": optimizer}
+        dcp.load(target, checkpoint_id=str(path.parent / state[SHARDS]))
+        _set_sharded_tensors(run, target["model"], target["optimizer"], full=False)
+    elif is_sharded(run.model):
+        _set_sharded_tensors(run, state["model"], state["optimizer"], full=True)
     else:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
+    if isinstance(run.optimizer, OptimizerInBackward):
+        run.optimizer.steps = state.get("in_backward_steps", (state["optimizer"] or {}).get("steps", 0))
     if run.scaler is not None and state["scaler"] is not None:
         run.scaler.load_state_dict(state["scaler"])
     run.step, run.best = state["step"], state["best"]
