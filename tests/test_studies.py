@@ -15,7 +15,7 @@ import torch
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 NAMES = ("convert_memory", "convert_study", "fidelity_study", "fsdp_probe", "memcnn_compare", "min_plan",
-         "memory_breakdown", "optimizer_in_backward", "page_faults", "parity_study", "planner_savings",
+         "nproc_study", "optimizer_in_backward", "page_faults", "parity_study", "planner_savings",
          "rebuild_floor", "window_savings")
 
 
@@ -443,11 +443,3 @@ def test_optimizer_in_backward_study_measures_and_tabulates(tmp_path):
     assert row["peak_in_backward_mib"] <= row["peak_usual_mib"]
     assert "| mlp | 4 |" in result["table"]
 
-
-def test_memory_breakdown_table():
-    mb = load("memory_breakdown")
-    modes = (("ddp plain", 10.0, 50.0), ("ddp reversible", 10.0, 1.0), ("fsdp reversible", 5.0, 1.0))
-    rows = [{"model": "m", "mode": mode, "params_mib": p, "grads_mib": p, "optimizer_mib": 2 * p,
-             "activations_mib": a} for mode, p, a in modes]
-    text = mb.table(rows)
-    assert "| m | fsdp reversible | 5.0 MiB | 5.0 MiB | 10.0 MiB | 1.0 MiB | 20.0 MiB (0.50x DDP's) |" in text

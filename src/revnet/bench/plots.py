@@ -17,7 +17,7 @@ from .contenders import (
     model_kind,
 )
 
-__all__ = ["plot_budget", "plot_capacity", "plot_drift", "plot_memory", "plot_speed"]
+__all__ = ["plot_breakdown", "plot_budget", "plot_capacity", "plot_drift", "plot_memory", "plot_speed"]
 
 _STYLE = {"resnet": ("tab:red", "o"), "revnet": ("tab:blue", "s"),
           "revnet-plain": ("tab:orange", "^"), "revnet-checkpoint": ("tab:green", "D"),
@@ -217,3 +217,37 @@ def _drift_lines(result: dict[str, Any]) -> list[tuple[str, str, dict[str, list[
         line["rel_error"].append((s["depth"], s["rel_error"]))
         line["max_abs_error"].append((s["depth"], s["max_abs_error"]))
     return [(w, p, v) for (w, p), v in lines.items()]
+
+
+_PARTS = (("params_mib", "parameters", "tab:blue"), ("grads_mib", "gradients", "tab:orange"),
+          ("optimizer_mib", "optimizer state", "tab:green"), ("activations_mib", "activations", "tab:red"))
+
+
+def plot_breakdown(result: dict[str, Any], path: str | Path) -> Path:
+    """Per model, one stacked bar per mode: this rank's parameters, gradients, optimizer state and
+    activations (``revnet bench memory --breakdown``); PNG."""
+    plt = _pyplot()
+    models = list(dict.fromkeys(r["model"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 5.5), dpi=120,
+                             squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        rows = [r for r in result["rows"] if r["model"] == model]
+        names = [r["mode"].replace(" + ", "\n+ ") for r in rows]
+        bottom = [0.0] * len(rows)
+        for key, label, color in _PARTS:
+            vals = [r[key] for r in rows]
+            ax.bar(names, vals, bottom=bottom, color=color, label=label)
+            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+        for i, total in enumerate(bottom):
+            ax.annotate(f"{total:.0f}", (i, total), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(rows)), names, fontsize=7, rotation=25, ha="right", rotation_mode="anchor")
+        ax.set(ylabel="MiB on one rank", title=f"{model}, batch {rows[0]['batch']} per rank")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    c = result["config"]
+    fig.suptitle(f"One {c['optimizer'].split('(')[0]} step, {c['dtype']}, {c['world_size']} processes "
+                 f"({c['backend']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -9,8 +9,9 @@ from typing import Any
 from ..memory.sizes import format_bytes
 from .contenders import KINDS, VIT_KINDS
 
-__all__ = ["Row", "budget_table", "capacity_table", "data_table", "drift_table", "exact_cost_table",
-           "markdown_table", "label", "memory_table", "mib", "models_table", "speed_table", "text_table"]
+__all__ = ["Row", "breakdown_table", "budget_table", "capacity_table", "data_table", "drift_table",
+           "exact_cost_table", "markdown_table", "label", "memory_table", "mib", "models_table",
+           "speed_table", "text_table"]
 
 Row = Sequence[Any]
 
@@ -67,6 +68,20 @@ def speed_table(result: dict[str, Any]) -> tuple[list[str], list[Row]]:
 def _ratio(result: dict[str, Any], key: str) -> str:
     r = result["ratios"].get(key)
     return "" if r is None else f"{r:.3f}"
+
+
+def breakdown_table(result: dict[str, Any]) -> tuple[list[str], list[Row]]:
+    """Where a training step's bytes go on one rank (``revnet bench memory --breakdown``), per model and
+    mode, in MiB; the last column: parameters + gradients + optimizer state against ``ddp plain``'s."""
+    rows = []
+    for r in result["rows"]:
+        static = r["params_mib"] + r["grads_mib"] + r["optimizer_mib"]
+        ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}x"
+        rows.append([r["model"], r["mode"], *(f"{r[k]:.1f}" for k in ("params_mib", "grads_mib",
+                                                                       "optimizer_mib", "activations_mib")),
+                     f"{static + r['activations_mib']:.1f}", f"{static:.1f} ({ratio})"])
+    return ["model", "training", "params MiB", "grads MiB", "optimizer MiB", "activations MiB", "total MiB",
+            "params+grads+optimizer MiB (vs ddp plain)"], rows
 
 
 def budget_table(result: dict[str, Any]) -> tuple[list[str], list[Row]]:

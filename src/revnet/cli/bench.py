@@ -11,14 +11,17 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
+import torch.distributed as dist
 
+from ..bench.breakdown import DEFAULT_MODELS, breakdown, check_models, launch_command, package_root
 from ..bench.budget import budget_frontier
 from ..bench.capacity import capacity
 from ..bench.contenders import (
@@ -37,15 +40,17 @@ from ..bench.data import data_path
 from ..bench.drift import DRIFT_PRECISIONS, drift, exact_cost
 from ..bench.environment import environment
 from ..bench.memory import SWEEPS, measure, memory_sweep, sweep_plan
-from ..bench.plots import plot_budget, plot_capacity, plot_drift, plot_memory, plot_speed
+from ..bench.plots import plot_breakdown, plot_budget, plot_capacity, plot_drift, plot_memory, plot_speed
 from ..bench.report import render_report
 from ..bench.speed import speed
 from ..bench.tables import (
+    breakdown_table,
     budget_table,
     capacity_table,
     data_table,
     drift_table,
     exact_cost_table,
+    markdown_table,
     memory_table,
     models_table,
     speed_table,
@@ -54,8 +59,10 @@ from ..bench.tables import (
 from ..memory.measure import keep_freed_memory
 from ..memory.sizes import parse_bytes
 from ..training.datasets import load_dataset
+from ..training.distributed import DistributedError, init_from_env, shutdown
 from ..training.footprint import memory_line, step_of_run
 from ..training.loader import normalize
+from ..training.shards import load_checkpoint
 
 __all__ = ["add_parser"]
 
@@ -115,8 +122,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="default: the family's four")
     q.add_argument("--models", nargs="*", default=None,
                    help="registered models measured at --model-batch (none: skip; default: the "
-                        "family's pairs)")
-    q.add_argument("--batch", type=int, default=None, help="batch of the depth sweep (cnn 32, vit 8, gpt 2)")
+                        "family's pairs); --breakdown: reversible ViTs and GPTs (default "
+                        f"{' '.join(DEFAULT_MODELS)})")
+    q.add_argument("--batch", type=int, default=None,
+                   help="batch of the depth sweep (cnn 32, vit 8, gpt 2); --breakdown: per process "
+                        "(default 2 images, 1 sequence)")
     q.add_argument("--model-batch", type=int, default=None,
                    help="batch of the named models (cnn 128, vit 8, gpt 2)")
     q.add_argument("--block", choices=["basic", "bottleneck"], default=None,
@@ -142,7 +152,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"{GPT_SWEEP['vocab_size']})")
     q.add_argument("--name", default=None,
                    help="file name of the JSON and PNG in --out, without extension (default memory; "
-                        "memory_context for --sweep context)")
+                        "memory_context for --sweep context; breakdown for --breakdown)")
     q.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="measure every revnet and revnet-plain point again under revnet.compile "
                         "(each fresh process compiles: minutes)")
@@ -151,6 +161,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "per-process micro-batch, images, precision and the units its plan stored), "
                         "reversible vs plain backprop, each in a fresh process, on the run's device "
                         "unless --device is given")
+    q.add_argument("--breakdown", action="store_true",
+                   help="instead of the sweep: where one AdamW step's bytes go on each process (parameters, "
+                        "gradients, optimizer state, activations) under DDP plain and reversible, FSDP per "
+                        "reversible block, with and without the optimizer in backward; --nproc CPU "
+                        "processes under torchrun (gloo); writes NAME.json, NAME.md and NAME.png")
+    q.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="--breakdown: processes to launch under torchrun (default 2)")
     q.set_defaults(func=_cmd_memory, device=None)
 
     q = bsub.add_parser("speed", help="training-step and inference time, alternated in one process")
@@ -360,6 +377,11 @@ def _run_capacity(args: argparse.Namespace, **over: Any) -> dict[str, Any]:
 
 
 def _cmd_memory(args: argparse.Namespace) -> int:
+    if args.breakdown:
+        return _memory_breakdown(args)
+    if args.nproc is not None:
+        raise SystemExit("revnet bench memory: --nproc is the process count of --breakdown. Fix: add "
+                         "--breakdown, or drop --nproc.")
     if args.run is not None:
         return _memory_of_run(args)
     _check_memory_flags(args)
@@ -428,6 +450,97 @@ def _check_memory_flags(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+
+
+# Flags of the sweep that --breakdown does not take: (dest, flag).
+_NOT_BREAKDOWN = (("run", "--run"), ("units", "--units"), ("kinds", "--kinds"),
+                  ("model_batch", "--model-batch"), ("block", "--block"), ("compile", "--compile"),
+                  ("image_size", "--image-size"), ("quick", "--quick"),
+                  *((k, "--" + k.replace("_", "-")) for k in _GPT_ONLY))
+
+
+def _memory_breakdown(args: argparse.Namespace) -> int:
+    """``revnet bench memory --breakdown``: outside torchrun, the same command launched under it on
+    ``--nproc`` CPU processes; under it, :func:`revnet.bench.breakdown.breakdown` on every rank, and
+    rank 0 prints the table and writes NAME.json, NAME.md and NAME.png into ``--out``."""
+    def fail(message: str) -> NoReturn:
+        raise SystemExit(f"revnet bench memory --breakdown: {message}")
+
+    given = [flag for dest, flag in _NOT_BREAKDOWN if getattr(args, dest) not in (None, False)]
+    given += ["--family"] if args.family != "cnn" else []
+    given += ["--sweep"] if args.sweep != "depth" else []
+    if given:
+        fail(f"{' '.join(given)} {'is' if len(given) == 1 else 'are'} for the sweep; the breakdown takes "
+             f"--models, --batch, --nproc, --out and --name. Fix: drop {' '.join(given)}.")
+    if args.device not in (None, "cpu"):
+        fail(f"it runs on CPU processes (gloo); got --device {args.device}. Fix: drop --device.")
+    models = list(DEFAULT_MODELS) if args.models is None else args.models
+    try:
+        check_models(models)
+    except ValueError as e:
+        fail(str(e))
+    if args.batch is not None and args.batch < 1:
+        fail(f"--batch must be >= 1, got {args.batch}.")
+    if "WORLD_SIZE" not in os.environ:
+        return _launch_breakdown(args, 2 if args.nproc is None else args.nproc)
+    if args.nproc is not None:
+        fail("--nproc inside torchrun; drop --nproc (torchrun already started the processes).")
+    try:
+        info = init_from_env("cpu", timeout_s=1800.0)
+    except DistributedError as e:
+        fail(str(e))
+    try:
+        if info.world_size < 2:
+            fail(f"the FSDP/DDP comparison needs >= 2 processes; this job has {info.world_size}.")
+        started = time.time()
+
+        def tick(row: dict[str, Any]) -> None:
+            if info.is_main:
+                print(f"{row['model']}, {row['mode']}: measured ({time.time() - started:.0f} s)", flush=True)
+
+        result = breakdown(models, info=info, batch=args.batch, progress=tick)
+        every: list[Any] = [None] * info.world_size
+        dist.all_gather_object(every, result["rows"])
+    finally:
+        shutdown(info)
+    if not info.is_main:
+        return 0
+    command = "revnet " + shlex.join(args.argv)
+    result.update(command=command if "--nproc" in command else f"{command} --nproc {info.world_size}",
+                  per_rank=every, environment=environment())
+    table = breakdown_table(result)
+    print(text_table(*table))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = args.name or "breakdown"
+    md = out / f"{name}.md"
+    env = result["environment"]
+    md.write_text(f"Per process at {info.world_size} processes ({info.backend}), one AdamW step, float32 "
+                  f"(`{result['command']}`; {env['cpu']}, torch {env['torch']}, {env['date']}):\n\n"
+                  f"{markdown_table(*table)}\n")
+    print(f"wrote {_save(out, name, result)}, {md} and {plot_breakdown(result, out / f'{name}.png')}")
+    return 0
+
+
+def _launch_breakdown(args: argparse.Namespace, nproc: int) -> int:
+    """The same ``revnet bench memory --breakdown`` command under torchrun on ``nproc`` local CPU
+    processes, one thread each (as ``revnet train --nproc`` launches itself)."""
+    if nproc < 2:
+        raise SystemExit(f"revnet bench memory --breakdown: --nproc must be >= 2, got {nproc}: the FSDP/DDP "
+                         f"comparison needs >= 2 processes (what is sharded against what is replicated).")
+    rest = list(args.argv)
+    for j, a in enumerate(rest):  # drop --nproc N / --nproc=N
+        if a == "--nproc":
+            del rest[j:j + 2]
+            break
+        if a.startswith("--nproc="):
+            del rest[j]
+            break
+    cmd = launch_command(nproc, rest)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (package_root(), os.environ.get("PYTHONPATH")) if p))
+    print("launching: " + shlex.join(cmd), flush=True)
+    return subprocess.run(cmd, env=env).returncode
 
 
 def _memory_of_run(args: argparse.Namespace) -> int:
@@ -526,7 +639,7 @@ def _cmd_drift(args: argparse.Namespace) -> int:
     state, cfg = None, {}
     if args.checkpoint:
         try:
-            saved = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+            saved = load_checkpoint(Path(args.checkpoint))  # full, or sharded (read whole here)
         except FileNotFoundError:
             raise SystemExit(f"revnet bench drift: no checkpoint at {args.checkpoint}.") from None
         if not isinstance(saved, dict) or "model" not in saved or "config" not in saved:

@@ -13,7 +13,10 @@ optimizer: LR schedulers change its ``param_groups`` (the per-parameter optimize
 ``state_dict`` checkpoints them, and its ``step()`` has nothing left to do.
 
 Under FSDP2 (``fully_shard``) each sharded parameter steps when its group's gradients have been
-reduce-scattered, from the end of the group's ``post_backward``.
+reduce-scattered: FSDP2 (torch 2.13) calls the sharded parameter's post-accumulate-grad hooks right
+after it writes the reduce-scattered ``.grad`` (on CUDA in its post-reduce stream, ordered after the
+reduce-scatter), so the parameter's own hook steps it there; the end of the group's
+``post_backward`` steps whatever gradient is still left (a torch whose FSDP does not call them).
 
 Under DistributedDataParallel the step must wait for the gradient's all-reduce: called on the DDP
 wrapper, it steps each parameter from DDP's communication hook, when the all-reduce of the bucket
@@ -127,10 +130,12 @@ class OptimizerInBackward(torch.optim.Optimizer):
         self._ddp = True
 
     def _bind_fsdp(self, units: list[nn.Module]) -> None:
-        """Steps each sharded parameter when FSDP has reduce-scattered its gradient: FSDP writes the
-        sharded ``.grad`` itself (no post-accumulate hook fires), at the end of each parameter
-        group's ``post_backward``, which the reversible engine calls when a block is done and FSDP's
-        own hooks call for the other units. Uses FSDP2's parameter-group object (torch 2.13)."""
+        """Steps each sharded parameter when FSDP has reduce-scattered its gradient, at the latest:
+        FSDP2 in torch 2.13 calls the parameter's post-accumulate-grad hooks after writing the
+        sharded ``.grad`` (so it is stepped and freed there, and nothing is left here); for an FSDP
+        that does not, the end of each parameter group's ``post_backward`` (which the reversible
+        engine calls when a block is done and FSDP's own hooks call for the other units) steps each
+        gradient still there. Uses FSDP2's parameter-group object (torch 2.13)."""
         for unit in units:
             for group in unit._get_fsdp_state()._fsdp_param_groups:
                 group.post_backward = self._after_reduce(group, group.post_backward)
