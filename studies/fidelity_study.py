@@ -40,7 +40,7 @@ def run(args: list[str], run_dir: Path, threads: int, extra: list[str]) -> Path:
     if done.is_file() and not json.loads(done.read_text())["interrupted"]:
         return run_dir
     cmd = [sys.executable, "-m", "revnet", "train", *args, *extra, "--out", str(run_dir),
-           "--no-memory-report"]
+           "--no-memory-report", *([] if any(a.startswith("--nproc") for a in extra) else ["--nproc", "1"])]
     if (run_dir / "last.pt").is_file():
         cmd.append("--resume")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))

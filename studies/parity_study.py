@@ -81,6 +81,8 @@ def run_one(label: str, seed: int, out: Path, extra: list[str], threads: int,
         return run_dir
     cmd = [sys.executable, "-m", "revnet", "train", *train_args, "--seed", str(seed),
            "--out", str(run_dir), "--no-memory-report", *extra, *([] if lr is None else ["--lr", f"{lr:g}"])]
+    if not any(a.startswith("--nproc") for a in extra):
+        cmd += ["--nproc", "1"]  # one process of --threads threads, as this study's tables say
     if (run_dir / "last.pt").is_file():
         cmd.append("--resume")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))

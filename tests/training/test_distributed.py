@@ -8,6 +8,7 @@ in the middle of a `revnet train` run. Everything else runs in this process.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import socket
@@ -23,9 +24,9 @@ from torch import nn
 import revnet.cli.train as cli_train
 from revnet import create_model
 from revnet.cli import build_parser, main
-from revnet.training import TrainConfig, evaluate_checkpoint, fit, lr_at
+from revnet.training import RECIPES, TrainConfig, evaluate_checkpoint, fit, lr_at
 from revnet.training.distributed import DistributedError, init_from_env, launch_command
-from revnet.training.setup import build_model, load_init, per_process_batch
+from revnet.training.setup import auto_nproc, build_model, load_init, per_process_batch
 from revnet.training.shards import load_checkpoint
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -292,8 +293,8 @@ def test_nproc_relaunches_the_same_command_under_torchrun(tmp_path, monkeypatch)
     seen = {}
 
     class FakePopen:
-        def __init__(self, cmd):
-            seen["cmd"] = cmd
+        def __init__(self, cmd, env=None):
+            seen["cmd"], seen["env"] = cmd, env
 
         def wait(self):
             return 0
@@ -306,8 +307,42 @@ def test_nproc_relaunches_the_same_command_under_torchrun(tmp_path, monkeypatch)
     assert "--standalone" in cmd and "--nproc-per-node=2" in cmd
     rest = cmd[cmd.index("revnet") + 1:]
     assert rest[:5] == ["train", "--dataset", "synthetic", "--batch-size", "16"]
-    assert "--nproc" not in rest and rest[-2] == "--out"  # one run directory for all ranks
+    assert "--nproc" not in rest and rest[-4] == "--out"  # one run directory for all ranks
+    assert rest[-2:] == ["--nproc-reason", "asked for (--nproc 2)"]  # what config.json records
     assert launch_command(4, ["--lr", "0.1"])[-4:] == ["revnet", "train", "--lr", "0.1"]
+    # --nproc auto (the default) on a CPU with 2 cores: 2 one-thread processes for a real run
+    monkeypatch.setattr(cli_train, "auto_nproc", lambda config: auto_nproc(config, cores=2))
+    assert main(["train", "--out", str(tmp_path / "auto")]) == 0
+    assert "--nproc-per-node=2" in seen["cmd"] and seen["env"]["OMP_NUM_THREADS"] == "1"
+    assert seen["cmd"][-1].startswith("auto: 2 one-thread processes")
+
+
+def test_nproc_auto_rule(tmp_path, monkeypatch):
+    """One process where N cannot pay or cannot be; on --resume as many as the run trained on."""
+    fmnist = TrainConfig(out=str(tmp_path / "f"))
+    assert auto_nproc(fmnist, cores=2)[0] == 2 and auto_nproc(fmnist, cores=1) == (1, "auto: one core")
+    vit = TrainConfig(recipe="fashion-mnist-vit", **RECIPES["fashion-mnist-vit"])
+    assert auto_nproc(vit, cores=2)[0] == 2
+    assert "short run" in auto_nproc(_config(tmp_path, "s"), cores=2)[1]  # synthetic data, 4 steps
+    assert "short run" in auto_nproc(TrainConfig(steps=50), cores=2)[1]
+    assert auto_nproc(fmnist, cores=3) == (1, "auto: the batch of 128 does not divide over 3 processes")
+    seen = {}
+
+    def fit(config, **_):
+        seen["config"] = config
+        raise ValueError("seen")
+
+    monkeypatch.setattr(cli_train, "fit", fit)
+    monkeypatch.setattr(cli_train, "auto_nproc", lambda config: (1, "auto: one core"))
+    assert main(["train", "--dataset", "synthetic", "--steps", "2", "--out", str(tmp_path / "one")]) == 1
+    assert seen.pop("config").nproc_reason == "auto: one core"
+    run = tmp_path / "two"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(_config(tmp_path, "two"))))
+    torch.save({"world_size": 2}, run / "last.pt")
+    monkeypatch.setattr(cli_train, "_launch", lambda _a, _c, n, reason: seen.update(n=n, reason=reason) or 0)
+    assert main(["train", "--resume", "--out", str(run)]) == 0
+    assert seen == {"n": 2, "reason": "auto: as the run trained (2 processes)"}
 
 
 def test_incomplete_rendezvous_environment(monkeypatch):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,12 +15,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..training.config import CONVERT_METHODS, RECIPES, TrainConfig, headline, is_reversible_model
 from ..training.distributed import DistributedError, launch_command
 from ..training.footprint import memory_line, saved_bytes_of_run
 from ..training.loop import TrainingDivergedError, fit
 from ..training.precision import AMP_MODES
-from ..training.setup import per_process_batch
+from ..training.setup import auto_nproc, per_process_batch
 from ._common import rank
 
 __all__ = ["add_parser"]
@@ -26,6 +30,15 @@ __all__ = ["add_parser"]
 
 # flag -> TrainConfig field; every flag defaults to None so that only what the user
 # typed overrides the recipe (or, with --resume, the saved configuration).
+def _nproc(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of processes or auto, got {text!r}") from None
+
+
 def _gamma(text: str) -> float | str:
     if text == "auto":
         return text
@@ -142,9 +155,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sync-bn", dest="sync_bn", action="store_true", default=None,
                    help="under DDP, convert BatchNorm to SyncBatchNorm (statistics over the global batch; "
                         "CUDA only)")
-    p.add_argument("--nproc", type=int, default=None, metavar="N",
+    p.add_argument("--nproc", type=_nproc, default="auto", metavar="N",
                    help="run on N processes on this machine: launches `torchrun --standalone "
-                        "--nproc-per-node N -m revnet train ...` (see docs/DISTRIBUTED.md)")
+                        "--nproc-per-node N -m revnet train ...` (see docs/DISTRIBUTED.md); 1: this process "
+                        "alone, with a thread per core; auto (default): on a CPU, one one-thread process per "
+                        "core where that trains faster (the choice and its reason go to config.json)")
+    p.add_argument("--nproc-reason", dest="nproc_reason", default=None, help=argparse.SUPPRESS)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--no-memory-report", dest="memory_report", action="store_false",
                    help="skip the reversible-vs-plain activation memory comparison at the end (bytes "
@@ -158,7 +174,7 @@ def _train_config(args: argparse.Namespace) -> Any:
     given.update(reversible=args.reversible, flip=args.flip, channels_last=args.channels_last,
                  sync_bn=args.sync_bn, exact=args.exact, compile=args.compile,
                  optimizer_in_backward=args.optimizer_in_backward, fsdp=args.fsdp,
-                 checkpoint=args.checkpoint)
+                 checkpoint=args.checkpoint, nproc_reason=args.nproc_reason)
     given = {k: v for k, v in given.items() if v is not None}
     if given.get("compile") == "":  # --no-compile
         given["compile"] = None
@@ -190,15 +206,31 @@ def _train_config(args: argparse.Namespace) -> Any:
         raise SystemExit(f"revnet train: {e}") from None
 
 
-def _launch(args: argparse.Namespace, config: Any) -> int:
+def _processes(args: argparse.Namespace, config: Any) -> tuple[int, str]:
+    """How many local processes train, and why: ``--nproc N`` as asked; ``auto`` by
+    :func:`auto_nproc`'s rule, or on ``--resume`` as many as the run trained on (the same run)."""
+    if args.nproc != "auto":
+        if args.nproc < 1:
+            raise SystemExit(f"revnet train: --nproc must be >= 1, got {args.nproc}.")
+        if "WORLD_SIZE" in os.environ:
+            raise SystemExit("revnet train: --nproc inside torchrun; drop --nproc (torchrun already "
+                             "started the processes).")
+        return args.nproc, f"asked for (--nproc {args.nproc})"
+    if "WORLD_SIZE" in os.environ:  # under torchrun: as launched
+        return 1, config.nproc_reason or f"launched by torchrun ({os.environ['WORLD_SIZE']} processes)"
+    if args.resume:
+        with contextlib.suppress(Exception):  # no readable checkpoint: fit() says so
+            saved = torch.load(Path(config.out) / "last.pt", mmap=True, weights_only=False,
+                               map_location="cpu")
+            world = int(saved.get("world_size", 1))
+            return world, f"auto: as the run trained ({world} process{'es' if world > 1 else ''})"
+    return auto_nproc(config)
+
+
+def _launch(args: argparse.Namespace, config: Any, nproc: int, reason: str) -> int:
     """``revnet train --nproc N ...``: the same command under torchrun on N local processes."""
-    if args.nproc < 1:
-        raise SystemExit(f"revnet train: --nproc must be >= 1, got {args.nproc}.")
-    if "WORLD_SIZE" in os.environ:
-        raise SystemExit("revnet train: --nproc inside torchrun; drop --nproc (torchrun already "
-                         "started the processes).")
     try:
-        per_process_batch(config, args.nproc)
+        per_process_batch(config, nproc)
     except ValueError as e:
         raise SystemExit(f"revnet train: {e}") from None
     rest = list(args.argv)
@@ -213,9 +245,11 @@ def _launch(args: argparse.Namespace, config: Any) -> int:
             break
     if "--out" not in rest and not any(a.startswith("--out=") for a in rest):
         rest += ["--out", config.out]  # one run directory, not one timestamp per process
-    cmd = launch_command(args.nproc, rest)
-    print("launching: " + " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd)
+    rest += ["--nproc-reason", reason]  # config.json says why this many
+    cmd = launch_command(nproc, rest)
+    print(f"{reason}: launching {shlex.join(cmd)}", flush=True)
+    # one thread per process unless asked otherwise (torchrun would set it too, with a warning)
+    proc = subprocess.Popen(cmd, env={"OMP_NUM_THREADS": "1", **os.environ})
 
     # Ctrl-C reaches torchrun and its workers from the terminal already; a SIGTERM sent to
     # this process alone is passed on, so the workers save a checkpoint and stop.
@@ -244,8 +278,10 @@ def _mode(config: TrainConfig) -> str:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
-    if args.nproc is not None:
-        return _launch(args, config)
+    nproc, reason = _processes(args, config)
+    if nproc > 1:
+        return _launch(args, config, nproc, reason)
+    config = dataclasses.replace(config, nproc_reason=reason)
     main_rank = rank() == 0
     if main_rank:
         print(f"training {config.model} on {config.dataset} ({_mode(config)}) -> {config.out}")

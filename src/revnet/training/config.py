@@ -81,6 +81,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
     amp: str = "auto"  # "auto" (the fastest here: precision.resolve_amp), "none", "bf16", "fp16" (GradScaler)
     amp_reason: str = ""  # why amp is what it is; set when "auto" is resolved at the start of a run
+    nproc_reason: str = ""  # revnet train: how many local processes train, and why (--nproc auto's rule)
     reversible: bool = True  # False: the same model with plain backprop (the baseline)
     channels_last: bool = True  # memory layout of activations (faster convolutions on CPU)
     compile: str | None = None  # torch.compile backend for revnet.compile ("inductor"); None: eager

@@ -122,6 +122,44 @@ def per_process_batch(config: TrainConfig, world_size: int) -> int:
     return per
 
 
+AUTO_NPROC_MIN_STEPS = 200  # a shorter run does not pay back starting the processes (docs/DISTRIBUTED.md)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def auto_nproc(config: TrainConfig, cores: int | None = None) -> tuple[int, str]:
+    """``revnet train --nproc auto`` (the default): how many local processes train, and why.
+
+    On a CPU with N >= 2 cores, N one-thread processes (DDP over gloo, each on its slice of the
+    global batch) train faster than one process whose N threads share each operation: PyTorch's
+    intra-op threads split every kernel and wait for each other, and a reversible network's kernels
+    are many and small (measured: ``studies/nproc_study.py``, docs/DISTRIBUTED.md). The same global
+    batch and learning rate, so the same recipe; BatchNorm's statistics are taken over each
+    process's slice. One process where that cannot pay or cannot be: a GPU (one process per GPU is
+    asked for with ``--nproc N``), one core, a run shorter than :data:`AUTO_NPROC_MIN_STEPS` or on
+    synthetic data (smoke runs), a batch that does not divide over the cores."""
+    if resolve_device(config.device).type != "cpu":
+        return 1, "auto: a GPU run is one process (--nproc N for one per GPU)"
+    cores = usable_cores() if cores is None else cores
+    if cores < 2:
+        return 1, "auto: one core"
+    if config.dataset == "synthetic" or (config.steps is not None and config.steps < AUTO_NPROC_MIN_STEPS):
+        return 1, (f"auto: a short run (under {AUTO_NPROC_MIN_STEPS} steps, or synthetic data) does not pay "
+                   f"back starting {cores} processes")
+    try:
+        per_process_batch(config, cores)
+    except ValueError:
+        return 1, f"auto: the batch of {config.batch_size} does not divide over {cores} processes"
+    return cores, (f"auto: {cores} one-thread processes (DDP over gloo) on this CPU's {cores} cores, faster "
+                   f"than one process with {cores} threads")
+
+
 def device_for(config: TrainConfig, info: DistInfo) -> torch.device:
     """The configured device; under torchrun on CUDA, this process's ``cuda:LOCAL_RANK``."""
     device = resolve_device(config.device)

@@ -153,7 +153,7 @@ def save_checkpoint(run: Run, name: str) -> None:
 
 # How a run executes, not what it computes (compiled kernels round like eager ones, not bit for bit).
 _RESUME_MAY_DIFFER = {"out", "device", "data_dir", "dist_timeout", "amp_reason", "compile", "memory_budget",
-                      "checkpoint"}
+                      "checkpoint", "nproc_reason"}
 
 
 def _check_resumable(state: dict[str, Any], run: Run, path: Path) -> None:
