@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -117,11 +118,16 @@ def test_memory_sweep_shape_and_trends(sweep):
 
 def test_speed_dict_has_times_and_ratios():
     r = speed.speed("revnet38", batch=2, image_size=8, repeats=2, warmup=1, inference_repeats=2)
-    assert set(r["train"]) == {"revnet", "revnet-plain", "revnet-checkpoint", "resnet32"}
+    assert set(r["train"]) == {"revnet", "revnet-plain", "revnet-checkpoint", "resnet32", "floor"}
     for s in [*r["train"].values(), *r["inference"].values()]:
         assert len(s["times_s"]) == 2 and 0 < s["min_s"] <= s["median_s"] and s["images_per_s"] > 0
     assert set(r["ratios"]) == {"revnet/revnet-plain", "revnet/revnet-checkpoint", "revnet/resnet32",
-                                "inference revnet/revnet-plain"}
+                                "inference revnet/revnet-plain", "revnet/floor", "floor/revnet-plain"}
+    # the rebuild floor: plain autograd's step plus the rebuilt units' forward, timed in the same rounds
+    per = [rv / (p + u) for rv, p, u in zip(*(r["train"][k]["times_s"] for k in ("revnet", "revnet-plain",
+                                                                                  "floor")), strict=True)]
+    assert r["ratios"]["revnet/floor"] == pytest.approx(sorted(per)[0] / 2 + sorted(per)[1] / 2)
+    assert r["ratios"]["floor/revnet-plain"] > 1 and r["config"]["floor"] == ["revnet", "revnet-plain"]
     assert all(v > 0 for v in r["ratios"].values())
     assert r["config"]["batch"] == 2 and r["config"]["threads"] >= 1
     json.dumps(r)
@@ -131,15 +137,36 @@ def test_speed_and_memory_of_compiled_copies():
     """revnet.compile'd rows beside the eager ones; compile time apart (aot_eager: no codegen)."""
     r = speed.speed("revnet38", kinds=("revnet", "revnet-plain"), reference=None, batch=2, image_size=8,
                     repeats=2, warmup=0, inference_repeats=0, compile="aot_eager")
-    assert set(r["train"]) == {"revnet", "revnet-plain", "revnet+compile", "revnet-plain+compile"}
+    assert set(r["train"]) == {"revnet", "revnet-plain", "revnet+compile", "revnet-plain+compile", "floor",
+                               "floor+compile"}
     assert set(r["compile_s"]) == {"revnet+compile", "revnet-plain+compile"}
     assert all(s > 0 for s in r["compile_s"].values())  # the first step traced the graphs
     assert "revnet+compile/revnet-plain" in r["ratios"]  # compiled reversible vs eager plain backprop
+    assert {"floor", "floor+compile"} <= r["train"].keys() and "revnet+compile/floor+compile" in r["ratios"]
     point = memory.memory_point("revnet", 2, batch=4, image_size=32, compile="aot_eager")
     eager = memory.memory_point("revnet", 2, batch=4, image_size=32)
     assert point["compile"] == "aot_eager" and point["saved_bytes"] == eager["saved_bytes"]
     with pytest.raises(ValueError, match="compile is for"):
         memory.memory_point("revnet-checkpoint", 1, batch=2, image_size=8, compile="aot_eager")
+
+
+def test_units_forward_seconds_times_the_rebuilt_units_eager_and_compiled():
+    """The floor's second term: the forward of every coupling's F and G and every recomputed unit,
+    without a graph, timed around each call (compiled or not); the modules are left as they were."""
+    net = revnet.create_model("revnet38")
+    x = torch.randn(2, 3, 8, 8)
+    stats = [b.clone() for b in net.buffers()]
+    spent = speed.units_forward_seconds(net, x)
+    assert all(torch.equal(a, b) for a, b in zip(stats, net.buffers(), strict=True))  # BatchNorm untouched
+    t = time.perf_counter()
+    with torch.no_grad():
+        net(x)
+    assert 0 < spent < 10 * (time.perf_counter() - t)
+    assert all(m._compiled_call_impl is None for m in net.modules())
+    revnet.compile(net, backend="eager")
+    compiled = {n for n, m in net.named_modules() if m._compiled_call_impl is not None}
+    assert speed.units_forward_seconds(net, x) > 0
+    assert {n for n, m in net.named_modules() if m._compiled_call_impl is not None} == compiled
 
 
 def test_speed_against_a_git_revision():
@@ -243,7 +270,9 @@ def test_report_renders_compiled_rows(sweep):
            "batch": {}, "depth": {}}
     text = render_report(meta, sweep, [sp, sp], cap, "benchmarks", compiled=compiled)
     assert "compiled reversible / eager plain autograd (channels_last)" not in text  # sp is NCHW
-    assert "revnet38 step, compiled reversible / compiled plain (contiguous)" in text
+    assert "| revnet38 step over the rebuild floor (compiled, contiguous, batch 2) | <= 1.05 |" in text
+    assert "| revnet38 step over the rebuild floor (eager, contiguous, batch 2) | <= 1.05 |" in text
+    assert "reversible / plain autograd (contiguous) | <= 1.25" not in text  # below the floor on CPUs
     row = "| revnet38 activation memory, compiled / eager reversible, batch 128 | within 10% | +4.0% | met |"
     assert row in text
     assert "revnet+compile" in text and "`+compile` rows" in text
@@ -307,9 +336,9 @@ def test_vit_memory_sweep_reversible_stays_flat_and_is_reported(sweep, tmp_path)
     assert pts[("revvit", 8)]["activation_bytes"] < pts[("vit", 8)]["activation_bytes"] / 2
     sp = speed.speed("revvit_small", reference="vit_small", batch=2, image_size=32, repeats=1, warmup=0,
                      inference_repeats=1)
-    assert set(sp["train"]) == {"revvit", "revvit-plain", "revvit-checkpoint", "vit_small"}
-    assert {"revvit/revvit-plain", "revvit/revvit-checkpoint", "inference revvit/revvit-plain"} <= \
-        sp["ratios"].keys()
+    assert set(sp["train"]) == {"revvit", "revvit-plain", "revvit-checkpoint", "vit_small", "floor"}
+    assert {"revvit/revvit-plain", "revvit/revvit-checkpoint", "inference revvit/revvit-plain",
+            "revvit/floor"} <= sp["ratios"].keys()
     meta = {"command": "revnet bench report", "environment": environment.environment(),
             "loadavg_end": (0.0, 0.0, 0.0), "minutes": 1.0}
     cap = {"config": {"budget_bytes": 2**20, "depth_batch": 2, "verify_max_batch": 8, "verify_max_units": 1},
@@ -318,7 +347,7 @@ def test_vit_memory_sweep_reversible_stays_flat_and_is_reported(sweep, tmp_path)
     text = render_report(meta, sweep, [cnn, cnn], cap, "benchmarks", vit={"memory": result, "speed": sp})
     assert "## Reversible transformers: ViT against RevViT" in text and "memory_vit.png" in text
     assert "| RevViT activation memory, 1 -> 8 blocks, batch 8 | grows <= 5% |" in text
-    assert "revvit_small step, reversible / plain autograd | <= 1.30 |" in text
+    assert "| revvit_small step over the rebuild floor (eager, contiguous, batch 2) | <= 1.05 |" in text
 
 
 def test_vit_kinds_do_not_mix_with_cnn_kinds():

@@ -378,3 +378,23 @@ def test_a_dead_rank_gives_a_clear_error_and_no_corrupt_checkpoint(ddp):
     assert state["step"] == 2  # the last checkpoint before the failure; nothing written after it
     assert not list(run.glob("*.tmp"))
     assert output.count("training revnet38 on synthetic") == 1  # rank 0 alone prints
+
+
+def test_shard_folders_left_by_an_interruption_are_removed_and_a_missing_one_is_named(tmp_path):
+    """A sharded checkpoint's folders: the one its file names is kept, older or half-written ones of
+    the same checkpoint go (another checkpoint's stay); a file whose folder is gone says so."""
+    from revnet.training.shards import read_shards, remove_unnamed, shards_dir
+
+    keep, old, other = shards_dir(tmp_path, "last.pt", 8), shards_dir(tmp_path, "last.pt", 4), \
+        shards_dir(tmp_path, "best.pt", 4)
+    for d in (keep, old, other):
+        d.mkdir()
+    (tmp_path / "last-notes.dcp").mkdir()  # not a step folder: not ours to remove
+    remove_unnamed(tmp_path, "last.pt", keep=keep.name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-step0000004.dcp", "last-notes.dcp",
+                                                          "last-step0000008.dcp"]
+    torch.save({"model": None, "shards": "last-step0000009.dcp", "config": {}}, tmp_path / "last.pt")
+    with pytest.raises(FileNotFoundError, match="holds no complete sharded checkpoint"):
+        read_shards(tmp_path / "last-step0000009.dcp")
+    with pytest.raises(FileNotFoundError, match="holds no complete sharded checkpoint"):
+        load_checkpoint(tmp_path / "last.pt")

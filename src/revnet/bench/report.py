@@ -94,9 +94,6 @@ def _targets(h: dict[str, float | None], memory: dict[str, Any], flat: dict[str,
         rows.append([f"{rev} / {res} activation memory, batch 128", f"<= 1/{limit}",
                      "n/a" if r is None else f"1/{1 / r:.1f}", _check(r, r is not None and r <= 1 / limit)])
     for tag in ("contiguous", "channels_last"):
-        r = h.get(f"revnet/revnet-plain ({tag})")
-        rows.append([f"revnet38 step, reversible / plain autograd ({tag})", "<= 1.25",
-                     _fmt(r, ".3f"), _check(r, r is not None and r <= 1.25)])
         r = h.get(f"revnet/revnet-checkpoint ({tag})")
         rows.append([f"revnet38 step, reversible / checkpoint ({tag})", "<= 1.00",
                      _fmt(r, ".3f"), _check(r, r is not None and r <= 1.0)])
@@ -113,14 +110,37 @@ def _targets(h: dict[str, float | None], memory: dict[str, Any], flat: dict[str,
         if r is not None:
             rows.append([f"revnet38 step, compiled reversible / eager plain autograd ({tag})", "<= 1.00",
                          f"{r:.3f}", _check(r, r <= 1.0)])
-        r = h.get(f"revnet+compile/revnet-plain+compile ({tag})")
-        if r is not None:
-            rows.append([f"revnet38 step, compiled reversible / compiled plain ({tag})", "<= 1.20",
-                         f"{r:.3f}", _check(r, r <= 1.2)])
     r = h.get("compiled/eager reversible memory")
     if r is not None:
         rows.append(["revnet38 activation memory, compiled / eager reversible, batch 128", "within 10%",
                      f"{r - 1:+.1%}", _check(r, abs(r - 1) <= 0.1)])
+    return rows
+
+
+FLOOR_LIMIT = 1.05  # the engine's step over the rebuild floor (plain autograd + the rebuilt units' forward)
+
+
+def floor_rows(sp: dict[str, Any]) -> list[Row]:
+    """A speed run's engine over its rebuild floor, eager and compiled: the standing speed target.
+
+    A fixed reversible/plain bound (the paper's ~1.3x, MemCNN's 1.47x) can lie below what rebuilding
+    costs on a given machine; the floor is measured beside the step, so the target is what the
+    engine adds over it (``revnet.bench.speed.speed``'s ``floor``)."""
+    c, ratios = sp["config"], sp["ratios"]
+    if not c.get("floor"):
+        return []
+    rev, plain = c["floor"]
+    layout = "channels_last" if c["channels_last"] else "contiguous"
+    rows = []
+    for suffix, how in (("", "eager"), ("+compile", "compiled")):
+        r = ratios.get(f"{rev}{suffix}/floor{suffix}")
+        if r is None:
+            continue
+        step = ratios.get(f"{rev}{suffix}/{plain}{suffix}")
+        floor = ratios.get(f"floor{suffix}/{plain}{suffix}")
+        rows.append([f"{c['model']} step over the rebuild floor ({how}, {layout}, batch {c['batch']})",
+                     f"<= {FLOOR_LIMIT:.2f}", f"{r:.3f} (step {_fmt(step, '.2f')}x plain autograd, floor "
+                     f"{_fmt(floor, '.2f')}x)", _check(r, r <= FLOOR_LIMIT)])
     return rows
 
 
@@ -205,11 +225,7 @@ def _vit_targets(vit: dict[str, Any] | None) -> list[Row]:
         if a is not None and b is not None:
             rows.append([f"{rev} / {res} activation memory, batch {memory['config']['model_batch']}",
                          f"<= 1/{limit:g}", f"1/{b / a:.1f}", _check(a, a <= b / limit)])
-    r = vit["speed"]["ratios"].get("revvit/revvit-plain")
-    if r is not None:
-        rows.append([f"{vit['speed']['config']['model']} step, reversible / plain autograd", "<= 1.30",
-                     f"{r:.3f}", _check(r, r <= 1.3)])
-    return rows
+    return rows + floor_rows(vit["speed"])
 
 
 def _vit_section(vit: dict[str, Any], rel: str) -> list[str]:
@@ -256,7 +272,8 @@ def render_report(meta: dict[str, Any], memory: dict[str, Any], speeds: list[dic
         "",
         "## Targets",
         "",
-        markdown_table(["what", "target", "measured", ""], _targets(h, memory, flat) + _vit_targets(vit)
+        markdown_table(["what", "target", "measured", ""], _targets(h, memory, flat)
+                       + [row for sp in speeds for row in floor_rows(sp)] + _vit_targets(vit)
                        + _budget_targets(budget)),
         "",
         "## Activation memory across depth",

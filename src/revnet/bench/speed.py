@@ -30,18 +30,20 @@ from torch import nn
 
 from ..engine import compile as revnet_compile
 from ..engine import set_reversible
+from ..engine.modes import units as engine_units
+from ..engine.replay import batchnorm_stats_frozen
 from ..models import RevViT, create_model
 from ..training.precision import AMP_DTYPES, autocast
 from .contenders import Progress, build, make_batch, run_mode, sync, time_stats, train_step
 
-__all__ = ["load_engine", "speed", "train_step_rate"]
+__all__ = ["load_engine", "speed", "train_step_rate", "units_forward_seconds"]
 
 def speed(
     model: str = "revnet38", *, kinds: Sequence[str] | None = None,
     reference: str | None = "resnet32", against: str | None = None, batch: int = 128,
     image_size: int = 32, repeats: int = 7, warmup: int = 2, inference_repeats: int = 15,
     channels_last: bool = False, compile: str | None = None, device: str = "cpu", dtype: str = "float32",
-    seed: int = 0, progress: Progress = None,
+    seed: int = 0, floor: bool = True, progress: Progress = None,
 ) -> dict[str, Any]:
     """Training-step and inference time of one RevNet run in several ways, alternated.
 
@@ -61,6 +63,13 @@ def speed(
         compile: a torch.compile backend: adds ``revnet+compile`` and ``revnet-plain+compile``,
             copies of the same weights under :func:`revnet.compile`; the time their first
             warm-up step takes beyond a step is reported as ``compile_s``, apart.
+        floor: with the reversible and the plain-autograd kinds, also time the rebuild floor, the
+            least an engine that rebuilds every unit can spend: ``floor`` is the forward of every
+            unit the engine rebuilds, without a graph (:func:`units_forward_seconds`), alternated
+            with the steps; a step cannot cost less than plain autograd's plus that. The ratio
+            ``"revnet/floor"`` (per repeat: reversible / (plain + floor), median) is what the engine
+            adds over what the algorithm must spend; with ``compile`` the same for the compiled
+            copies (``"revnet+compile/floor+compile"``).
 
     Returns:
         ``train`` and ``inference``: per run, median / quartiles / min in seconds and
@@ -84,6 +93,10 @@ def speed(
     if compile is not None:
         runs += [(f"{k}+compile", k, revnet_compile(copy.deepcopy(net), backend=compile), None)
                  for k in kinds if k in (rev, plain)]
+    floor = floor and {rev, plain} <= set(kinds)
+    if floor:  # the units' forward of each network timed: the eager one, and the compiled reversible copy
+        runs += [(f"floor{name.removeprefix(rev)}", _FLOOR, m, None) for name, k, m, _ in list(runs)
+                 if k == rev and "@" not in name]
     if reference is not None:
         runs.append((reference, baseline, build(baseline, model=reference, device=device, dtype=dt, **size),
                      None))
@@ -93,6 +106,9 @@ def speed(
     x, y = make_batch(net, batch, image_size, channels_last=channels_last)
 
     def timed(kind: str, m: nn.Module, function: Engine) -> float:
+        if kind == _FLOOR:
+            with run_mode(m, rev):
+                return units_forward_seconds(m, x)
         m.zero_grad(set_to_none=True)
         with run_mode(m, kind), _engine(function, m):
             sync(device)
@@ -113,11 +129,12 @@ def speed(
         if progress is not None:
             progress({"repeat": r, "times": {k: v[-1] for k, v in times.items()}})
     train = {name: time_stats(v, batch) for name, v in times.items()}
-    compile_s = {name: first[name] - train[name]["median_s"] for name in train if "+compile" in name}
+    compile_s = {name: first[name] - train[name]["median_s"] for name in train
+                 if "+compile" in name and not name.startswith("floor")}
     infer = _inference_times(net, x, inference_repeats, device, rev, plain) if inference_repeats else {}
     ratios, pairs = {}, {}
     base = kinds[0]
-    compared = [(base, other) for other in times if other != base]
+    compared = [(base, other) for other in times if other != base and not other.startswith("floor")]
     if plain in times:  # compiled reversible against eager plain backprop: the speed target
         compared += [(name, plain) for name in compile_s if name != f"{plain}+compile"]
     if {f"{rev}+compile", f"{plain}+compile"} <= times.keys():  # both compiled
@@ -127,6 +144,15 @@ def speed(
         ratios[key] = train[a]["median_s"] / train[b]["median_s"]
         per = [s / t for s, t in zip(times[a], times[b], strict=True)]
         pairs[key] = {"median": statistics.median(per), "min": min(per), "max": max(per)}
+    for suffix in ("", "+compile") if floor else ():
+        if f"floor{suffix}" not in times:
+            continue
+        rounds = list(zip(times[f"{rev}{suffix}"], times[f"{plain}{suffix}"], times[f"floor{suffix}"],
+                          strict=True))
+        for key, per in ((f"{rev}{suffix}/floor{suffix}", [r / (p + u) for r, p, u in rounds]),
+                         (f"floor{suffix}/{plain}{suffix}", [(p + u) / p for _, p, u in rounds])):
+            ratios[key] = statistics.median(per)
+            pairs[key] = {"median": statistics.median(per), "min": min(per), "max": max(per)}
     if infer:
         key = f"inference {rev}/{plain}"
         ratios[key] = infer[rev]["median_s"] / infer[plain]["median_s"]
@@ -135,9 +161,45 @@ def speed(
     config = {"model": model, "kinds": list(kinds), "reference": reference, "against": against,
               "batch": batch, "image_size": image_size, "repeats": repeats, "warmup": warmup,
               "inference_repeats": inference_repeats, "channels_last": channels_last, "compile": compile,
-              "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "seed": seed}
+              "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "seed": seed,
+              "floor": [rev, plain] if floor else None}
     return {"config": config, "train": train, "inference": infer, "ratios": ratios,
             "pair_ratios": pairs, "compile_s": compile_s}
+
+
+_FLOOR = "floor"  # the kind of the runs that time the rebuilt units' forward
+
+
+def units_forward_seconds(model: nn.Module, x: torch.Tensor) -> float:
+    """Seconds one forward of ``model`` on ``x`` without a graph spends in the units a reversible
+    backward rebuilds: every coupling's F and G and every recomputed unit (what the engine runs
+    once more in backward, the paper's Algorithm 1). BatchNorm's running statistics stay as they
+    were. Each call is timed around the module's call, compiled or not (a :func:`revnet.compile`
+    'd branch is timed as it runs, hooks would break its graph); on CUDA each is synchronised."""
+    parts = [m for _, kind, unit in engine_units(model)
+             for m in ((unit.f, unit.g) if kind == "block" else (unit,))]
+    spent = [0.0]
+    kept = [(m, m._compiled_call_impl) for m in parts]
+
+    def timing(inner: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            sync(x.device)
+            t = time.perf_counter()
+            out = inner(*args, **kwargs)
+            sync(x.device)
+            spent[0] += time.perf_counter() - t
+            return out
+        return call
+
+    for m, compiled in kept:
+        m._compiled_call_impl = timing(compiled or m._call_impl)
+    try:
+        with torch.no_grad(), batchnorm_stats_frozen(model):
+            model(x)
+    finally:
+        for m, compiled in kept:
+            m._compiled_call_impl = compiled
+    return spent[0]
 
 
 def train_step_rate(

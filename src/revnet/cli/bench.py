@@ -731,7 +731,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not quick:
         # The paper's deepest CIFAR pair, for MemCNN's "RevNet-164 1.47x slower than ResNet-164".
         plan.append({"model": "revnet164", "reference": "resnet164", "batch": 32, "repeats": 5,
-                     "kinds": ["revnet", "revnet-plain"], "inference_repeats": 0})
+                     "kinds": ["revnet", "revnet-plain"], "inference_repeats": 0, "compile": args.compile})
         if args.against:  # where per-block Python overhead shows: many small blocks
             plan.append({"model": "revnet110", "reference": None, "batch": 8, "repeats": 15,
                          "kinds": ["revnet", "revnet-plain"], "inference_repeats": 0,
@@ -765,10 +765,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
                                  **(quick_memory if quick else {}))
         _report_files(out, "memory_vit", vit_memory, plot_memory)
         vit_speed = _run_speed(ns(model="revvit_base", reference="vit_base", batch=8, repeats=5, warmup=1,
-                                  inference_repeats=5, channels_last=False, compile=None, image_size=None,
-                                  device=args.device),
+                                  inference_repeats=5, channels_last=False, compile=args.compile,
+                                  image_size=None, device=args.device),
                                **({"model": "revvit_small", "reference": "vit_small", "batch": 2,
-                                   "repeats": 2, "inference_repeats": 2, "image_size": 32} if quick else {}))
+                                   "repeats": 2, "inference_repeats": 2, "image_size": 32, "compile": None}
+                                  if quick else {}))
         print(text_table(*speed_table(vit_speed)))
         _save(out, "speed_vit", vit_speed)
         vit = {"memory": vit_memory, "speed": vit_speed}

@@ -245,9 +245,9 @@ def _launch(args: argparse.Namespace, config: Any, nproc: int, reason: str) -> i
             break
     if "--out" not in rest and not any(a.startswith("--out=") for a in rest):
         rest += ["--out", config.out]  # one run directory, not one timestamp per process
-    rest += ["--nproc-reason", reason]  # config.json says why this many
     cmd = launch_command(nproc, rest)
-    print(f"{reason}: launching {shlex.join(cmd)}", flush=True)
+    print(f"{reason}\nlaunching: {shlex.join(cmd)}", flush=True)
+    cmd += ["--nproc-reason", reason]  # config.json says why this many
     # one thread per process unless asked otherwise (torchrun would set it too, with a warning)
     proc = subprocess.Popen(cmd, env={"OMP_NUM_THREADS": "1", **os.environ})
 

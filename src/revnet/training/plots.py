@@ -50,6 +50,8 @@ def plot_run(run_dir: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # a log axis's tick labels ask for mathtext fonts a minimal system lacks; the fallback is fine
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     rows = read_metrics(run_dir)
     train = [r for r in rows if "loss" in r]
     test = [r for r in rows if "test_accuracy" in r]

@@ -156,8 +156,9 @@ def auto_nproc(config: TrainConfig, cores: int | None = None) -> tuple[int, str]
         per_process_batch(config, cores)
     except ValueError:
         return 1, f"auto: the batch of {config.batch_size} does not divide over {cores} processes"
-    return cores, (f"auto: {cores} one-thread processes (DDP over gloo) on this CPU's {cores} cores, faster "
-                   f"than one process with {cores} threads")
+    return cores, (f"auto: {cores} one-thread processes (DDP over gloo) on {cores} cores rather than one "
+                   f"process of {cores} threads: as fast or faster on the CPUs measured "
+                   f"(docs/DISTRIBUTED.md)")
 
 
 def device_for(config: TrainConfig, info: DistInfo) -> torch.device:
