@@ -8,6 +8,7 @@ and plots, and ``report`` writes docs/BENCHMARKS.md from what one run produced.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shlex
@@ -501,6 +502,10 @@ def _memory_breakdown(args: argparse.Namespace) -> int:
         result = breakdown(models, info=info, batch=args.batch, progress=tick)
         every: list[Any] = [None] * info.world_size
         dist.all_gather_object(every, result["rows"])
+        # No rank tears its group down while another still talks over it (gloo aborted the process
+        # now and then at exit without this): the models' wrappers collected, then all wait here.
+        gc.collect()
+        dist.barrier()
     finally:
         shutdown(info)
     if not info.is_main:
