@@ -44,7 +44,6 @@ sequences of its context length (GPT-2's 1024) over its vocabulary (50257).
 from __future__ import annotations
 
 import gc
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,7 +59,7 @@ from ..models import create_model, list_models
 from ..training.distributed import DistInfo, shard_fsdp
 from .contenders import model_kind
 
-__all__ = ["DEFAULT_MODELS", "MODES", "breakdown", "breakdown_models", "check_models", "launch_command",
+__all__ = ["DEFAULT_MODELS", "MODES", "breakdown", "breakdown_models", "check_models",
            "measure_mode", "static_mib"]
 
 MiB = 2**20
@@ -93,13 +92,6 @@ def check_models(names: Sequence[str]) -> None:
                         f"language transformer")
     if problems:
         raise ValueError(f"{'; '.join(problems)}. The breakdown takes: {', '.join(valid)}.")
-
-
-def launch_command(nproc: int, argv: Sequence[str]) -> list[str]:
-    """The ``torchrun`` command line that runs ``revnet ARGV`` on ``nproc`` local processes (this
-    interpreter, torchrun's ``--standalone`` rendezvous), as ``revnet train --nproc`` launches itself."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "revnet", *argv]
 
 
 def package_root() -> str:

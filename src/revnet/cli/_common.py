@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-__all__ = ["EXTRAS", "missing_extras", "rank"]
+__all__ = ["EXTRAS", "missing_extras", "rank", "without_option"]
 
 EXTRAS = ("numpy", "tqdm", "matplotlib")  # what `pip install 'revnet[train]'` adds to torch
 
@@ -18,3 +18,14 @@ def rank() -> int:
 def missing_extras() -> list[str]:
     """The packages of the ``train`` extra that are not installed."""
     return [name for name in EXTRAS if importlib.util.find_spec(name) is None]
+
+
+def without_option(argv: list[str], flag: str) -> list[str]:
+    """``argv`` less ``flag VALUE`` or ``flag=VALUE`` (its first occurrence): a command relaunched
+    under torchrun without the option that launched it."""
+    for j, a in enumerate(argv):
+        if a == flag:
+            return argv[:j] + argv[j + 2:]
+        if a.startswith(flag + "="):
+            return argv[:j] + argv[j + 1:]
+    return list(argv)

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
-from ..bench.breakdown import DEFAULT_MODELS, breakdown, check_models, launch_command, package_root
+from ..bench.breakdown import DEFAULT_MODELS, breakdown, check_models, package_root
 from ..bench.budget import budget_frontier
 from ..bench.capacity import capacity
 from ..bench.contenders import (
@@ -60,10 +60,11 @@ from ..bench.tables import (
 from ..memory.measure import keep_freed_memory
 from ..memory.sizes import parse_bytes
 from ..training.datasets import load_dataset
-from ..training.distributed import DistributedError, init_from_env, shutdown
+from ..training.distributed import DistributedError, init_from_env, launch_command, shutdown
 from ..training.footprint import memory_line, step_of_run
 from ..training.loader import normalize
 from ..training.shards import load_checkpoint
+from ._common import without_option
 
 __all__ = ["add_parser"]
 
@@ -533,15 +534,7 @@ def _launch_breakdown(args: argparse.Namespace, nproc: int) -> int:
     if nproc < 2:
         raise SystemExit(f"revnet bench memory --breakdown: --nproc must be >= 2, got {nproc}: the FSDP/DDP "
                          f"comparison needs >= 2 processes (what is sharded against what is replicated).")
-    rest = list(args.argv)
-    for j, a in enumerate(rest):  # drop --nproc N / --nproc=N
-        if a == "--nproc":
-            del rest[j:j + 2]
-            break
-        if a.startswith("--nproc="):
-            del rest[j]
-            break
-    cmd = launch_command(nproc, rest)
+    cmd = launch_command(nproc, without_option(list(args.argv), "--nproc"), command=None)
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(p for p in (package_root(), os.environ.get("PYTHONPATH")) if p))
     print("launching: " + shlex.join(cmd), flush=True)

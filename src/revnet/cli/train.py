@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,31 +24,28 @@ from ..training.footprint import memory_line, saved_bytes_of_run
 from ..training.loop import TrainingDivergedError, fit
 from ..training.precision import AMP_MODES
 from ..training.setup import auto_nproc, per_process_batch
-from ._common import rank
+from ._common import rank, without_option
 
 __all__ = ["add_parser"]
 
 
+def _or_auto(cast: Callable[[str], Any], expected: str) -> Callable[[str], Any]:
+    """An argparse type: ``auto``, or ``cast`` of the text (else an error saying ``expected``)."""
+    def parse(text: str) -> Any:
+        if text == "auto":
+            return text
+        try:
+            return cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected} or auto, got {text!r}") from None
+    return parse
+
+
+_nproc = _or_auto(int, "a number of processes")
+_gamma = _or_auto(float, "a number in (0, 1)")
+
 # flag -> TrainConfig field; every flag defaults to None so that only what the user
 # typed overrides the recipe (or, with --resume, the saved configuration).
-def _nproc(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of processes or auto, got {text!r}") from None
-
-
-def _gamma(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) or auto, got {text!r}") from None
-
-
 _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--model", "model", {"help": "model name (see `revnet models`); default revnet38"}),
     ("--dataset", "dataset", {"help": "fashion-mnist (default), cifar10, cifar100, synthetic, or text "
@@ -234,15 +232,7 @@ def _launch(args: argparse.Namespace, config: Any, nproc: int, reason: str) -> i
     except ValueError as e:
         raise SystemExit(f"revnet train: {e}") from None
     rest = list(args.argv)
-    i = rest.index("train")
-    rest = rest[i + 1:]
-    for j, a in enumerate(rest):  # drop --nproc N / --nproc=N
-        if a == "--nproc":
-            del rest[j:j + 2]
-            break
-        if a.startswith("--nproc="):
-            del rest[j]
-            break
+    rest = without_option(rest[rest.index("train") + 1:], "--nproc")
     if "--out" not in rest and not any(a.startswith("--out=") for a in rest):
         rest += ["--out", config.out]  # one run directory, not one timestamp per process
     cmd = launch_command(nproc, rest)

@@ -199,14 +199,15 @@ def shutdown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def launch_command(nproc: int, train_args: Sequence[str]) -> list[str]:
-    """The ``torchrun`` command line that runs ``revnet train TRAIN_ARGS`` on ``nproc`` processes.
+def launch_command(nproc: int, args: Sequence[str], *, command: str | None = "train") -> list[str]:
+    """The ``torchrun`` command line that runs ``revnet COMMAND ARGS`` (``revnet ARGS`` with
+    ``command=None``) on ``nproc`` processes.
 
     Uses torchrun's ``--standalone`` rendezvous (one node, a free local port).
     """
     # `python -m torch.distributed.run` is torchrun, with this very interpreter.
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "revnet", "train", *train_args]
+            "-m", "revnet", *([command] if command else []), *args]
 
 
 def shard_fsdp(model: nn.Module, info: DistInfo) -> nn.Module:
