@@ -32,6 +32,7 @@ from ..engine import compile as revnet_compile
 from ..engine import set_reversible
 from ..engine.modes import units as engine_units
 from ..engine.replay import batchnorm_stats_frozen
+from ..memory.planner import unit_parts
 from ..models import RevViT, create_model
 from ..training.precision import AMP_DTYPES, autocast
 from .contenders import Progress, build, make_batch, run_mode, sync, time_stats, train_step
@@ -176,8 +177,7 @@ def units_forward_seconds(model: nn.Module, x: torch.Tensor) -> float:
     once more in backward, the paper's Algorithm 1). BatchNorm's running statistics stay as they
     were. Each call is timed around the module's call, compiled or not (a :func:`revnet.compile`
     'd branch is timed as it runs, hooks would break its graph); on CUDA each is synchronised."""
-    parts = [m for _, kind, unit in engine_units(model)
-             for m in ((unit.f, unit.g) if kind == "block" else (unit,))]
+    parts = [m for m, _, _ in unit_parts(engine_units(model))]
     spent = [0.0]
     kept = [(m, m._compiled_call_impl) for m in parts]
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..memory.sizes import format_bytes
+from .breakdown import static_mib
 from .contenders import KINDS, VIT_KINDS
 
 __all__ = ["Row", "breakdown_table", "budget_table", "capacity_table", "data_table", "drift_table",
@@ -82,7 +83,7 @@ def breakdown_table(result: dict[str, Any]) -> tuple[list[str], list[Row]]:
     mode, in MiB; the last column: parameters + gradients + optimizer state against ``ddp plain``'s."""
     rows = []
     for r in result["rows"]:
-        static = r["params_mib"] + r["grads_mib"] + r["optimizer_mib"]
+        static = static_mib(r)
         ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}x"
         rows.append([r["model"], r["mode"], *(f"{r[k]:.1f}" for k in ("params_mib", "grads_mib",
                                                                        "optimizer_mib", "activations_mib")),

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
 import shlex
 import signal
 import subprocess
@@ -217,7 +218,8 @@ def _processes(args: argparse.Namespace, config: Any) -> tuple[int, str]:
     if "WORLD_SIZE" in os.environ:  # under torchrun: as launched
         return 1, config.nproc_reason or f"launched by torchrun ({os.environ['WORLD_SIZE']} processes)"
     if args.resume:
-        with contextlib.suppress(Exception):  # no readable checkpoint: fit() says so
+        # no readable checkpoint (missing, not a torch file, not a training state): fit() says so
+        with contextlib.suppress(OSError, RuntimeError, EOFError, pickle.UnpicklingError, AttributeError):
             saved = torch.load(Path(config.out) / "last.pt", mmap=True, weights_only=False,
                                map_location="cpu")
             world = int(saved.get("world_size", 1))

@@ -39,7 +39,7 @@ from ..engine.replay import batchnorm_stats_frozen
 from .measure import peak_of, window_peaks_of
 from .sizes import format_bytes, parse_bytes
 
-__all__ = ["Plan", "PlanUnit", "forward_seconds", "plan"]
+__all__ = ["Plan", "PlanUnit", "forward_seconds", "plan", "unit_parts"]
 
 _BUCKETS = 4096  # resolution of the dynamic program over the stored bytes
 _TRIES = 4  # measured steps of candidate plans
@@ -144,7 +144,7 @@ def _bytes_per_unit(model: nn.Module, inputs: torch.Tensor, units: list[tuple[st
 
     blocks = {name for name, kind, _ in units if kind == "block"}
     hooks = []
-    for m, name, part in _watched(units):
+    for m, name, part in unit_parts(units):
         hooks.append(m.register_forward_pre_hook(
             lambda m_, a, k=(name, part), h=(name in blocks and part == 0): enter(m_, a, k, h)))
         hooks.append(m.register_forward_hook(leave))
@@ -202,7 +202,7 @@ def forward_seconds(model: nn.Module, inputs: torch.Tensor, units: list[modes.Un
         times[n].append(time.perf_counter() - started[n])
 
     hooks = []
-    for m, name, _ in _watched(units):
+    for m, name, _ in unit_parts(units):
         hooks.append(m.register_forward_pre_hook(lambda m_, a, n=name: pre(m_, a, n)))
         hooks.append(m.register_forward_hook(lambda m_, a, o, n=name: post(m_, a, o, n)))
     try:
@@ -218,7 +218,7 @@ def forward_seconds(model: nn.Module, inputs: torch.Tensor, units: list[modes.Un
     return {n: sorted(v)[len(v) // 2] for n, v in per_forward.items()}
 
 
-def _watched(units: list[tuple[str, str, nn.Module]]) -> list[tuple[nn.Module, str, int]]:
+def unit_parts(units: list[tuple[str, str, nn.Module]]) -> list[tuple[nn.Module, str, int]]:
     """The modules whose calls make up each unit, with their part: a coupling's F (0) and G (1)
     (the engine calls the coupling's halves, not the coupling), a recomputed unit itself (0)."""
     return [(m, name, part) for name, kind, unit in units

@@ -137,9 +137,10 @@ def auto_nproc(config: TrainConfig, cores: int | None = None) -> tuple[int, str]
     """``revnet train --nproc auto`` (the default): how many local processes train, and why.
 
     On a CPU with N >= 2 cores, N one-thread processes (DDP over gloo, each on its slice of the
-    global batch) train faster than one process whose N threads share each operation: PyTorch's
-    intra-op threads split every kernel and wait for each other, and a reversible network's kernels
-    are many and small (measured: ``studies/nproc_study.py``, docs/DISTRIBUTED.md). The same global
+    global batch) train as fast as or faster than one process whose N threads share each operation:
+    PyTorch's intra-op threads split every kernel and wait for each other, and a reversible
+    network's kernels are many and small (measured: ``studies/nproc_study.py``, 1.02x on an AMX
+    Xeon, 1.13x on an AMD EPYC; docs/DISTRIBUTED.md). The same global
     batch and learning rate, so the same recipe; BatchNorm's statistics are taken over each
     process's slice. One process where that cannot pay or cannot be: a GPU (one process per GPU is
     asked for with ``--nproc N``), one core, a run shorter than :data:`AUTO_NPROC_MIN_STEPS` or on

@@ -85,8 +85,6 @@ def _rest(run: Run) -> dict[str, Any]:
         "config": asdict(run.config),
         "world_size": run.dist.world_size,
         "torch": torch.__version__,
-        **({"in_backward_steps": run.optimizer.steps}
-           if isinstance(run.optimizer, OptimizerInBackward) else {}),
     }
 
 
@@ -98,8 +96,10 @@ def _sharded_tensors(run: Run, *, full: bool = False) -> tuple[dict[str, Any], A
     options = _full_options() if full else None
     model = get_model_state_dict(run.model, options=options)
     if isinstance(run.optimizer, OptimizerInBackward):  # one optimizer per sharded parameter
-        optimizer = {str(i): get_optimizer_state_dict(run.model, o, options=options)
-                     for i, o in enumerate(run.optimizer.optimizers)}
+        # the shape of OptimizerInBackward.state_dict (keyed by position: a dict, which DCP flattens)
+        optimizer = {"optimizers": {str(i): get_optimizer_state_dict(run.model, o, options=options)
+                                    for i, o in enumerate(run.optimizer.optimizers)},
+                     "steps": run.optimizer.steps}
     else:
         optimizer = get_optimizer_state_dict(run.model, run.optimizer, options=options)
     return model, optimizer
@@ -116,9 +116,11 @@ def _set_sharded_tensors(run: Run, model: dict[str, Any], optimizer: Any, *, ful
     options = StateDictOptions(full_state_dict=True) if full else None
     set_model_state_dict(run.model, model, options=options)
     if isinstance(run.optimizer, OptimizerInBackward):
-        saved = optimizer["optimizers"] if "optimizers" in optimizer else list(optimizer.values())
-        for o, s in zip(run.optimizer.optimizers, saved, strict=True):
+        saved = optimizer["optimizers"]  # a list in files of before the sharded checkpoints
+        for o, s in zip(run.optimizer.optimizers, saved.values() if isinstance(saved, dict) else saved,
+                        strict=True):
             set_optimizer_state_dict(run.model, o, s, options=options)
+        run.optimizer.steps = optimizer.get("steps", 0)
         # loading replaced the optimizers' group dicts: the wrapper's must be theirs again, or the
         # learning-rate schedule would set a copy
         run.optimizer.param_groups = [g for o in run.optimizer.optimizers for g in o.param_groups]
@@ -195,8 +197,6 @@ def restore(run: Run, path: Path) -> None:
     else:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
-    if isinstance(run.optimizer, OptimizerInBackward):
-        run.optimizer.steps = state.get("in_backward_steps", (state["optimizer"] or {}).get("steps", 0))
     if run.scaler is not None and state["scaler"] is not None:
         run.scaler.load_state_dict(state["scaler"])
     run.step, run.best = state["step"], state["best"]
